@@ -1,0 +1,50 @@
+"""LeNet student: on labels, or distilled from a trained teacher.
+
+  python -m kd_jax.main \
+      --config=experiments/lenet_student.py:method=hinton_kd,dataset=fashion_mnist \
+      --config.teacher_workdir=runs/teacher --workdir=runs/hinton_kd
+
+Methods (REFERENCE.md §2): ground_truth (labels only), logit_regression (Ba & Caruana
+2014), noisy_teacher (Sau & Balasubramanian 2016), hinton_kd (Hinton et al. 2015).
+`distill.seed_compat=True` switches to the seed's own formulas (`kd_jax.seed_compat`),
+which differ from the papers'.
+
+Arguments: method, dataset, seed, width (LeNet multiplier), epochs, smoke.
+"""
+
+import ml_collections
+
+from kd_jax import configs
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = configs.parse_arg(
+      arg,
+      allowed=dict(method="hinton_kd", dataset="cifar10", seed=0, width=1.0, epochs=100, smoke=False),
+  )
+  config = configs.base_config(dataset=args["dataset"], seed=args["seed"])
+  config.experiment = "lenet_student"
+  config.method = args["method"]
+  config.teacher_workdir = ""
+  # relu_after_conv=False is the seed's LeNet (no ReLU after its convolutions).
+  config.model = ml_collections.ConfigDict(
+      dict(name="lenet", width=args["width"], relu_after_conv=True, dropout_rate=0.0)
+  )
+  config.distill = ml_collections.ConfigDict(
+      dict(
+          # Hinton et al.: soft targets at a high temperature, the hard term weighted low.
+          temperature=4.0,
+          soft_weight=0.9,
+          # Sau & Balasubramanian: perturb half the samples; sigma as in the seed's README run.
+          noise_ratio=0.5,
+          noise_std=0.1,
+          # The seed keeps teacher dropout on while distilling; the papers use a fixed teacher.
+          teacher_dropout=False,
+          seed_compat=False,
+      )
+  )
+  config.num_epochs = args["epochs"]
+  if args["smoke"]:
+    configs.apply_smoke(config)
+    config.model.width = 0.125
+  return config

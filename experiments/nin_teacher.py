@@ -1,0 +1,30 @@
+"""Network-in-Network teacher trained with labels (the distillation seed's teacher).
+
+  python -m kd_jax.main --config=experiments/nin_teacher.py:dataset=fashion_mnist,width=0.25 \
+      --workdir=runs/teacher
+
+Arguments: dataset (cifar10 | mnist | fashion_mnist), seed, width (multiplier on every
+NiN width; 1.0 is the Caffe cifar10_nin), epochs, smoke.
+"""
+
+import ml_collections
+
+from kd_jax import configs
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  args = configs.parse_arg(
+      arg, allowed=dict(dataset="cifar10", seed=0, width=1.0, epochs=100, smoke=False)
+  )
+  config = configs.base_config(dataset=args["dataset"], seed=args["seed"])
+  config.experiment = "nin_teacher"
+  config.method = "ground_truth"
+  config.teacher_workdir = ""
+  config.model = ml_collections.ConfigDict(
+      dict(name="nin", width=args["width"], head="gap", dropout_rate=0.5)
+  )
+  config.num_epochs = args["epochs"]
+  if args["smoke"]:
+    configs.apply_smoke(config)
+    config.model.width = 0.05
+  return config

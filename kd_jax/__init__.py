@@ -1,0 +1,1 @@
+"""kd_jax: knowledge distillation and knowledge amalgamation in JAX/Flax."""

@@ -1,0 +1,158 @@
+"""Orbax checkpoints of teachers, students and amalgamated students.
+
+A run's checkpoints live in `WORKDIR/checkpoints/<step>/`, one composite Orbax
+checkpoint per step with named items:
+
+  * `state`: the `TrainState` (params, optimiser state, BatchNorm statistics, step, RNG);
+  * `teacher_0`, `teacher_1`, ...: frozen teachers' variables (amalgamation runs hold their
+    teachers, so one directory restores everything);
+  * `meta`: JSON: which models the checkpoint holds, how to rebuild each (`models.spec_of`),
+    where each teacher came from (its workdir and parameter fingerprint), and the config.
+
+`load(workdir)` returns `(model, variables)` of the run's main model, ready for
+`model.apply(variables, x, train=False)`; `load(workdir, item='teacher_0')` a teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy
+
+from kd_jax import models
+
+CHECKPOINT_SUBDIR = "checkpoints"
+META = "meta"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, incomplete, or not what the caller expects."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
+
+
+def fingerprint(tree) -> str:
+  """A short SHA-256 of a pytree's arrays (paths, dtypes, shapes and bytes)."""
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    array = np.asarray(leaf)
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f"{array.dtype}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()[:16]
+
+
+def model_entry(model, *, item: str = "state", subtree: str | None = None, **extra) -> dict:
+  """The `meta['models']` record of one model: how to rebuild it and where its variables are."""
+  return {"spec": models.spec_of(model), "item": item, "subtree": subtree, **extra}
+
+
+class Checkpoints:
+  """The run's `ocp.CheckpointManager`: periodic asynchronous saves, the last few kept."""
+
+  def __init__(self, workdir: str, *, save_every_steps: int = 1, keep: int = 3, read_only: bool = False):
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+    else:
+      options = ocp.CheckpointManagerOptions(
+          save_interval_steps=max(1, save_every_steps),
+          preservation_policy=preservation_policy.LatestN(keep),
+          enable_async_checkpointing=True,
+          cleanup_tmp_directories=True,  # a killed save leaves a tmp dir, never a step
+      )
+    self.directory = checkpoint_dir(workdir)
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def save(self, step: int, items: Mapping[str, Any], meta: Mapping, *, force: bool = False) -> bool:
+    """Saves `items` (pytrees) and `meta` (JSON) at `step`, in the background."""
+    args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
+    args[META] = ocp.args.JsonSave(dict(meta))
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def restore_meta(self, step: int | None = None) -> dict:
+    step = self._step(step)
+    return dict(self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+
+  def restore(self, step: int | None, targets: Mapping[str, Any]) -> dict:
+    """Restores named items; a target is an abstract pytree (structure kept) or None (raw)."""
+    step = self._step(step)
+    args = {
+        name: ocp.args.StandardRestore(None if target is None else _abstract(target))
+        for name, target in targets.items()
+    }
+    return dict(self.manager.restore(step, args=ocp.args.Composite(**args)))
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def _step(self, step: int | None) -> int:
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}: train this run first")
+    return step
+
+
+def _abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
+def read_meta(workdir: str) -> dict:
+  """The `meta` record of the latest checkpoint in `workdir`, with a clear error if none."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise CheckpointError(f"{workdir} holds no checkpoints ({checkpoint_dir(workdir)} is missing): train it first")
+  checkpoints = Checkpoints(workdir, read_only=True)
+  try:
+    return checkpoints.restore_meta()
+  finally:
+    checkpoints.close()
+
+
+def load(workdir: str, item: str | None = None):
+  """Returns `(model, variables)` of the latest checkpoint's main model, or of `item`.
+
+  Args:
+    workdir: a run's workdir (the directory given to `--workdir`).
+    item: a model name from the checkpoint's `meta['models']` (e.g. 'student',
+      'teacher_0'); default: the run's main model (`meta['main']`).
+  """
+  checkpoints = Checkpoints(workdir, read_only=True) if os.path.isdir(checkpoint_dir(workdir)) else None
+  if checkpoints is None:
+    raise CheckpointError(f"{workdir} holds no checkpoints ({checkpoint_dir(workdir)} is missing): train it first")
+  try:
+    meta = checkpoints.restore_meta()
+    name = item or meta["main"]
+    if name not in meta["models"]:
+      raise CheckpointError(f"{workdir} has no model {name!r}; it has {', '.join(meta['models'])}")
+    entry = meta["models"][name]
+    stored = checkpoints.restore(None, {entry["item"]: None})[entry["item"]]
+  finally:
+    checkpoints.close()
+  return models.build(entry["spec"]), variables_of(stored, entry.get("subtree"))
+
+
+def variables_of(stored: Mapping, subtree: str | None = None) -> dict:
+  """`{'params', 'batch_stats'?}` of a stored state or teacher item (optionally one sub-model)."""
+  params = stored["params"]
+  batch_stats = stored.get("batch_stats") or {}
+  if subtree is not None:
+    params, batch_stats = params[subtree], (batch_stats or {}).get(subtree, {})
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  return variables

@@ -1,0 +1,79 @@
+"""Shared pieces of the experiment configs in `experiments/`.
+
+An experiment file defines `get_config(arg: str | None)`; `arg` is what follows the
+colon in `--config=experiments/NAME.py:ARGS`, a comma-separated list of `key=value`
+pairs and bare flags (e.g. `method=hinton_kd,dataset=fashion_mnist,smoke`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+DATASETS = ("cifar10", "mnist", "fashion_mnist")
+
+# Where the Debian package dataset-fashion-mnist puts real Fashion-MNIST IDX files.
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+def parse_arg(arg: str | None, *, allowed: dict[str, object]) -> dict[str, object]:
+  """Parses `k=v,flag` into a dict, typed like `allowed`'s defaults; unknown keys raise."""
+  values = dict(allowed)
+  for part in filter(None, (arg or "").split(",")):
+    key, sep, raw = part.partition("=")
+    key = key.strip()
+    if key not in allowed:
+      raise ValueError(f"unknown config argument {key!r}; this experiment takes {', '.join(sorted(allowed))}")
+    default = allowed[key]
+    if not sep:
+      if not isinstance(default, bool):
+        raise ValueError(f"config argument {key!r} needs a value: {key}=...")
+      values[key] = True
+    elif isinstance(default, bool):
+      values[key] = raw.lower() in ("1", "true", "yes")
+    elif isinstance(default, int):
+      values[key] = int(raw)
+    elif isinstance(default, float):
+      values[key] = float(raw)
+    else:
+      values[key] = raw
+  return values
+
+
+def data_config(name: str) -> ml_collections.ConfigDict:
+  """The `config.data` block: which dataset, where it is, how it is preprocessed."""
+  if name not in DATASETS:
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+  from kd_jax.data import default_data_config  # pylint: disable=g-import-not-at-top
+
+  data = default_data_config(name)
+  # Both seeds subtract the per-pixel mean image of the training set; no augmentation.
+  data.preprocess = "mean_image"
+  data.augment = False
+  return data
+
+
+def base_config(*, dataset: str, seed: int) -> ml_collections.ConfigDict:
+  """Fields every experiment has; experiment files fill in the rest."""
+  config = ml_collections.ConfigDict()
+  config.seed = seed
+  config.data = data_config(dataset)
+  config.batch_size = 256
+  config.num_epochs = 100
+  config.steps_per_epoch = 0  # 0: a full pass over the training split.
+  config.optim = ml_collections.ConfigDict(
+      dict(learning_rate=1e-3, decay_at=0.8, decay_factor=0.1, weight_decay=0.0)
+  )
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+  config.keep_checkpoints = 3
+  config.eval_every_epochs = 1
+  return config
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> None:
+  """A few dozen steps on a small batch: an end-to-end run in seconds on a CPU."""
+  config.batch_size = 32
+  config.num_epochs = 2
+  config.steps_per_epoch = 12
+  config.log_every_steps = 4
+  config.checkpoint_every_steps = 8

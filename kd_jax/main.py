@@ -1,0 +1,40 @@
+"""Trains one experiment: `python -m kd_jax.main --config=experiments/NAME.py[:ARGS] --workdir=DIR`.
+
+Any config field can be overridden with `--config.KEY=VALUE`; the config is locked, so
+an unknown key is an error. Re-running the same command on a workdir resumes it.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from kd_jax import cli  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.INFO)
+  config = _CONFIG.value
+  with cli.one_line_errors():
+    if config.get("experiment") in ("amalgamate", "component"):
+      from kd_jax.amalgamation import pipeline  # pylint: disable=g-import-not-at-top
+
+      results = pipeline.run(config, _WORKDIR.value)
+    else:
+      from kd_jax.train import loop  # pylint: disable=g-import-not-at-top
+
+      results = loop.train_and_evaluate(config, _WORKDIR.value)
+  print(f"test_accuracy={results['test_accuracy']:.4f}  results: {os.path.join(_WORKDIR.value, 'results.json')}")
+
+
+if __name__ == "__main__":
+  cli.run(main)

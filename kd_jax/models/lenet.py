@@ -1,0 +1,46 @@
+"""The distillation seed's student, a LeNet-style convolutional net (about 3.5 M parameters)."""
+
+import flax.linen as nn
+import jax
+
+from kd_jax.models.nin import scaled
+
+# The seed's student was built for 28×28 / 32×32 inputs; the layers alone would accept 14×14
+# (→ 1×1 after the second pool), but below 28 the net is no longer the seed's student.
+MIN_INPUT_SIZE = 28
+
+
+class LeNet(nn.Module):
+  """conv 5×5→64 VALID, max pool 2, conv 5×5→128 VALID, max pool 2, Dense 1024 + ReLU, Dense.
+
+  Attributes:
+    num_classes: number of output logits.
+    width: multiplier on the 64/128/1024 widths; rounded, at least 1.
+    relu_after_conv: ReLU after each convolution. ``False`` reproduces the seed's variant, which
+      has no non-linearity until the first dense layer. (The seed also draws conv biases from
+      N(0, 0.5²); that is not reproduced: biases start at zero.)
+    dropout_rate: dropout before the last dense layer; 0 disables it (the seed has none).
+  """
+  num_classes: int = 10
+  width: float = 1.0
+  relu_after_conv: bool = True
+  dropout_rate: float = 0.0
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Maps images [B, H, W, C] (H, W ≥ 28, any C) to logits [B, num_classes]."""
+    height, width = x.shape[1], x.shape[2]
+    if min(height, width) < MIN_INPUT_SIZE:
+      raise ValueError(f'LeNet needs inputs of at least {MIN_INPUT_SIZE}×{MIN_INPUT_SIZE}, '
+                       f'got {height}×{width}')
+    act = nn.relu if self.relu_after_conv else (lambda y: y)
+
+    x = act(nn.Conv(scaled(64, self.width), (5, 5), padding='VALID', name='conv1')(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = act(nn.Conv(scaled(128, self.width), (5, 5), padding='VALID', name='conv2')(x))
+    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(scaled(1024, self.width), name='fc1')(x))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    return nn.Dense(self.num_classes, name='fc2')(x)

@@ -1,0 +1,75 @@
+"""Network in Network (Lin, Chen & Yan, 2014): the distillation teacher.
+
+The layer stack is the Caffe `cifar10_nin` graph used by the distillation seed (see
+REFERENCE.md §2). Two heads are offered:
+
+* ``'gap'`` (default): the Caffe/paper head, a 1×1 conv to ``num_classes`` maps, ReLU, global
+  average pool.
+* ``'fc'``: the seed's replacement head, flatten → Dense(``fc_width``) + ReLU → Dense.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_HEADS = ('gap', 'fc')
+
+
+def scaled(features: int, width: float) -> int:
+  """Scales a layer width by a multiplier, rounding and keeping at least one channel."""
+  return max(1, int(round(features * width)))
+
+
+class NiN(nn.Module):
+  """Network in Network for small images (CIFAR-10 32×32×3, MNIST 28×28×1, ...).
+
+  Attributes:
+    num_classes: number of output logits.
+    width: multiplier applied to every hidden convolution width (192/160/96); rounded, at least
+      1. The head's ``num_classes`` maps and ``fc_width`` are not scaled.
+    head: ``'gap'`` (Caffe head: cccp6 1×1 → num_classes, ReLU, global average pool) or
+      ``'fc'`` (the seed's head: flatten → Dense(fc_width) + ReLU → Dense(num_classes)).
+    fc_width: width of the seed's hidden fully connected layer ``ip1``. The seed does not record
+      it (its converted weights are unavailable), so 1024 is our choice. Used only by
+      ``head='fc'``.
+    dropout_rate: rate of the two dropout layers after the first two pooling stages.
+  """
+  num_classes: int = 10
+  width: float = 1.0
+  head: str = 'gap'
+  fc_width: int = 1024
+  dropout_rate: float = 0.5
+
+  @nn.compact
+  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+    """Maps images [B, H, W, C] to logits [B, num_classes]."""
+    if self.head not in _HEADS:
+      raise ValueError(f'unknown NiN head {self.head!r}; choose one of {list(_HEADS)}')
+
+    def conv(y: jax.Array, features: int, kernel: int, name: str) -> jax.Array:
+      y = nn.Conv(scaled(features, self.width), (kernel, kernel), padding='SAME', name=name)(y)
+      return nn.relu(y)
+
+    x = conv(x, 192, 5, 'conv1')
+    x = conv(x, 160, 1, 'cccp1')
+    x = conv(x, 96, 1, 'cccp2')
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+
+    x = conv(x, 192, 5, 'conv2')
+    x = conv(x, 192, 1, 'cccp3')
+    x = conv(x, 192, 1, 'cccp4')
+    # TensorFlow's SAME average pool (the seed's framework) leaves padding out of the average.
+    x = nn.avg_pool(x, (3, 3), strides=(2, 2), padding='SAME', count_include_pad=False)
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+
+    x = conv(x, 192, 3, 'conv3')
+    x = conv(x, 192, 1, 'cccp5')
+
+    if self.head == 'gap':
+      # Caffe keeps a ReLU on the class maps, so these logits are non-negative.
+      x = nn.relu(nn.Conv(self.num_classes, (1, 1), name='cccp6')(x))
+      return jnp.mean(x, axis=(1, 2))
+    x = x.reshape((x.shape[0], -1))
+    x = nn.relu(nn.Dense(self.fc_width, name='ip1')(x))
+    return nn.Dense(self.num_classes, name='ip2')(x)

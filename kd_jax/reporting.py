@@ -1,0 +1,128 @@
+"""What a run shows its user: metric writers, a progress bar, results.json and a plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+
+import jax
+import numpy as np
+from clu import metric_writers
+
+
+class JsonlWriter(metric_writers.MetricWriter):
+  """Appends `{"step": s, name: value, ...}` lines to `metrics.jsonl` (easy to grep and load)."""
+
+  def __init__(self, path: str):
+    self._file = open(path, "a", encoding="utf-8")
+
+  def write_scalars(self, step, scalars):
+    record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+    self._file.write(json.dumps(record) + "\n")
+
+  def write_summaries(self, step, values, metadata=None):
+    pass
+
+  def write_images(self, step, images):
+    pass
+
+  def write_videos(self, step, videos):
+    pass
+
+  def write_audios(self, step, audios, *, sample_rate):
+    pass
+
+  def write_texts(self, step, texts):
+    pass
+
+  def write_histograms(self, step, arrays, num_buckets=None):
+    pass
+
+  def write_pointcloud(self, step, point_clouds, *, point_colors=None, configs=None):
+    pass
+
+  def write_hparams(self, hparams):
+    pass
+
+  def flush(self):
+    self._file.flush()
+
+  def close(self):
+    self._file.close()
+
+
+def create_writer(workdir: str) -> metric_writers.MetricWriter:
+  """TensorBoard event files and log lines (CLU's default writer) plus `metrics.jsonl`."""
+  default = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  if jax.process_index() > 0:
+    return default
+  return metric_writers.MultiWriter([default, JsonlWriter(os.path.join(workdir, "metrics.jsonl"))])
+
+
+def progress_bar(*, total: int, initial: int, description: str):
+  """A progress bar with step rate and ETA (on stderr; quiet on non-primary processes)."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  return tqdm(
+      total=total,
+      initial=initial,
+      desc=description,
+      unit="step",
+      file=sys.stderr,
+      disable=jax.process_index() > 0,
+      dynamic_ncols=True,
+      mininterval=1.0,
+  )
+
+
+def write_json_atomic(path: str, payload) -> None:
+  """Writes JSON through a temporary file and a rename: never a half-written file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp", encoding="utf-8") as f:
+    json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+    f.write("\n")
+    tmp = f.name
+  os.replace(tmp, path)
+
+
+def _json_default(value):
+  if isinstance(value, (np.generic, np.ndarray)):
+    return value.tolist()
+  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def plot_curves(
+    path: str,
+    history: Sequence[Mapping[str, float]],
+    *,
+    panels: Mapping[str, Sequence[str]],
+    title: str = "",
+) -> None:
+  """Saves one PNG with a panel per entry of `panels` (title → metric names) over epochs."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+  epochs = [h["epoch"] for h in history]
+  for ax, (panel, names) in zip(axes[0], panels.items()):
+    for name in names:
+      values = [h.get(name, np.nan) for h in history]
+      if not np.all(np.isnan(np.asarray(values, float))):
+        ax.plot(epochs, values, marker="o", markersize=3, label=name)
+    ax.set_xlabel("epoch")
+    ax.set_title(panel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)

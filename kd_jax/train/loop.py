@@ -1,0 +1,292 @@
+"""`train_and_evaluate(config, workdir)`: teachers and students, supervised or distilled.
+
+Order of work, so that bad input fails before anything is written:
+  1. check the config (method, dataset, batch size vs devices) and find the data;
+  2. load the teacher from `config.teacher_workdir` (distillation) and check it fits;
+  3. check an existing workdir holds a run of this same config, then resume from its
+     latest checkpoint (state, step, RNG and the epoch history), else start fresh;
+  4. train, with periodic asynchronous checkpoints, metrics and test evaluations;
+  5. write `results.json` and `curves.png`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from kd_jax import checkpoint, data, models, reporting
+from kd_jax.train import evaluation
+from kd_jax.train import mesh as mesh_lib
+from kd_jax.train import steps
+from kd_jax.train.state import TrainState
+
+# Config keys that may change when a run is resumed: they do not change its numbers.
+RESUMABLE_CHANGES = (
+    "data.data_dir",
+    "data.manual_dir",
+    "log_every_steps",
+    "checkpoint_every_steps",
+    "keep_checkpoints",
+    "teacher_workdir",
+)
+
+
+class UsageError(ValueError):
+  """Bad input from the user: reported as one line, nothing written."""
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, finalize=None) -> dict:
+  """Trains `config.model` by `config.method` into `workdir`; returns the results dict.
+
+  `config.classes` (optional) trains on a class subset, its labels remapped to 0..k-1
+  (amalgamation's component nets). `finalize(model, state) -> {name: pytree}` adds
+  items to the final checkpoint.
+  """
+  if config.method not in steps.METHODS:
+    raise UsageError(f"unknown method {config.method!r}; choose one of {', '.join(steps.METHODS)}")
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_batch_size(config.batch_size, mesh, name="batch_size")
+  classes = config.get("classes") or None
+  info = data.get_info(config.data, classes=classes)
+  teacher = load_teacher(config, info) if config.teacher_workdir or config.method != "ground_truth" else None
+
+  model = models.build({**config.model.to_dict(), "num_classes": info.num_classes})
+  steps_per_epoch = steps_per_epoch_of(config, classes)
+  tx = steps.make_optimizer(config.optim, total_steps=steps_per_epoch * config.num_epochs)
+  state = init_state(model, tx, config.seed, info.image_shape)
+  meta = {
+      "kind": config.experiment,
+      "main": "model",
+      "models": {"model": checkpoint.model_entry(model, num_classes=info.num_classes, classes=classes)},
+      "config": config.to_dict(),
+      "history": [],
+  }
+  if teacher is not None:
+    meta["teacher"] = teacher["origin"]
+
+  check_workdir_matches(workdir, config)
+  uses_teacher = config.method != "ground_truth"
+  distill = config.get("distill", ml_collections.ConfigDict())
+  train_step = steps.make_train_step(
+      student=model,
+      tx=tx,
+      objective=steps.make_objective(config.method, distill),
+      teacher=teacher["model"] if uses_teacher else None,
+      teacher_dropout=bool(distill.get("teacher_dropout", False)),
+  )
+
+  def evaluate(state) -> dict:
+    predictors = {"student": evaluation.Predictor(model, state.variables, mesh)}
+    labels, logits = evaluation.predict(
+        config.data, "test", predictors, batch_size=config.batch_size, classes=classes
+    )
+    return {
+        "test_accuracy": evaluation.accuracy(logits["student"], labels),
+        "test_loss": evaluation.cross_entropy(logits["student"], labels),
+    }
+
+  state, meta = fit(
+      config,
+      workdir,
+      state=state,
+      train_step=train_step,
+      frozen=teacher["variables"] if uses_teacher else {},
+      evaluate=evaluate,
+      meta=meta,
+      mesh=mesh,
+      steps_per_epoch=steps_per_epoch,
+      classes=classes,
+      finalize=None if finalize is None else lambda state: finalize(model, state),
+  )
+  results = final_results(config, model, state, teacher, meta["history"], mesh, classes=classes)
+  finish(workdir, results, meta["history"], title=f"{config.experiment} {config.method} ({config.data.name})")
+  return results
+
+
+def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, steps_per_epoch,
+        classes=None, finalize=None, plain_batch=None):
+  """The training loop shared by every method: resume, train, evaluate, checkpoint.
+
+  Resumes from the latest checkpoint in `workdir` (state, step, RNG, epoch history);
+  saves every `config.checkpoint_every_steps` steps and at each epoch's end, in the
+  background. `finalize(state) -> {name: pytree}` adds items (e.g. a teacher card) to
+  the last checkpoint. `plain_batch(batch) -> batch` filters what the step sees (the
+  amalgamation step gets no labels). Returns the final `(state, meta)`.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  ckpts = checkpoint.Checkpoints(
+      workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
+  )
+  if ckpts.latest_step() is not None:
+    step = ckpts.latest_step()
+    state = ckpts.restore(step, {"state": state})["state"]
+    meta["history"] = ckpts.restore_meta(step).get("history", [])
+    logging.info("Resumed %s from step %d.", workdir, step)
+
+  total_steps = steps_per_epoch * config.num_epochs
+  step = int(state.step)
+  compiled = mesh_lib.data_parallel_step(train_step, mesh)
+  state = mesh_lib.replicate(state, mesh)
+  frozen = mesh_lib.replicate(frozen, mesh)
+  writer = reporting.create_writer(workdir)
+  progress = reporting.progress_bar(total=total_steps, initial=step, description=config.get("experiment", "train"))
+  first_epoch = step // steps_per_epoch
+  if first_epoch < config.num_epochs:
+    full_epoch = data.num_batches(config.data, "train", batch_size=config.batch_size, train=True, classes=classes)
+    batches = data.as_numpy(
+        data.make_dataset(
+            config.data, "train", batch_size=config.batch_size, train=True, seed=config.seed,
+            epoch=first_epoch, num_epochs=config.num_epochs - first_epoch, classes=classes,
+        ).skip(step - first_epoch * steps_per_epoch)
+    )
+  for epoch in range(first_epoch, config.num_epochs):
+    sums, count = {}, 0
+    for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
+      batch = next(batches)
+      if plain_batch is not None:
+        batch = plain_batch(batch)
+      state, metrics = compiled(state, mesh_lib.shard_batch(batch, mesh), frozen)
+      step += 1
+      sums = metrics if not sums else jax.tree.map(lambda a, b: a + b, sums, metrics)
+      count += 1
+      if step % config.log_every_steps == 0:
+        writer.write_scalars(step, {f"train/{k}": float(v) for k, v in metrics.items()})
+      if step < (epoch + 1) * steps_per_epoch:  # the epoch's last step is saved below
+        ckpts.save(step, {"state": state}, meta)
+      progress.update(1)
+    for _ in range(steps_per_epoch, full_epoch):  # the rest of a shortened epoch
+      next(batches)
+    record = {"epoch": epoch + 1, "step": step}
+    record.update({f"train_{k}": float(v) / max(count, 1) for k, v in sums.items()})
+    if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
+      record.update(evaluate(state))
+    writer.write_scalars(step, {k.replace("_", "/", 1): v for k, v in record.items() if "_" in k})
+    meta["history"].append(record)
+    progress.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith("test_")})
+    if epoch + 1 < config.num_epochs or finalize is None:
+      ckpts.save(step, {"state": state}, meta, force=True)
+    else:
+      ckpts.save(step, {"state": state, **finalize(state)}, meta, force=True)
+  progress.close()
+  writer.close()
+  ckpts.close()
+  return state, meta
+
+
+def finish(workdir: str, results: dict, history, *, title: str, panels=None) -> None:
+  """Writes `results.json` and `curves.png` (primary process only)."""
+  if jax.process_index() != 0:
+    return
+  reporting.write_json_atomic(os.path.join(workdir, "results.json"), results)
+  reporting.plot_curves(
+      os.path.join(workdir, "curves.png"),
+      history,
+      panels=panels or {"loss": ["train_loss", "test_loss"], "accuracy": ["train_accuracy", "test_accuracy"]},
+      title=title,
+  )
+
+
+def steps_per_epoch_of(config, classes=None) -> int:
+  """Full batches per epoch, or `config.steps_per_epoch` if that is set and smaller."""
+  full = data.num_batches(config.data, "train", batch_size=config.batch_size, train=True, classes=classes)
+  if full < 1:
+    raise UsageError(f"batch_size={config.batch_size} exceeds the training examples of {config.data.name}")
+  return min(full, config.steps_per_epoch) if config.steps_per_epoch else full
+
+
+def init_state(model, tx, seed: int, image_shape) -> TrainState:
+  """A fresh state: parameters from `fold(seed, 0)`, the training key from `fold(seed, 1)`."""
+  init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
+  dummy = np.zeros((1, *image_shape), np.float32)
+  return TrainState.create(variables=model.init(init_rng, dummy, train=False), tx=tx, rng=train_rng)
+
+
+def final_results(config, model, state, teacher, history, mesh, *, classes=None) -> dict:
+  """Test metrics of the final model (and of its teacher, and how often they agree)."""
+  predictors = {"student": evaluation.Predictor(model, state.variables, mesh)}
+  if teacher is not None:
+    predictors["teacher"] = evaluation.Predictor(teacher["model"], teacher["variables"], mesh)
+  labels, logits = evaluation.predict(
+      config.data, "test", predictors, batch_size=config.batch_size, classes=classes
+  )
+  results = {
+      "method": config.method,
+      "dataset": config.data.name,
+      "seed": config.seed,
+      "steps": int(state.step),
+      "test_accuracy": evaluation.accuracy(logits["student"], labels),
+      "test_examples": int(len(labels)),
+      "history": history,
+      "config": config.to_dict(),
+  }
+  evaluated = [h for h in history if "test_accuracy" in h]
+  if evaluated:
+    best = max(evaluated, key=lambda h: h["test_accuracy"])
+    results["best_epoch"] = {"epoch": best["epoch"], "test_accuracy": best["test_accuracy"]}
+    results["last_epoch"] = {"epoch": evaluated[-1]["epoch"], "test_accuracy": evaluated[-1]["test_accuracy"]}
+  if teacher is not None:
+    results["teacher_test_accuracy"] = evaluation.accuracy(logits["teacher"], labels)
+    results["teacher_agreement"] = evaluation.agreement(logits["student"], logits["teacher"])
+    results["teacher"] = teacher["origin"]
+  return results
+
+
+def load_teacher(config, info) -> dict:
+  """The frozen teacher of `config.teacher_workdir`, checked against this run."""
+  workdir = config.teacher_workdir
+  if not workdir:
+    raise UsageError(
+        f"method {config.method!r} needs a trained teacher: set --config.teacher_workdir=DIR "
+        "to the workdir of an experiments/nin_teacher.py run"
+    )
+  try:
+    meta = checkpoint.read_meta(workdir)
+    model, variables = checkpoint.load(workdir)
+  except checkpoint.CheckpointError as e:
+    raise UsageError(f"teacher_workdir: {e}") from None
+  teacher_classes = meta["models"][meta["main"]].get("num_classes")
+  if teacher_classes != info.num_classes:
+    raise UsageError(
+        f"the teacher in {workdir} has {teacher_classes} classes but {config.data.name} has "
+        f"{info.num_classes}: train a teacher on {config.data.name}"
+    )
+  teacher_data = meta.get("config", {}).get("data", {}).get("name")
+  if teacher_data and teacher_data != config.data.name:
+    raise UsageError(f"the teacher in {workdir} was trained on {teacher_data}, not {config.data.name}")
+  origin = {"workdir": os.path.abspath(workdir), "fingerprint": checkpoint.fingerprint(variables)}
+  return {"model": model, "variables": variables, "origin": origin}
+
+
+def check_workdir_matches(workdir: str, config) -> None:
+  """Refuses to touch a workdir that holds a run of a different config."""
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+      raise UsageError(f"workdir {workdir} exists and is not a kd_jax run: choose a new --workdir")
+    return
+  try:
+    saved = checkpoint.read_meta(workdir).get("config", {})
+  except checkpoint.CheckpointError:
+    return  # a directory without a finished checkpoint: nothing to keep
+  differences = sorted(
+      key for key in _flatten(saved).keys() | _flatten(config.to_dict()).keys()
+      if key not in RESUMABLE_CHANGES and _flatten(saved).get(key) != _flatten(config.to_dict()).get(key)
+  )
+  if differences:
+    raise UsageError(
+        f"workdir {workdir} holds a run with a different config ({', '.join(differences)} differ): "
+        "use a new --workdir, or the same config to resume"
+    )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return flat

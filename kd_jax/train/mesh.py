@@ -1,0 +1,58 @@
+"""Data parallelism: one 'data' mesh axis over every device, in the pmap style.
+
+Each device holds a replica of the state and its shard of the global batch; the
+step averages gradients with `lax.pmean`. It is written with `jax.shard_map` under
+`jax.jit`, which is what `jax.pmap` itself is built on since JAX 0.10 and what JAX
+recommends for new code (docs/migrate_pmap).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh named 'data' over `devices` (default: all devices)."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, *, name: str = "batch_size") -> None:
+  n = mesh.size
+  if batch_size % n:
+    raise ValueError(
+        f"{name}={batch_size} is not divisible by the {n} devices; choose a multiple of {n}"
+    )
+
+
+def shard_batch(batch, mesh: Mesh):
+  """Places a host batch (pytree of arrays, leading batch axis) across the 'data' axis."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), batch)
+
+
+def replicate(tree, mesh: Mesh):
+  return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def data_parallel_step(step_fn: Callable, mesh: Mesh, *, donate_state: bool = True) -> Callable:
+  """Compiles `step_fn(state, batch, frozen) -> (state, metrics)` data-parallel.
+
+  Inside `step_fn`, `batch` is the device's shard; `state` and `frozen` (inputs that
+  never change, such as teacher variables) are replicated. `step_fn` must reduce what
+  it returns across the axis (`lax.pmean(..., AXIS)`), so outputs are replicated.
+  """
+  sharded = jax.shard_map(
+      step_fn,
+      mesh=mesh,
+      in_specs=(P(), P(AXIS), P()),
+      out_specs=(P(), P()),
+  )
+  return jax.jit(sharded, donate_argnums=(0,) if donate_state else ())

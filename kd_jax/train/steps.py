@@ -1,0 +1,131 @@
+"""One pure train step per method: supervised, logit regression, noisy teacher, Hinton KD.
+
+A step is `step(state, batch, frozen) -> (state, metrics)`, run data-parallel by
+`mesh.data_parallel_step`: `batch` is this device's shard of
+`{'image': [b, H, W, C], 'label': [b]}`, `frozen` the teacher's variables (an empty
+dict for supervised training). The teacher is a frozen input: it runs inside the
+step (batched with the student), gets no gradient and is never updated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from kd_jax import losses, models, seed_compat
+from kd_jax.train.mesh import AXIS
+from kd_jax.train.state import TrainState
+
+METHODS = ("ground_truth", "logit_regression", "noisy_teacher", "hinton_kd")
+
+# objective(student_logits, teacher_logits, labels, rng) -> scalar loss.
+Objective = Callable[[jax.Array, jax.Array | None, jax.Array, jax.Array], jax.Array]
+
+
+def make_objective(method: str, distill) -> Objective:
+  """The loss of `method`, its hyper-parameters read from the `distill` config."""
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+  seed = bool(distill.get("seed_compat", False))
+  if method == "ground_truth":
+    return lambda s, t, y, rng: losses.cross_entropy(s, y)
+  if method == "logit_regression":
+    return lambda s, t, y, rng: losses.logit_regression(s, t)
+  if method == "noisy_teacher":
+    noise = seed_compat.seed_noisy_logits if seed else losses.noisy_logits
+    kw = dict(noise_ratio=distill.noise_ratio, noise_std=distill.noise_std)
+    return lambda s, t, y, rng: losses.logit_regression(s, noise(rng, t, **kw))
+  if seed:
+    return lambda s, t, y, rng: seed_compat.seed_kd_loss(
+        s, t, y, temperature=distill.temperature, hard_weight=1.0 - distill.soft_weight
+    )
+  return lambda s, t, y, rng: losses.hinton_kd(
+      s, t, y, temperature=distill.temperature, soft_weight=distill.soft_weight
+  )
+
+
+def for_data_parallel(model: nn.Module) -> nn.Module:
+  """The same model with BatchNorm statistics averaged over the 'data' axis."""
+  if "bn_axis_name" in getattr(model, "__dataclass_fields__", {}):
+    return model.clone(bn_axis_name=AXIS)
+  return model
+
+
+def apply_model(model: nn.Module, variables, images, *, train: bool, rng=None) -> jax.Array:
+  """Logits of `model`, discarding BatchNorm updates (for frozen and evaluated models)."""
+  rngs = {"dropout": rng} if rng is not None else {}
+  if train:
+    out, _ = model.apply(variables, images, train=True, rngs=rngs, mutable=["batch_stats"])
+  else:
+    out = model.apply(variables, images, train=False)
+  return models.logits_of(out)
+
+
+def make_train_step(
+    *,
+    student: nn.Module,
+    tx: optax.GradientTransformation,
+    objective: Objective,
+    teacher: nn.Module | None = None,
+    teacher_dropout: bool = False,
+) -> Callable:
+  """Builds the pure step for one method (see the module docstring)."""
+  student = for_data_parallel(student)
+
+  def step(state: TrainState, batch, frozen):
+    # Each device draws its own dropout/noise: fold the device index into the step key.
+    rng = jax.random.fold_in(state.step_rng(), lax.axis_index(AXIS))
+    dropout_rng, loss_rng, teacher_rng = jax.random.split(rng, 3)
+    images, labels = batch["image"], batch["label"]
+
+    teacher_logits = None
+    if teacher is not None:
+      teacher_logits = lax.stop_gradient(
+          apply_model(teacher, frozen, images, train=teacher_dropout, rng=teacher_rng)
+      )
+
+    def loss_fn(params):
+      variables = {"params": params}
+      if state.batch_stats:
+        variables["batch_stats"] = state.batch_stats
+      out, updates = student.apply(
+          variables, images, train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"]
+      )
+      logits = models.logits_of(out)
+      return objective(logits, teacher_logits, labels, loss_rng), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, AXIS)  # Equal shards: the mean of shard gradients is the global one.
+    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, param_updates),
+        batch_stats=updates.get("batch_stats", state.batch_stats),
+        opt_state=opt_state,
+    )
+    prediction = jnp.argmax(logits, -1)
+    metrics = {"loss": loss, "accuracy": jnp.mean(prediction == labels)}
+    if teacher_logits is not None:
+      metrics["teacher_agreement"] = jnp.mean(prediction == jnp.argmax(teacher_logits, -1))
+    return new_state, lax.pmean(metrics, AXIS)
+
+  return step
+
+
+def make_optimizer(optim, *, total_steps: int) -> optax.GradientTransformation:
+  """Adam with a step decay: lr × `decay_factor` from `decay_at` (a fraction) of training.
+
+  The default (1e-3, ×0.1 at 80 %) is the distillation seed's schedule.
+  """
+  boundary = max(1, int(round(optim.decay_at * total_steps)))
+  schedule = optax.piecewise_constant_schedule(
+      optim.learning_rate, {boundary: optim.decay_factor}
+  )
+  if optim.get("weight_decay", 0.0):
+    return optax.adamw(schedule, weight_decay=optim.weight_decay)
+  return optax.adam(schedule)

@@ -1,0 +1,276 @@
+"""Tests for kd_jax.models: shapes, parameter counts, train/eval behaviour, the registry."""
+
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from kd_jax import models
+from kd_jax.models import (BlockAlignment, ConvNet, FeatureAlignment, LeNet, NiN, build,
+                           logits_of, penultimate, returns_features, spec_of)
+
+KEY = jax.random.key(0)
+
+
+def init(module, *args, **kwargs):
+  """`module.init` under jit: eager Flax runs op by op, which is slower for tiny tests."""
+  return jax.jit(functools.partial(module.init, **kwargs))(KEY, *args)
+
+
+def apply(module, variables, *args, **kwargs):
+  """`module.apply` under jit; keyword arguments (train, rngs, mutable) are fixed."""
+  return jax.jit(functools.partial(module.apply, **kwargs))(variables, *args)
+
+
+def param_shapes(module, shape):
+  """Parameter shapes of `module` for inputs of `shape`, without allocating anything."""
+  variables = jax.eval_shape(lambda: module.init(KEY, jnp.zeros(shape), train=False))
+  return jax.tree.map(lambda p: p.shape, variables['params'])
+
+
+def param_count(module, shape):
+  return sum(int(np.prod(s)) for s in jax.tree.leaves(param_shapes(module, shape),
+                                                      is_leaf=lambda s: isinstance(s, tuple)))
+
+
+def conv_params(k, cin, cout):
+  """k×k convolution (or dense layer with k=1) with bias."""
+  return k * k * cin * cout + cout
+
+
+# ---------------------------------------------------------------------------------------------
+# Output shapes, under jit.
+
+
+@pytest.mark.parametrize('module, shape', [
+    (NiN(num_classes=7, width=0.05), (2, 32, 32, 3)),
+    (NiN(num_classes=7, width=0.05, head='fc', fc_width=8), (2, 28, 28, 1)),
+    (LeNet(num_classes=7, width=0.1), (2, 32, 32, 3)),
+    (LeNet(num_classes=7, width=0.1), (2, 28, 30, 2)),
+    (ConvNet(num_classes=7, block_widths=(4, 8)), (2, 28, 28, 1)),
+])
+def test_logits_shape_under_jit(module, shape):
+  x = jnp.ones(shape)
+  variables = init(module, x, train=False)
+  out = jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x)
+  assert returns_features(module) == isinstance(out, tuple)
+  assert logits_of(out).shape == (2, 7)
+
+
+@pytest.mark.parametrize('widths, shape, expected_hw', [
+    ((4, 6), (2, 28, 28, 1), [(14, 14), (7, 7)]),
+    ((8, 16, 24, 32), (2, 28, 28, 1), [(14, 14), (7, 7), (4, 4), (2, 2)]),
+    ((3, 5, 7, 9), (2, 3, 3, 1), [(2, 2), (1, 1), (1, 1), (1, 1)]),  # SAME pooling: tiny inputs.
+])
+def test_convnet_block_features(widths, shape, expected_hw):
+  model = ConvNet(num_classes=3, block_widths=widths, convs_per_block=1)
+  x = jnp.ones(shape)
+  variables = init(model, x, train=False)
+  logits, features = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
+  assert logits.shape == (2, 3)
+  assert [f.shape for f in features] == [(2, *hw, w) for hw, w in zip(expected_hw, widths)]
+  np.testing.assert_allclose(penultimate(features), features[-1].mean(axis=(1, 2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts, worked out by hand.
+
+
+def test_nin_param_count_gap_head():
+  hidden = (
+      conv_params(5, 3, 192)      # conv1    14,592
+      + conv_params(1, 192, 160)  # cccp1    30,880
+      + conv_params(1, 160, 96)   # cccp2    15,456
+      + conv_params(5, 96, 192)   # conv2   460,992
+      + conv_params(1, 192, 192)  # cccp3    37,056
+      + conv_params(1, 192, 192)  # cccp4    37,056
+      + conv_params(3, 192, 192)  # conv3   331,968
+      + conv_params(1, 192, 192)  # cccp5    37,056
+  )
+  assert hidden == 965_056
+  expected = hidden + conv_params(1, 192, 10)  # cccp6 1,930
+  assert expected == 966_986
+  assert param_count(NiN(), (1, 32, 32, 3)) == expected
+
+
+def test_nin_param_count_fc_head():
+  # 32×32 → max pool /2 → 16×16 → avg pool /2 → 8×8, so ip1 sees 8·8·192 = 12,288 inputs.
+  expected = (965_056                          # the same hidden layers as the gap head
+              + conv_params(1, 8 * 8 * 192, 1024)  # ip1 12,583,936
+              + conv_params(1, 1024, 10))          # ip2     10,250
+  assert expected == 13_559_242
+  assert param_count(NiN(head='fc'), (1, 32, 32, 3)) == expected
+
+
+def test_nin_width_and_head_validation():
+  shapes = param_shapes(NiN(width=0.5), (1, 32, 32, 3))
+  assert shapes['conv1']['kernel'] == (5, 5, 3, 96)
+  assert shapes['cccp2']['kernel'] == (1, 1, 80, 48)
+  assert shapes['cccp6']['kernel'] == (1, 1, 96, 10)  # the class maps are not scaled
+  assert param_shapes(NiN(width=1e-3), (1, 8, 8, 1))['cccp1']['kernel'] == (1, 1, 1, 1)
+  with pytest.raises(ValueError, match="'avg'"):
+    param_shapes(NiN(head='avg'), (1, 8, 8, 1))
+
+
+def test_lenet_param_count_cifar():
+  # 32 → conv5 VALID 28 → pool 14 → conv5 VALID 10 → pool 5: fc1 sees 5·5·128 = 3,200 inputs.
+  expected = (conv_params(5, 3, 64)               #     4,864
+              + conv_params(5, 64, 128)           #   204,928
+              + conv_params(1, 5 * 5 * 128, 1024)  # 3,277,824
+              + conv_params(1, 1024, 10))          #    10,250
+  assert expected == 3_497_866  # "about 3.5 M"
+  assert param_count(LeNet(), (1, 32, 32, 3)) == expected
+
+
+def test_lenet_param_count_mnist():
+  # 28 → 24 → 12 → 8 → 4: fc1 sees 4·4·128 = 2,048 inputs.
+  expected = (conv_params(5, 1, 64)               #     1,664
+              + conv_params(5, 64, 128)           #   204,928
+              + conv_params(1, 4 * 4 * 128, 1024)  # 2,098,176
+              + conv_params(1, 1024, 10))          #    10,250
+  assert expected == 2_315_018
+  assert param_count(LeNet(), (1, 28, 28, 1)) == expected
+
+
+def test_lenet_relu_after_conv_variants_differ():
+  x = jax.random.normal(KEY, (2, 28, 28, 1))
+  with_relu, without = LeNet(width=0.1), LeNet(width=0.1, relu_after_conv=False)
+  variables = init(with_relu, x, train=False)  # same parameters for both
+  a = apply(with_relu, variables, x, train=False)
+  b = apply(without, variables, x, train=False)
+  assert not np.allclose(a, b)
+
+
+def test_lenet_rejects_small_input():
+  with pytest.raises(ValueError, match='28'):
+    LeNet().init(KEY, jnp.zeros((1, 20, 20, 1)), train=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Train/eval behaviour.
+
+
+@pytest.mark.parametrize('module', [
+    NiN(width=0.05, dropout_rate=0.5),
+    LeNet(width=0.05, dropout_rate=0.5),
+    ConvNet(num_classes=10, block_widths=(4,), norm='none', dropout_rate=0.5),
+])
+def test_dropout_only_in_train(module):
+  x = jax.random.normal(KEY, (2, 28, 28, 1))
+  variables = init(module, x, train=False)
+
+  @functools.partial(jax.jit, static_argnames='train')
+  def run(seed, train):
+    rngs = {'dropout': jax.random.key(seed)}
+    return logits_of(module.apply(variables, x, train=train, rngs=rngs))
+
+  assert not np.allclose(run(1, True), run(2, True))
+  np.testing.assert_array_equal(run(1, False), run(2, False))
+
+
+def test_convnet_batchnorm_updates_stats_in_train_only():
+  model = ConvNet(num_classes=3, block_widths=(4, 8), convs_per_block=1)
+  x = jax.random.normal(KEY, (4, 8, 8, 1)) + 3.0
+  variables = init(model, x, train=False)
+  assert 'bias' not in variables['params']['block_0_conv_0']  # BatchNorm makes it redundant
+
+  _, updates = apply(model, variables, x, train=True, mutable=['batch_stats'])
+  before, after = variables['batch_stats'], updates['batch_stats']
+  assert jax.tree.structure(before) == jax.tree.structure(after)
+  for old, new in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    assert not np.allclose(old, new)
+
+  # Eval reads the running averages and needs no mutable collection.
+  apply(model, variables, x, train=False)
+  assert set(variables) == {'params', 'batch_stats'}
+  assert set(init(ConvNet(num_classes=3, norm='none'), x, train=False)) == {'params'}
+
+
+def test_convnet_rejects_unknown_norm():
+  with pytest.raises(ValueError, match="'layer'"):
+    ConvNet(num_classes=3, norm='layer').init(KEY, jnp.zeros((1, 4, 4, 1)), train=False)
+
+
+def test_convnet_bn_axis_name_under_shard_map():
+  x = jax.random.normal(KEY, (4, 8, 8, 1))
+  plain = ConvNet(num_classes=3, block_widths=(4,), convs_per_block=1)
+  sharded = ConvNet(num_classes=3, block_widths=(4,), convs_per_block=1, bn_axis_name='data')
+  variables = init(plain, x, train=False)
+
+  def step(model):
+    def f(variables, x):
+      (logits, _), updates = model.apply(variables, x, train=True, mutable=['batch_stats'])
+      return logits, updates['batch_stats']
+    return f
+
+  expected = step(plain)(variables, x)
+  mesh = jax.make_mesh((1,), ('data',))
+  x = jax.device_put(x, NamedSharding(mesh, P('data')))
+  got = jax.jit(jax.shard_map(step(sharded), mesh=mesh, in_specs=(P(), P('data')),
+                              out_specs=(P('data'), P())))(variables, x)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               expected, got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature alignment.
+
+
+def test_feature_alignment():
+  x = jax.random.normal(KEY, (2, 5, 5, 6))
+  for width in (3, 12):  # fewer and more output filters than input channels
+    fa = FeatureAlignment(width)
+    variables = init(fa, x)
+    assert jax.jit(fa.apply)(variables, x).shape == (2, 5, 5, width)
+    (kernel,) = jax.tree.leaves(variables['params'])  # the only parameter: no bias
+    assert kernel.shape == (1, 1, 6, width)
+    # Starts on the unit-norm constraint that the amalgamation loss imposes per output filter.
+    np.testing.assert_allclose(jnp.sum(kernel ** 2, axis=(0, 1, 2)), 1.0, rtol=1e-5)
+
+
+def test_block_alignment():
+  features = (jnp.ones((2, 4, 4, 3)), jnp.ones((2, 2, 2, 5)))
+  ba = BlockAlignment((7, 9))
+  variables = init(ba, features)
+  assert set(variables['params']) == {'block_0', 'block_1'}
+  out = jax.jit(ba.apply)(variables, features)
+  assert [o.shape for o in out] == [(2, 4, 4, 7), (2, 2, 2, 9)]
+  with pytest.raises(ValueError, match='2 blocks'):
+    apply(ba, variables, features[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry.
+
+
+@pytest.mark.parametrize('module, shape', [
+    (NiN(num_classes=4, width=0.1, head='fc', fc_width=16, dropout_rate=0.2), (1, 32, 32, 3)),
+    (LeNet(num_classes=4, width=0.1, relu_after_conv=False), (1, 28, 28, 1)),
+    (ConvNet(num_classes=4, block_widths=(4, 8, 16), convs_per_block=1, norm='none',
+             bn_axis_name='data'), (1, 28, 28, 1)),
+])
+def test_build_spec_of_round_trip(module, shape):
+  spec = json.loads(json.dumps(spec_of(module)))  # survives JSON: tuples come back as lists
+  rebuilt = build(spec)
+  assert type(rebuilt) is type(module)
+  assert rebuilt == module
+  assert spec_of(rebuilt) == spec
+  assert param_shapes(rebuilt, shape) == param_shapes(module, shape)
+
+
+def test_build_rejects_unknown_name():
+  with pytest.raises(ValueError, match=r"unknown model 'resnet'; choose one of \["):
+    build({'name': 'resnet'})
+  with pytest.raises(ValueError, match='not a registered model'):
+    spec_of(FeatureAlignment(3))
+
+
+def test_registry_contents():
+  assert models.MODELS == {'nin': NiN, 'lenet': LeNet, 'convnet': ConvNet}
+  assert logits_of((1, 2)) == 1 and logits_of(3) == 3
+  assert isinstance(build({'name': 'lenet'}), nn.Module)
