@@ -7,6 +7,8 @@ pairs and bare flags (e.g. `method=hinton_kd,dataset=fashion_mnist,smoke`).
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 DATASETS = ("cifar10", "mnist", "fashion_mnist")
@@ -46,6 +48,8 @@ def data_config(name: str) -> ml_collections.ConfigDict:
   from kd_jax.data import default_data_config  # pylint: disable=g-import-not-at-top
 
   data = default_data_config(name)
+  if name == "fashion_mnist" and os.path.isdir(DEBIAN_FASHION_MNIST):
+    data.manual_dir = DEBIAN_FASHION_MNIST  # real data on machines with the Debian package
   # Both seeds subtract the per-pixel mean image of the training set; no augmentation.
   data.preprocess = "mean_image"
   data.augment = False

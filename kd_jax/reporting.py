@@ -89,6 +89,11 @@ def write_json_atomic(path: str, payload) -> None:
   os.replace(tmp, path)
 
 
+def load_json(path: str):
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
 def _json_default(value):
   if isinstance(value, (np.generic, np.ndarray)):
     return value.tolist()
@@ -121,6 +126,29 @@ def plot_curves(
     ax.legend(fontsize=8)
   if title:
     fig.suptitle(title)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+
+
+def plot_series(path: str, *, steps, series: Mapping[str, Sequence[float]], title: str, ylabel: str) -> None:
+  """Saves one PNG of several named curves over training steps (log-scale y)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for name, values in series.items():
+    ax.plot(steps, values, label=name)
+  ax.set_yscale("log")
+  ax.set_xlabel("step")
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
   fig.tight_layout()
   tmp = path + ".tmp.png"
   fig.savefig(tmp, dpi=110)

@@ -140,7 +140,8 @@ def test_unknown_dataset_name_lists_choices(tmp_path):
     [
         (dict(image_magic=2049), r"train-images-idx3-ubyte\.gz: bad magic number 2049"),
         (dict(label_magic=2051), r"train-labels-idx1-ubyte\.gz: bad magic number 2051"),
-        (dict(num_labels=NUM_TRAIN - 1), r"has 60 images but .*train-labels-idx1-ubyte\.gz has 59 labels"),
+        (dict(num_labels=NUM_TRAIN - 1),
+         r"has 60 images but .*train-labels-idx1-ubyte\.gz has 59 labels"),
         (dict(rows=27), r"images are 27x28, expected 28x28"),
     ],
 )
@@ -158,10 +159,12 @@ def test_idx_truncated_and_missing_files(tmp_path):
   write_mnist_dir(manual)
   path = manual / "t10k-images-idx3-ubyte"
   path.write_bytes(path.read_bytes()[:-5])
-  with pytest.raises(ValueError, match=r"t10k-images-idx3-ubyte: header says 20 images .*truncated"):
+  with pytest.raises(ValueError,
+                     match=r"t10k-images-idx3-ubyte: header says 20 images .*truncated"):
     data.get_builder("mnist", data_dir=tmp_path / "data", manual_dir=manual)
   path.unlink()
-  with pytest.raises(ValueError, match=r"missing file: neither t10k-images-idx3-ubyte\.gz nor t10k-images-idx3-ubyte"):
+  with pytest.raises(ValueError, match=r"missing file: neither "
+                     r"t10k-images-idx3-ubyte\.gz nor t10k-images-idx3-ubyte"):
     data.get_builder("mnist", data_dir=tmp_path / "data", manual_dir=manual)
   # Fixing the files afterwards works: no stale state was left behind.
   write_mnist_dir(manual)
@@ -190,10 +193,21 @@ def test_no_data_anywhere_raises_data_not_found(tmp_path, no_download, name):
   assert "--config.data.manual_dir" in message
   assert "--config.data.data_dir" in message
   assert "ConnectionError" in message
+  assert "which has none of them" in message
   expected_file = ("cifar-10-python.tar.gz" if name == "cifar10"
                    else "train-images-idx3-ubyte.gz")
   assert expected_file in message
   assert isinstance(e.value, ValueError)
+
+
+def test_download_false_fails_at_once_and_says_why(tmp_path):
+  with pytest.raises(data.DataNotFoundError, match=r"which does not exist.*Downloading is off"):
+    data.get_builder("fashion_mnist", data_dir=tmp_path / "data",
+                     manual_dir=tmp_path / "nowhere", download=False)
+  cfg = config("mnist", tmp_path / "data")
+  cfg.download = False
+  with pytest.raises(data.DataNotFoundError, match=r"manual_dir \(now: unset\)"):
+    data.get_info(cfg)
 
 
 # ----------------------------------------------------------------------------
@@ -247,7 +261,8 @@ def test_cifar10_python_archive_loads(tmp_path):
   np.testing.assert_array_equal(pixels[:, 5, 5], np.stack([ids, 100 + ids, 200 + ids], 1))
   np.testing.assert_array_equal(pixels[:, 0, 1, 0], 50)  # Row-major planes.
   test_images, _ = data.load_arrays(cfg, "test")
-  np.testing.assert_array_equal(np.rint(test_images[:, 5, 5, 0] * 255), 5 * CIFAR_ROWS + np.arange(CIFAR_ROWS))
+  np.testing.assert_array_equal(np.rint(test_images[:, 5, 5, 0] * 255),
+                                5 * CIFAR_ROWS + np.arange(CIFAR_ROWS))
 
 
 @pytest.mark.parametrize(
@@ -437,7 +452,8 @@ def test_augmentation_is_seeded_and_keeps_shapes(mnist_cfg):
   assert a.shape == (NUM_TRAIN, 28, 28, 1)
   np.testing.assert_array_equal(a, images(0, 0))
   # Same order as without augmentation; centre pixels survive a 4-pixel shift.
-  np.testing.assert_array_equal(example_ids(a, TRAIN_FIRST), epoch_order(mnist_cfg, seed=0, epoch=0))
+  np.testing.assert_array_equal(example_ids(a, TRAIN_FIRST),
+                                epoch_order(mnist_cfg, seed=0, epoch=0))
   # Pad-and-crop blacked out some borders (the generated images are uniform).
   assert (a == 0).any(axis=(1, 2, 3)).sum() > NUM_TRAIN // 2
   # Another epoch crops the same examples differently.

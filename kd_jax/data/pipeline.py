@@ -12,6 +12,8 @@ or any object with these attributes):
   preprocess:  'mean_image' | 'mean_image_255' | 'standardize' | 'none'.
   augment:     bool; training batches get pad-4 + random-crop (+ horizontal
                flip for cifar10 only: a flipped digit is another glyph).
+  download (optional): False skips step 3 below (TFDS download), e.g.
+               offline, where it fails only after ~3.5 minutes of retries.
   shuffle_buffer (optional): 0 or absent: each training epoch is a uniform
                permutation of the split; N > 0: of each block of N examples
                (only to bound memory on larger data).
@@ -116,6 +118,7 @@ def default_data_config(name: str = "fashion_mnist") -> Any:
       "manual_dir": "",
       "preprocess": "mean_image",
       "augment": False,
+      "download": True,
       "shuffle_buffer": 0,
   })
 
@@ -155,8 +158,11 @@ def get_builder(
     *,
     data_dir: str | os.PathLike | None,
     manual_dir: str | os.PathLike | None = None,
+    download: bool = True,
 ) -> tfds.core.DatasetBuilder:
   """Returns a prepared TFDS builder for `name` (see the module docstring).
+
+  `download=False` skips the TFDS download attempt.
 
   Raises:
     ValueError: unknown name, or malformed files in manual_dir.
@@ -184,20 +190,32 @@ def get_builder(
     )
     return ours
 
+  def not_found(why: str) -> DataNotFoundError:
+    if not manual_dir:
+      manual_state = "unset"
+    elif not os.path.isdir(manual_dir):
+      manual_state = f"{manual_dir}, which does not exist"
+    else:
+      manual_state = f"{manual_dir}, which has none of them"
+    return DataNotFoundError(
+        f"no {name} data: put {source.manual_files} in "
+        f"--config.data.manual_dir (now: {manual_state}), or a prepared TFDS "
+        f"dataset ({source.tfds_name!r} or {source.builder_cls.name!r}) in "
+        f"--config.data.data_dir (now: {data_dir or 'the TFDS default'}). "
+        f"{why}"
+    )
+
   # 3. TFDS's own download (which also finds its expected files, with their
   # registered checksums, in manual_dir).
+  if not download:
+    raise not_found("Downloading is off (--config.data.download=False).")
   try:
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     standard.download_and_prepare(download_config=download_config)
   except Exception as e:  # Network, checksum, disk, ...: all mean "no data".
     first_line = (str(e).strip().splitlines() or [""])[0][:300]
-    raise DataNotFoundError(
-        f"no {name} data: put {source.manual_files} in "
-        f"--config.data.manual_dir (now: {manual_dir or 'unset'}), or a "
-        f"prepared TFDS dataset ({source.tfds_name!r} or "
-        f"{source.builder_cls.name!r}) in --config.data.data_dir (now: "
-        f"{data_dir or 'TFDS default'}). Downloading it with TFDS failed: "
-        f"{type(e).__name__}: {first_line}"
+    raise not_found(
+        f"Downloading it with TFDS failed: {type(e).__name__}: {first_line}"
     ) from e
   return standard
 
@@ -207,6 +225,7 @@ def _builder(data_config) -> tfds.core.DatasetBuilder:
       data_config.name,
       data_dir=getattr(data_config, "data_dir", None),
       manual_dir=getattr(data_config, "manual_dir", None),
+      download=bool(getattr(data_config, "download", True)),
   )
 
 
@@ -438,7 +457,6 @@ def num_batches(
     train: bool,
     classes: Sequence[int] | None = None,
     drop_remainder: bool | None = None,
-    process_index: int | None = None,
     process_count: int | None = None,
 ) -> int:
   """Batches per epoch that `make_dataset` yields, the same on every process.
@@ -446,7 +464,6 @@ def num_batches(
   With drop_remainder: the fewest full batches any process has; without: the
   most batches (last one padded) any process needs.
   """
-  del process_index  # Same on every process by construction.
   _, process_count = _processes(0, process_count)
   builder = _builder(data_config)
   classes = _check_classes(classes, builder.info.features["label"].num_classes)
@@ -493,13 +510,15 @@ def make_dataset(
     drop_remainder: drop the last partial batch (default: `train`). If False,
       the last batch is padded to full size and every batch has a 'mask' key,
       so an epoch covers every example exactly once at a fixed shape.
-    process_index, process_count: default to JAX's.
+    process_index, process_count: default to JAX's (overridable for tests).
 
   Returns:
     A tf.data.Dataset of {'image': float32 [b, H, W, C], 'label': int32 [b]}
     (+ 'mask': bool [b] when not drop_remainder), b = batch_size/process_count.
   """
   process_index, process_count = _processes(process_index, process_count)
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} not in [0, {process_count}).")
   builder = _builder(data_config)
   source = _source(data_config.name)
   classes = _check_classes(classes, builder.info.features["label"].num_classes)

@@ -11,6 +11,7 @@ Order of work, so that bad input fails before anything is written:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -42,8 +43,9 @@ class UsageError(ValueError):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, finalize=None) -> dict:
   """Trains `config.model` by `config.method` into `workdir`; returns the results dict.
 
-  `config.classes` (optional) trains on a class subset, its labels remapped to 0..k-1
-  (amalgamation's component nets). `finalize(model, state) -> {name: pytree}` adds
+  `config.classes` (optional) trains on a class subset, its labels remapped to 0..k-1,
+  and `config.train_split` on part of the training split (amalgamation's component and
+  source nets). `finalize(model, state) -> {name: pytree}` adds
   items to the final checkpoint.
   """
   if config.method not in steps.METHODS:
@@ -55,7 +57,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
   teacher = load_teacher(config, info) if config.teacher_workdir or config.method != "ground_truth" else None
 
   model = models.build({**config.model.to_dict(), "num_classes": info.num_classes})
-  steps_per_epoch = steps_per_epoch_of(config, classes)
+  split = config.get("train_split", "train")
+  steps_per_epoch = steps_per_epoch_of(config, classes, split)
   tx = steps.make_optimizer(config.optim, total_steps=steps_per_epoch * config.num_epochs)
   state = init_state(model, tx, config.seed, info.image_shape)
   meta = {
@@ -68,7 +71,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
   if teacher is not None:
     meta["teacher"] = teacher["origin"]
 
-  check_workdir_matches(workdir, config)
+  claim_workdir(workdir, config)
   uses_teacher = config.method != "ground_truth"
   distill = config.get("distill", ml_collections.ConfigDict())
   train_step = steps.make_train_step(
@@ -100,6 +103,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
       mesh=mesh,
       steps_per_epoch=steps_per_epoch,
       classes=classes,
+      split=split,
       finalize=None if finalize is None else lambda state: finalize(model, state),
   )
   results = final_results(config, model, state, teacher, meta["history"], mesh, classes=classes)
@@ -108,16 +112,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
 
 
 def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, steps_per_epoch,
-        classes=None, finalize=None, plain_batch=None):
+        classes=None, split="train", items=None, finalize=None, plain_batch=None):
   """The training loop shared by every method: resume, train, evaluate, checkpoint.
 
   Resumes from the latest checkpoint in `workdir` (state, step, RNG, epoch history);
   saves every `config.checkpoint_every_steps` steps and at each epoch's end, in the
-  background. `finalize(state) -> {name: pytree}` adds items (e.g. a teacher card) to
-  the last checkpoint. `plain_batch(batch) -> batch` filters what the step sees (the
-  amalgamation step gets no labels). Returns the final `(state, meta)`.
+  background, with `items` (e.g. frozen teachers) beside the state in each checkpoint.
+  `finalize(state) -> {name: pytree}` adds items (e.g. a teacher card) to the last
+  checkpoint. `split` is the TFDS training split (e.g. 'train[:50%]').
+  `plain_batch(batch) -> batch` filters what the step sees (amalgamation: no labels).
+  Returns the final `(state, meta)`.
   """
-  os.makedirs(workdir, exist_ok=True)
+  items = dict(items or {})
   ckpts = checkpoint.Checkpoints(
       workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
   )
@@ -136,10 +142,10 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
   progress = reporting.progress_bar(total=total_steps, initial=step, description=config.get("experiment", "train"))
   first_epoch = step // steps_per_epoch
   if first_epoch < config.num_epochs:
-    full_epoch = data.num_batches(config.data, "train", batch_size=config.batch_size, train=True, classes=classes)
+    full_epoch = data.num_batches(config.data, split, batch_size=config.batch_size, train=True, classes=classes)
     batches = data.as_numpy(
         data.make_dataset(
-            config.data, "train", batch_size=config.batch_size, train=True, seed=config.seed,
+            config.data, split, batch_size=config.batch_size, train=True, seed=config.seed,
             epoch=first_epoch, num_epochs=config.num_epochs - first_epoch, classes=classes,
         ).skip(step - first_epoch * steps_per_epoch)
     )
@@ -156,7 +162,7 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
       if step % config.log_every_steps == 0:
         writer.write_scalars(step, {f"train/{k}": float(v) for k, v in metrics.items()})
       if step < (epoch + 1) * steps_per_epoch:  # the epoch's last step is saved below
-        ckpts.save(step, {"state": state}, meta)
+        ckpts.save(step, {"state": state, **items}, meta)
       progress.update(1)
     for _ in range(steps_per_epoch, full_epoch):  # the rest of a shortened epoch
       next(batches)
@@ -167,10 +173,8 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
     writer.write_scalars(step, {k.replace("_", "/", 1): v for k, v in record.items() if "_" in k})
     meta["history"].append(record)
     progress.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith("test_")})
-    if epoch + 1 < config.num_epochs or finalize is None:
-      ckpts.save(step, {"state": state}, meta, force=True)
-    else:
-      ckpts.save(step, {"state": state, **finalize(state)}, meta, force=True)
+    last = epoch + 1 == config.num_epochs and finalize is not None
+    ckpts.save(step, {"state": state, **items, **(finalize(state) if last else {})}, meta, force=True)
   progress.close()
   writer.close()
   ckpts.close()
@@ -190,9 +194,9 @@ def finish(workdir: str, results: dict, history, *, title: str, panels=None) -> 
   )
 
 
-def steps_per_epoch_of(config, classes=None) -> int:
+def steps_per_epoch_of(config, classes=None, split="train") -> int:
   """Full batches per epoch, or `config.steps_per_epoch` if that is set and smaller."""
-  full = data.num_batches(config.data, "train", batch_size=config.batch_size, train=True, classes=classes)
+  full = data.num_batches(config.data, split, batch_size=config.batch_size, train=True, classes=classes)
   if full < 1:
     raise UsageError(f"batch_size={config.batch_size} exceeds the training examples of {config.data.name}")
   return min(full, config.steps_per_epoch) if config.steps_per_epoch else full
@@ -261,25 +265,33 @@ def load_teacher(config, info) -> dict:
   return {"model": model, "variables": variables, "origin": origin}
 
 
-def check_workdir_matches(workdir: str, config) -> None:
-  """Refuses to touch a workdir that holds a run of a different config."""
-  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-    if os.path.isdir(workdir) and os.listdir(workdir) and not os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-      raise UsageError(f"workdir {workdir} exists and is not a kd_jax run: choose a new --workdir")
-    return
-  try:
-    saved = checkpoint.read_meta(workdir).get("config", {})
-  except checkpoint.CheckpointError:
-    return  # a directory without a finished checkpoint: nothing to keep
-  differences = sorted(
-      key for key in _flatten(saved).keys() | _flatten(config.to_dict()).keys()
-      if key not in RESUMABLE_CHANGES and _flatten(saved).get(key) != _flatten(config.to_dict()).get(key)
-  )
-  if differences:
-    raise UsageError(
-        f"workdir {workdir} holds a run with a different config ({', '.join(differences)} differ): "
-        "use a new --workdir, or the same config to resume"
+RUN_FILE = "run.json"
+
+
+def claim_workdir(workdir: str, config) -> None:
+  """Makes `workdir` this run's, or checks that it already is (then the run resumes).
+
+  A workdir records its config in `run.json` when first claimed. Refused, before
+  anything is written: a non-empty directory that is not a kd_jax run, and a run of a
+  different config (only `RESUMABLE_CHANGES` may differ).
+  """
+  marker = os.path.join(workdir, RUN_FILE)
+  if os.path.exists(marker):
+    with open(marker, encoding="utf-8") as f:
+      saved = _flatten(json.load(f)["config"])
+    current = _flatten(config.to_dict())
+    differences = sorted(
+        k for k in saved.keys() | current.keys() if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
     )
+    if differences:
+      raise UsageError(
+          f"workdir {workdir} holds a run with a different config ({', '.join(differences)} differ): "
+          "use a new --workdir, or the same config to resume"
+      )
+    return
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    raise UsageError(f"workdir {workdir} is not empty and holds no kd_jax run: choose a new --workdir")
+  reporting.write_json_atomic(marker, {"config": config.to_dict()})
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

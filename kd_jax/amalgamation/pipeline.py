@@ -1,0 +1,512 @@
+"""The amalgamation pipeline (the seed's step=1/2/3, in one command).
+
+`run(config, workdir)` for `experiments/amalgamate.py`:
+
+  1. teachers: each component net is trained with labels on its own classes into
+     `workdir/teachers/teacher_<t>` (or taken from `config.teacher_workdirs`); with
+     `config.sources_per_task >= 2` (the paper's dual stage) each component is itself
+     amalgamated, by per-sample entropy selection, from source nets trained on
+     disjoint shards of its task's data;
+  2. amalgamation: the student over the union of the teachers' classes learns from the
+     frozen teachers, without labels, into `workdir/checkpoints` (one composite
+     checkpoint: the state, with student and alignment projections, and every teacher);
+  3. evaluation into `workdir/results.json`.
+
+A finished stage is not re-run when the command is repeated; an interrupted one resumes.
+`run(config, workdir)` for `experiments/component.py` trains one component net alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from kd_jax import checkpoint, data, models, reporting, routing
+from kd_jax.amalgamation import step as step_lib
+from kd_jax.train import loop, steps
+from kd_jax.train import mesh as mesh_lib
+from kd_jax.train.state import TrainState
+
+CARD = "card"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def parse_classes(text: str) -> list[list[int]]:
+  """'0+1/2+3' → [[0, 1], [2, 3]]: one class set per teacher."""
+  try:
+    return [[int(c) for c in group.split("+")] for group in text.split("/")]
+  except ValueError:
+    raise loop.UsageError(f"teacher_classes={text!r} is not like '0+1/2+3' (classes per teacher)") from None
+
+
+def parse_blocks(text: str, count: int, *, name: str) -> list[list[int]]:
+  """'32-64-128' (shared) or '32-64/16-32-64' (per net) → block widths per net."""
+  try:
+    specs = [[int(w) for w in group.split("-")] for group in text.split("/")]
+  except ValueError:
+    raise loop.UsageError(f"{name}={text!r} is not like '32-64-128' or '32-64/16-32-64'") from None
+  if len(specs) == 1:
+    specs = specs * count
+  if len(specs) != count:
+    raise loop.UsageError(f"{name}={text!r} gives {len(specs)} nets' widths for {count} nets")
+  return specs
+
+
+def parse_pairs(text: str, plan_blocks: list[tuple[int, int]]) -> list[tuple[tuple[int, int], ...]]:
+  """'auto', or 's:t+s:t' (all teachers) or per teacher separated by '/'."""
+  if text == "auto":
+    return [step_lib.auto_pairs(s, t) for s, t in plan_blocks]
+  try:
+    groups = [tuple(tuple(int(i) for i in pair.split(":")) for pair in g.split("+")) for g in text.split("/")]
+  except ValueError:
+    raise loop.UsageError(f"block_pairs={text!r} is not 'auto' or like '0:0+2:1'") from None
+  if len(groups) == 1:
+    groups = groups * len(plan_blocks)
+  if len(groups) != len(plan_blocks):
+    raise loop.UsageError(f"block_pairs={text!r} gives pairs for {len(groups)} of {len(plan_blocks)} teachers")
+  return groups
+
+
+def check_class_sets(class_sets: list[list[int]], num_classes: int, *, shared: bool = False) -> None:
+  if len(class_sets) < 2:
+    raise loop.UsageError(f"amalgamation needs at least 2 teachers, got {len(class_sets)}")
+  seen = set()
+  for t, classes in enumerate(class_sets):
+    if not classes:
+      raise loop.UsageError(f"teacher {t} has an empty class set")
+    outside = [c for c in classes if not 0 <= c < num_classes]
+    if outside:
+      raise loop.UsageError(f"teacher {t}'s classes {outside} are outside the dataset's 0..{num_classes - 1}")
+    if len(set(classes)) != len(classes):
+      raise loop.UsageError(f"teacher {t} lists a class twice: {classes}")
+    overlap = seen & set(classes)
+    if overlap and not shared:
+      raise loop.UsageError(f"teachers' class sets overlap on {sorted(overlap)}: they must be disjoint")
+    seen |= set(classes)
+
+
+def net_config(config, section: str) -> ml_collections.ConfigDict:
+  """A training config for one net or stage, from the shared fields and `config[section]`."""
+  sub = config[section]
+  out = ml_collections.ConfigDict()
+  out.experiment = f"{config.experiment}/{section}"
+  out.seed = config.seed
+  out.data = copy.deepcopy(config.data)
+  out.batch_size = sub.batch_size
+  out.num_epochs = sub.epochs
+  out.steps_per_epoch = config.steps_per_epoch
+  out.optim = ml_collections.ConfigDict(
+      dict(learning_rate=sub.learning_rate, decay_at=sub.decay_at, decay_factor=sub.decay_factor, weight_decay=0.0)
+  )
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs"):
+    out[key] = config[key]
+  return out
+
+
+def component_config(config, *, classes, widths, seed, split="train") -> ml_collections.ConfigDict:
+  """The config of one component (or source) net trained with labels on `classes`."""
+  out = net_config(config, "component")
+  out.seed = seed
+  out.method = "ground_truth"
+  out.teacher_workdir = ""
+  out.classes = list(classes)
+  out.train_split = split
+  out.model = ml_collections.ConfigDict(
+      dict(name="convnet", block_widths=list(widths), convs_per_block=config.convs_per_block, norm="batch")
+  )
+  return out
+
+
+# ------------------------------------------------------------------------ components
+
+
+def compute_card(config, model, variables, *, classes, split="train") -> routing.TeacherCard:
+  """A teacher card from the net's penultimate features on its own (labelled) training data."""
+  mesh = mesh_lib.make_mesh()
+  fn = jax.jit(lambda v, x: models.penultimate(model.apply(v, x, train=False)[1]))
+  variables = mesh_lib.replicate(variables, mesh)
+  features, labels = [], []
+  ds = data.make_dataset(config.data, split, batch_size=config.batch_size, train=False, classes=classes)
+  for batch in data.as_numpy(ds):
+    keep = batch["mask"].astype(bool)
+    features.append(np.asarray(fn(variables, mesh_lib.shard_batch(batch["image"], mesh)))[keep])
+    labels.append(batch["label"][keep])
+  return routing.fit_teacher_card(
+      np.concatenate(features), np.concatenate(labels), num_classes=len(classes),
+      shrinkage=config.get("card_shrinkage", 0.1),
+  )
+
+
+def train_component(config, workdir: str) -> dict:
+  """Trains one net with labels on `config.classes`; its final checkpoint holds its card."""
+
+  def card_item(model, state):
+    card = compute_card(config, model, state.variables, classes=config.classes, split=config.train_split)
+    return {CARD: card.to_dict()}
+
+  return loop.train_and_evaluate(config, workdir, finalize=card_item)
+
+
+def load_card(workdir: str) -> routing.TeacherCard | None:
+  checkpoints = checkpoint.Checkpoints(workdir, read_only=True)
+  try:
+    if CARD not in checkpoint_items(checkpoints):
+      return None
+    return routing.TeacherCard.from_dict(checkpoints.restore(None, {CARD: None})[CARD])
+  finally:
+    checkpoints.close()
+
+
+def checkpoint_items(checkpoints: checkpoint.Checkpoints) -> list[str]:
+  step = checkpoints.latest_step()
+  return sorted(os.listdir(os.path.join(checkpoints.directory, str(step)))) if step is not None else []
+
+
+def load_teacher(workdir: str, *, config, external: bool) -> dict:
+  """A frozen teacher: model, variables, classes, card (computed if missing), origin."""
+  try:
+    meta = checkpoint.read_meta(workdir)
+    model, variables = checkpoint.load(workdir)
+  except checkpoint.CheckpointError as e:
+    raise loop.UsageError(f"teacher: {e}") from None
+  if not isinstance(model, models.ConvNet):
+    raise loop.UsageError(f"the teacher in {workdir} is a {type(model).__name__}; amalgamation needs ConvNet teachers")
+  entry = meta["models"][meta["main"]]
+  classes = entry.get("classes")
+  if not classes:
+    raise loop.UsageError(f"the teacher in {workdir} records no class subset: train it with experiments/component.py")
+  card = load_card(workdir)
+  if card is None and config.amalgamation.selection == "teacher_card":
+    logging.info("Teacher %s has no card: computing it from its training data.", workdir)
+    card = compute_card(config_for_data(config), model, variables, classes=classes)
+  return {
+      "model": model,
+      "variables": variables,
+      "classes": list(classes),
+      "card": card,
+      "origin": {"workdir": os.path.abspath(workdir), "fingerprint": checkpoint.fingerprint(variables),
+                 "external": external},
+  }
+
+
+def config_for_data(config):
+  out = ml_collections.ConfigDict({"data": copy.deepcopy(config.data), "batch_size": config.component.batch_size})
+  return out
+
+
+def verify_teacher_origins(meta: dict) -> None:
+  """Refuses an amalgamation whose external teachers changed since it learned from them."""
+  for name, entry in meta["models"].items():
+    origin = entry.get("origin") or {}
+    if not origin.get("external"):
+      continue
+    workdir = origin["workdir"]
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+      logging.warning("External teacher %s (%s) is gone; using the copy in this checkpoint.", name, workdir)
+      continue
+    _, variables = checkpoint.load(workdir)
+    if checkpoint.fingerprint(variables) != origin["fingerprint"]:
+      raise ValueError(
+          f"{name} was learned from {workdir} with fingerprint {origin['fingerprint']}, but that "
+          f"teacher now has fingerprint {checkpoint.fingerprint(variables)}: it was retrained or "
+          "overwritten; re-run the amalgamation into a new workdir"
+      )
+
+
+# ---------------------------------------------------------------------- amalgamation
+
+
+def build_plan(config, teachers: list[dict]) -> tuple[step_lib.Plan, list[int]]:
+  """The plan and the union's class order (teacher by teacher)."""
+  union = [c for t in teachers for c in t["classes"]]
+  class_index, start = [], 0
+  for t in teachers:
+    class_index.append(tuple(range(start, start + len(t["classes"]))))
+    start += len(t["classes"])
+  widths = parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
+  student = models.ConvNet(
+      num_classes=len(union), block_widths=tuple(widths), convs_per_block=config.convs_per_block, norm="batch"
+  )
+  pairs = parse_pairs(
+      config.block_pairs, [(len(widths), len(t["model"].block_widths)) for t in teachers]
+  )
+  plan = step_lib.Plan(
+      student=student,
+      teachers=tuple(t["model"] for t in teachers),
+      class_index=tuple(class_index),
+      pairs=tuple(tuple(p) for p in pairs),
+  )
+  return plan, union
+
+
+def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "amalgamation",
+               claim: bool = True) -> dict:
+  """Stage 2 (or stage 1 of the dual stage): trains the student into `workdir`.
+
+  `claim=False` when the caller already claimed `workdir` for the whole pipeline.
+  """
+  cfg = config[section]
+  try:
+    plan, union = build_plan(config, teachers)
+  except ValueError as e:
+    raise loop.UsageError(str(e)) from None
+  if cfg.selection not in routing.RULES:
+    raise loop.UsageError(f"unknown selection {cfg.selection!r}; choose one of {', '.join(routing.RULES)}")
+  run_config = net_config(config, section)
+  run_config.amalgamation = copy.deepcopy(cfg)
+  run_config.teachers = [t["origin"] for t in teachers]
+  if claim:
+    loop.claim_workdir(workdir, run_config)
+
+  mesh = mesh_lib.make_mesh()
+  mesh_lib.check_batch_size(run_config.batch_size, mesh)
+  steps_per_epoch = loop.steps_per_epoch_of(run_config, union)
+  tx = steps.make_optimizer(run_config.optim, total_steps=steps_per_epoch * run_config.num_epochs)
+  info = data.get_info(config.data, classes=union)
+  rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
+  variables = step_lib.init_params(plan, rng_init, info.image_shape)
+  state = TrainState(
+      step=np.zeros((), np.int32), params=variables["params"], batch_stats=variables["batch_stats"],
+      opt_state=tx.init(variables["params"]), rng=np.asarray(rng_train, np.uint32),
+  )
+  frozen = {"teachers": [t["variables"] for t in teachers]}
+  if cfg.selection == "teacher_card":
+    frozen["cards"] = [t["card"] for t in teachers]
+  if cfg.selection == "energy":
+    frozen["energy_stats"] = energy_stats(run_config, plan, frozen, union, mesh)
+
+  meta = {
+      "kind": "amalgamation",
+      "main": "student",
+      "models": {
+          "student": checkpoint.model_entry(plan.student, subtree="student", num_classes=len(union), classes=union),
+          **{
+              f"teacher_{i}": checkpoint.model_entry(
+                  t["model"], item=f"teacher_{i}", num_classes=len(t["classes"]), classes=t["classes"],
+                  origin=t["origin"],
+              )
+              for i, t in enumerate(teachers)
+          },
+      },
+      "class_index": [list(c) for c in plan.class_index],
+      "config": run_config.to_dict(),
+      "history": [],
+  }
+  evaluator = Evaluator(plan, cfg, frozen, mesh)
+
+  def evaluate(state):
+    student_vars = checkpoint.variables_of({"params": state.params, "batch_stats": state.batch_stats}, "student")
+    return evaluator(student_vars, run_config, union)
+
+  state, meta = loop.fit(
+      run_config, workdir, state=state, train_step=step_lib.make_step(plan, cfg, tx), frozen=frozen,
+      evaluate=evaluate, meta=meta, mesh=mesh, steps_per_epoch=steps_per_epoch, classes=union,
+      items={f"teacher_{i}": t["variables"] for i, t in enumerate(teachers)},
+      plain_batch=lambda batch: {"image": batch["image"]},  # labels never reach the step
+  )
+  results = {
+      **meta["history"][-1],
+      "union_classes": union,
+      "teachers": [{"classes": t["classes"], **t["origin"]} for t in teachers],
+      "history": meta["history"],
+      "config": run_config.to_dict(),
+  }
+  loop.finish(workdir, results, meta["history"], title=f"amalgamation ({config.data.name})", panels={
+      "loss": ["train_loss", "train_feature_loss", "train_logit_loss"],
+      "test accuracy": ["test_accuracy", "routing_accuracy"] + [f"student_task_{i}_accuracy" for i in range(len(teachers))],
+  })
+  plot_block_losses(workdir, len(teachers))
+  return results
+
+
+def energy_stats(run_config, plan, frozen, union, mesh, max_batches: int = 50):
+  """Per-teacher mean/std of logsumexp logits over (part of) the unlabelled pool."""
+  fn = jax.jit(lambda tv, x: step_lib.teacher_outputs(plan, tv, x)[0])
+  teacher_vars = mesh_lib.replicate(frozen["teachers"], mesh)
+  ds = data.make_dataset(run_config.data, "train", batch_size=run_config.batch_size, train=False, classes=union)
+  pooled = []
+  for i, batch in enumerate(data.as_numpy(ds)):
+    if i == max_batches:
+      break
+    keep = batch["mask"].astype(bool)
+    pooled.append([np.asarray(z)[keep] for z in fn(teacher_vars, mesh_lib.shard_batch(batch["image"], mesh))])
+  return routing.fit_energy_stats([np.concatenate(z) for z in zip(*pooled)])
+
+
+class Evaluator:
+  """Test metrics of an amalgamation: the student over the union, each teacher on its
+  own classes, the student per teacher task, and how often routing picks the owner."""
+
+  def __init__(self, plan: step_lib.Plan, cfg, frozen, mesh):
+    self.plan, self.mesh = plan, mesh
+    self.frozen = mesh_lib.replicate(frozen, mesh)
+
+    def predict(student_vars, frozen, images):
+      s_logits, _ = plan.student.apply(student_vars, images, train=False)
+      t_logits, _, t_pen = step_lib.teacher_outputs(plan, frozen["teachers"], images)
+      return s_logits, t_logits, step_lib.routing_weights(cfg, t_logits, t_pen, frozen)
+
+    self._predict = jax.jit(predict)
+
+  def __call__(self, student_vars, run_config, union) -> dict:
+    plan = self.plan
+    student_vars = mesh_lib.replicate(student_vars, self.mesh)
+    owner = np.concatenate([[t] * len(idx) for t, idx in enumerate(plan.class_index)])
+    ds = data.make_dataset(run_config.data, "test", batch_size=run_config.batch_size, train=False, classes=union)
+    labels, student, teachers, weights = [], [], [[] for _ in plan.teachers], []
+    for batch in data.as_numpy(ds):
+      keep = batch["mask"].astype(bool)
+      s, ts, w = self._predict(student_vars, self.frozen, mesh_lib.shard_batch(batch["image"], self.mesh))
+      labels.append(batch["label"][keep])
+      student.append(np.asarray(s)[keep])
+      weights.append(np.asarray(w)[keep])
+      for t, z in enumerate(ts):
+        teachers[t].append(np.asarray(z)[keep])
+    labels, student, weights = np.concatenate(labels), np.concatenate(student), np.concatenate(weights)
+    prediction = student.argmax(-1)
+    metrics = {
+        "test_accuracy": float(np.mean(prediction == labels)),
+        "routing_accuracy": float(np.mean(weights.argmax(-1) == owner[labels])),
+    }
+    for t, index in enumerate(plan.class_index):
+      mine = owner[labels] == t
+      own_logits = np.concatenate(teachers[t])[mine]
+      metrics[f"teacher_{t}_accuracy"] = float(np.mean(own_logits.argmax(-1) == labels[mine] - index[0]))
+      metrics[f"student_task_{t}_accuracy"] = float(np.mean(prediction[mine] == labels[mine]))
+    return metrics
+
+
+def plot_block_losses(workdir: str, num_teachers: int) -> None:
+  """`block_losses.png`: per-block alignment loss over training (the seed's figure)."""
+  if jax.process_index() != 0:
+    return
+  import json  # pylint: disable=g-import-not-at-top
+
+  records = []
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f if '"train/align/' in line]
+  if not records:
+    return
+  names = sorted({k for r in records for k in r if k.startswith("train/align/")})
+  reporting.plot_series(
+      os.path.join(workdir, "block_losses.png"),
+      steps=[r["step"] for r in records],
+      series={n.removeprefix("train/align/"): [r.get(n, np.nan) for r in records] for n in names},
+      title="per-block feature alignment loss",
+      ylabel="routed MSE",
+  )
+
+
+# ---------------------------------------------------------------------------- driver
+
+
+def teacher_specs(config, num_classes: int) -> list[dict]:
+  """What stage 1 must produce: per teacher, an external workdir or classes + widths."""
+  if config.teacher_workdirs:
+    paths = config.teacher_workdirs.split(":")
+    if len(paths) < 2:
+      raise loop.UsageError(f"amalgamation needs at least 2 teachers, got teacher_workdirs={config.teacher_workdirs!r}")
+    return [{"workdir": p, "external": True} for p in paths]
+  class_sets = parse_classes(config.teacher_classes)
+  check_class_sets(class_sets, num_classes)
+  widths = parse_blocks(config.teacher_blocks, len(class_sets), name="teacher_blocks")
+  return [{"classes": c, "widths": w, "external": False} for c, w in zip(class_sets, widths)]
+
+
+def build_teacher(config, workdir: str, t: int, spec: dict) -> str:
+  """Trains teacher `t` (stage 1) unless it is finished; returns its workdir."""
+  out = os.path.join(workdir, "teachers", f"teacher_{t}")
+  seed = config.seed * 1000 + t + 1
+  if config.sources_per_task < 2:
+    if not os.path.exists(os.path.join(out, "results.json")):
+      train_component(component_config(config, classes=spec["classes"], widths=spec["widths"], seed=seed), out)
+    return out
+  # Dual stage: source nets on disjoint shards of the task's data, amalgamated by entropy.
+  n = config.sources_per_task
+  source_widths = parse_blocks(config.source_blocks or config.teacher_blocks, n, name="source_blocks")
+  sources = []
+  for i in range(n):
+    src = os.path.join(out, "sources", f"source_{i}")
+    split = f"train[{100 * i // n}%:{100 * (i + 1) // n}%]"
+    if not os.path.exists(os.path.join(src, "results.json")):
+      train_component(
+          component_config(config, classes=spec["classes"], widths=source_widths[i], seed=seed * 100 + i, split=split),
+          src,
+      )
+    sources.append(load_teacher(src, config=config, external=False))
+  if not os.path.exists(os.path.join(out, "results.json")):
+    stage1 = copy.deepcopy(config)
+    with stage1.unlocked():
+      stage1.student_blocks = "-".join(map(str, spec["widths"]))
+    component_dir = os.path.join(out, "component")
+    amalgamate(stage1, component_dir, sources, section="dual_stage")
+    export_component(component_dir, out, spec["classes"])
+  return out
+
+
+def export_component(amalgamation_dir: str, out: str, classes) -> None:
+  """Turns a stage-1 amalgamated student into a component teacher checkpoint (with card)."""
+  model, variables = checkpoint.load(amalgamation_dir)
+  meta = checkpoint.read_meta(amalgamation_dir)
+  config = ml_collections.ConfigDict(meta["config"])
+  card = compute_card(config, model, variables, classes=meta["models"]["student"]["classes"])
+  ckpts = checkpoint.Checkpoints(out)
+  ckpts.save(0, {"state": {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
+                 CARD: card.to_dict()}, {
+      "kind": "component", "main": "model",
+      "models": {"model": checkpoint.model_entry(model, num_classes=len(classes), classes=list(classes))},
+      "config": meta["config"], "history": [],
+  }, force=True)
+  ckpts.close()
+  results = reporting.load_json(os.path.join(amalgamation_dir, "results.json"))
+  reporting.write_json_atomic(os.path.join(out, "results.json"), {"stage_1": results})
+
+
+def run(config, workdir: str) -> dict:
+  """Runs `experiments/component.py` or the whole `experiments/amalgamate.py` pipeline."""
+  if config.experiment == "component":
+    return train_component(config, workdir)
+  info = data.get_info(config.data)
+  specs = teacher_specs(config, info.num_classes)  # validates before anything is written
+  if config.supervised:  # the baseline: the same student, trained with labels on the union
+    union = [c for s in specs for c in s["classes"]]
+    widths = parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
+    baseline = component_config(config, classes=union, widths=widths, seed=config.seed)
+    baseline.num_epochs = config.amalgamation.epochs
+    return train_component(baseline, workdir)
+  if config.amalgamation.selection not in routing.RULES:
+    raise loop.UsageError(
+        f"unknown selection {config.amalgamation.selection!r}; choose one of {', '.join(routing.RULES)}"
+    )
+  if not any(s["external"] for s in specs):
+    validate_plan(config, specs)
+  loop.claim_workdir(workdir, config)
+  teachers = []
+  for t, spec in enumerate(specs):
+    path = spec["workdir"] if spec["external"] else build_teacher(config, workdir, t, spec)
+    teachers.append(load_teacher(path, config=config, external=spec["external"]))
+  if any(s["external"] for s in specs):
+    check_class_sets([t["classes"] for t in teachers], info.num_classes)
+  return amalgamate(config, workdir, teachers, claim=False)
+
+
+def validate_plan(config, specs) -> None:
+  """Checks the student/teacher blocks and tapped pairs before any training."""
+  widths = parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
+  pairs = parse_pairs(config.block_pairs, [(len(widths), len(s["widths"])) for s in specs])
+  try:
+    step_lib.Plan(
+        student=models.ConvNet(num_classes=sum(len(s["classes"]) for s in specs), block_widths=tuple(widths)),
+        teachers=tuple(models.ConvNet(num_classes=len(s["classes"]), block_widths=tuple(s["widths"])) for s in specs),
+        class_index=tuple(() for _ in specs),
+        pairs=tuple(pairs),
+    )
+  except ValueError as e:
+    raise loop.UsageError(str(e)) from None
