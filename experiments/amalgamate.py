@@ -54,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.component = stage(epochs=4, learning_rate=1e-3)
 
   def amalgamation(**kw):
-    cfg = stage(epochs=6, learning_rate=1e-3)
+    cfg = stage(epochs=3, learning_rate=1e-3)
     cfg.update(dict(
         selection=args["selection"], routing=args["routing"], routing_temperature=1.0,
         logit_loss="kl", temperature=2.0,

@@ -4,7 +4,8 @@
       --workdir=runs/teacher
 
 Arguments: dataset (cifar10 | mnist | fashion_mnist), seed, width (multiplier on every
-NiN width; 1.0 is the Caffe cifar10_nin), epochs, smoke.
+NiN width; 1.0 is the Caffe cifar10_nin), head (gap: Caffe's cccp6 → ReLU → global
+average pool; fc: the seed's flatten → fc → fc), epochs, smoke.
 """
 
 import ml_collections
@@ -14,14 +15,14 @@ from kd_jax import configs
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configs.parse_arg(
-      arg, allowed=dict(dataset="cifar10", seed=0, width=1.0, epochs=100, smoke=False)
+      arg, allowed=dict(dataset="cifar10", seed=0, width=1.0, head="gap", epochs=100, smoke=False)
   )
   config = configs.base_config(dataset=args["dataset"], seed=args["seed"])
   config.experiment = "nin_teacher"
   config.method = "ground_truth"
   config.teacher_workdir = ""
   config.model = ml_collections.ConfigDict(
-      dict(name="nin", width=args["width"], head="gap", dropout_rate=0.5)
+      dict(name="nin", width=args["width"], head=args["head"], dropout_rate=0.5)
   )
   config.num_epochs = args["epochs"]
   if args["smoke"]:

@@ -10,6 +10,7 @@ import logging
 import sys
 
 from absl import app
+from absl import flags
 from absl import logging as absl_logging
 
 
@@ -31,11 +32,52 @@ class _QuietLibraries(logging.Filter):
     return record.levelno >= logging.ERROR or not any(p in record.pathname for p in self.NOISY)
 
 
+def _one_line(message: str) -> str:
+  """The gist of a flag-parsing error message in one line.
+
+  A config file that raises (e.g. `:dataset=foo`) reaches us as a flags error holding a
+  whole traceback: keep its last line, the exception, without the exception's type name.
+  """
+  lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+  if not lines:
+    return "bad command-line arguments"
+  if any(line.startswith("Traceback") for line in lines):
+    last = lines[-1]
+    name, sep, rest = last.partition(": ")
+    return rest if sep and name.isidentifier() and name.endswith(("Error", "Exception")) else last
+  return " ".join(lines)
+
+
+def _unknown_config_field(error: Exception, argv) -> str:
+  """'--config.model.foo: no config field 'foo' (Did you mean ...?)' from ml_collections' error."""
+  detail = error
+  while isinstance(detail, BaseException) and detail.args:  # AttributeError(KeyError(str))
+    detail = detail.args[0]
+  lines = str(detail).strip().splitlines() or [""]
+  key = lines[0].strip("\"' ")
+  hint = " ".join(line.strip() for line in lines[1:])
+  overrides = [arg[2:].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
+  culprits = [o for o in overrides if o.split(".")[-1] == key] or overrides
+  return f"--{' --'.join(culprits)}: the config has no field {key!r}" + (f" ({hint})" if hint else "")
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, each failure reported as one `error: ...` line (exit status 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    message = _one_line(str(e))
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.KEY with an unknown KEY
+    message = _unknown_config_field(e, argv)
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
 def run(main) -> None:
-  """`app.run(main)` with quiet libraries and one-line errors for bad config arguments."""
+  """`app.run(main)` with quiet libraries and one-line errors for bad flags and config arguments."""
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
   except ValueError as e:  # raised while parsing --config (e.g. a bad config argument)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -25,7 +25,11 @@ def main(argv):
   logging.set_verbosity(logging.INFO)
   config = _CONFIG.value
   with cli.one_line_errors():
-    if config.get("experiment") in ("amalgamate", "component"):
+    try:
+      experiment = config.get("experiment")
+    except OSError as e:  # ml_collections reports an unloadable config file only on first use
+      raise ValueError(f"cannot load --config: {str(e).strip().splitlines()[-1].strip()}") from None
+    if experiment in ("amalgamate", "component"):
       from kd_jax.amalgamation import pipeline  # pylint: disable=g-import-not-at-top
 
       results = pipeline.run(config, _WORKDIR.value)

@@ -17,7 +17,7 @@ class JsonlWriter(metric_writers.MetricWriter):
   """Appends `{"step": s, name: value, ...}` lines to `metrics.jsonl` (easy to grep and load)."""
 
   def __init__(self, path: str):
-    self._file = open(path, "a", encoding="utf-8")
+    self._file = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered: readable while training
 
   def write_scalars(self, step, scalars):
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}

@@ -11,225 +11,230 @@ from kd_jax import routing as R
 
 
 def _data(seed=0, n=300, d=5, k=3, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    labels = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])
-    means = rng.normal(0, 3, (k, d))
-    a = rng.normal(size=(d, d))
-    feats = means[labels] + rng.normal(size=(n, d)) @ a + 2.0  # correlated, off-centre
-    return feats.astype(dtype), labels
+  rng = np.random.default_rng(seed)
+  labels = np.concatenate([np.arange(k), rng.integers(0, k, n - k)])
+  means = rng.normal(0, 3, (k, d))
+  a = rng.normal(size=(d, d))
+  feats = means[labels] + rng.normal(size=(n, d)) @ a + 2.0  # correlated, off-centre
+  return feats.astype(dtype), labels
 
 
 def _np_card(feats, labels, k, shrinkage, eps):
-    means = np.stack([feats[labels == c].mean(0) for c in range(k)])
-    centred = feats - means[labels]
-    cov = centred.T @ centred / len(feats)
-    d = feats.shape[1]
-    shrunk = (1 - shrinkage) * cov + (shrinkage * np.trace(cov) / d + eps) * np.eye(d)
-    return means, cov, np.linalg.inv(shrunk)
+  means = np.stack([feats[labels == c].mean(0) for c in range(k)])
+  centred = feats - means[labels]
+  cov = centred.T @ centred / len(feats)
+  d = feats.shape[1]
+  shrunk = (1 - shrinkage) * cov + (shrinkage * np.trace(cov) / d + eps) * np.eye(d)
+  return means, cov, np.linalg.inv(shrunk)
 
 
 def _np_min_maha(feats, means, prec):
-    out = np.empty(len(feats))
-    for i, f in enumerate(feats):
-        out[i] = min((f - m) @ prec @ (f - m) for m in means)
-    return out
+  out = np.empty(len(feats))
+  for i, f in enumerate(feats):
+    out[i] = min((f - m) @ prec @ (f - m) for m in means)
+  return out
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
 @pytest.mark.parametrize("shrinkage", [0.0, 0.3])
 def test_fit_matches_numpy(dtype, shrinkage):
-    feats, labels = _data(dtype=dtype)
-    card = R.fit_teacher_card(feats, labels, num_classes=3, shrinkage=shrinkage, eps=0.0)
-    means, _, prec = _np_card(feats.astype(np.float64), labels, 3, shrinkage, 0.0)
-    assert card.means.dtype == jnp.float32 and card.means.shape == (3, 5)
-    np.testing.assert_allclose(card.means, means, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(card.precision, prec, rtol=1e-3, atol=1e-5)
-    # plain covariance, cross-checked against np.cov of the class-centred features
-    _, cov, _ = _np_card(feats.astype(np.float64), labels, 3, 0.0, 0.0)
-    np.testing.assert_allclose(cov, np.cov((feats - means[labels]).T, bias=True), rtol=1e-6)
-    if shrinkage == 0.0:
-        np.testing.assert_allclose(np.linalg.inv(np.asarray(card.precision, np.float64)), cov,
-                                   rtol=1e-3, atol=1e-4)
+  feats, labels = _data(dtype=dtype)
+  card = R.fit_teacher_card(feats, labels, num_classes=3, shrinkage=shrinkage, eps=0.0)
+  means, _, prec = _np_card(feats.astype(np.float64), labels, 3, shrinkage, 0.0)
+  assert card.means.dtype == jnp.float32 and card.means.shape == (3, 5)
+  np.testing.assert_allclose(card.means, means, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(card.precision, prec, rtol=1e-3, atol=1e-5)
+  # plain covariance, cross-checked against np.cov of the class-centred features
+  _, cov, _ = _np_card(feats.astype(np.float64), labels, 3, 0.0, 0.0)
+  np.testing.assert_allclose(cov, np.cov((feats - means[labels]).T, bias=True), rtol=1e-6)
+  if shrinkage == 0.0:
+    np.testing.assert_allclose(np.linalg.inv(np.asarray(card.precision, np.float64)),
+                               cov,
+                               rtol=1e-3,
+                               atol=1e-4)
 
 
 def test_streaming_equals_one_shot():
-    feats, labels = _data(seed=1)
-    one = R.fit_teacher_card(feats, labels, num_classes=3, calibrate=False)
-    stats = R.card_stats_init(3, 5)
-    update = jax.jit(R.card_stats_update)
-    for idx in np.array_split(np.arange(len(feats)), 3):
-        stats = update(stats, feats[idx], labels[idx])
-    # padded rows (label -1) are ignored
-    stats = update(stats, np.full((4, 5), 1e3), np.full((4,), -1))
-    card = R.card_from_stats(stats)
-    np.testing.assert_allclose(stats.count, np.bincount(labels, minlength=3))
-    np.testing.assert_allclose(card.means, one.means, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(card.precision, one.precision, rtol=1e-4, atol=1e-6)
-    assert float(card.score_mean) == 0.0 and float(card.score_std) == 1.0
+  feats, labels = _data(seed=1)
+  one = R.fit_teacher_card(feats, labels, num_classes=3, calibrate=False)
+  stats = R.card_stats_init(3, 5)
+  update = jax.jit(R.card_stats_update)
+  for idx in np.array_split(np.arange(len(feats)), 3):
+    stats = update(stats, feats[idx], labels[idx])
+  # padded rows (label -1) are ignored
+  stats = update(stats, np.full((4, 5), 1e3), np.full((4,), -1))
+  card = R.card_from_stats(stats)
+  np.testing.assert_allclose(stats.count, np.bincount(labels, minlength=3))
+  np.testing.assert_allclose(card.means, one.means, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(card.precision, one.precision, rtol=1e-4, atol=1e-6)
+  assert float(card.score_mean) == 0.0 and float(card.score_std) == 1.0
 
 
 def test_mahalanobis_matches_numpy_and_euclidean():
-    feats, labels = _data(seed=2)
-    card = R.fit_teacher_card(feats, labels, num_classes=3)
-    q = np.random.default_rng(3).normal(0, 4, (17, 5))
-    ref = _np_min_maha(q, np.asarray(card.means, np.float64), np.asarray(card.precision, np.float64))
-    np.testing.assert_allclose(R.mahalanobis_scores(card, q), ref, rtol=1e-4, atol=1e-4)
-    eye = card.replace(precision=jnp.eye(5))
-    eucl = ((q[:, None, :] - np.asarray(card.means)[None]) ** 2).sum(-1).min(-1)
-    np.testing.assert_allclose(R.mahalanobis_scores(eye, q), eucl, rtol=1e-5, atol=1e-4)
+  feats, labels = _data(seed=2)
+  card = R.fit_teacher_card(feats, labels, num_classes=3)
+  q = np.random.default_rng(3).normal(0, 4, (17, 5))
+  ref = _np_min_maha(q, np.asarray(card.means, np.float64), np.asarray(card.precision, np.float64))
+  np.testing.assert_allclose(R.mahalanobis_scores(card, q), ref, rtol=1e-4, atol=1e-4)
+  eye = card.replace(precision=jnp.eye(5))
+  eucl = ((q[:, None, :] - np.asarray(card.means)[None])**2).sum(-1).min(-1)
+  np.testing.assert_allclose(R.mahalanobis_scores(eye, q), eucl, rtol=1e-5, atol=1e-4)
 
 
 def test_calibration_standardises_training_scores():
-    feats, labels = _data(seed=4)
-    card = R.fit_teacher_card(feats, labels, num_classes=3)
-    s = np.asarray(R.teacher_card_scores([feats], [card]))[:, 0]
-    assert abs(s.mean()) < 1e-4 and abs(s.std() - 1) < 1e-4
-    # chunked calibration and calibration from precomputed scores agree
-    raw = R.mahalanobis_scores(card, feats)
-    c2 = R.calibrate_card(card, feats, batch_size=64)
-    c3 = R.calibrate_card(card, scores=raw)
-    for c in (c2, c3):
-        np.testing.assert_allclose(c.score_mean, card.score_mean, rtol=1e-5)
-        np.testing.assert_allclose(c.score_std, card.score_std, rtol=1e-5)
+  feats, labels = _data(seed=4)
+  card = R.fit_teacher_card(feats, labels, num_classes=3)
+  s = np.asarray(R.teacher_card_scores([feats], [card]))[:, 0]
+  assert abs(s.mean()) < 1e-4 and abs(s.std() - 1) < 1e-4
+  # chunked calibration and calibration from precomputed scores agree
+  raw = R.mahalanobis_scores(card, feats)
+  c2 = R.calibrate_card(card, feats, batch_size=64)
+  c3 = R.calibrate_card(card, scores=raw)
+  for c in (c2, c3):
+    np.testing.assert_allclose(c.score_mean, card.score_mean, rtol=1e-5)
+    np.testing.assert_allclose(c.score_std, card.score_std, rtol=1e-5)
 
 
 def test_card_dict_roundtrip():
-    feats, labels = _data(seed=5)
-    card = R.fit_teacher_card(feats, labels, num_classes=3)
-    d = card.to_dict()
-    assert all(isinstance(v, np.ndarray) for v in d.values())
-    back = R.TeacherCard.from_dict({k: v.tolist() for k, v in d.items()})  # JSON-like
-    for k in d:
-        np.testing.assert_array_equal(np.asarray(getattr(back, k)), d[k])
-    assert back.num_classes == 3 and back.dim == 5
-    with pytest.raises(ValueError, match="missing"):
-        R.TeacherCard.from_dict({"means": d["means"]})
+  feats, labels = _data(seed=5)
+  card = R.fit_teacher_card(feats, labels, num_classes=3)
+  d = card.to_dict()
+  assert all(isinstance(v, np.ndarray) for v in d.values())
+  back = R.TeacherCard.from_dict({k: v.tolist() for k, v in d.items()})  # JSON-like
+  for k in d:
+    np.testing.assert_array_equal(np.asarray(getattr(back, k)), d[k])
+  assert back.num_classes == 3 and back.dim == 5
+  with pytest.raises(ValueError, match="missing"):
+    R.TeacherCard.from_dict({"means": d["means"]})
 
 
 def test_teacher_card_routes_synthetic_problem():
-    rng = np.random.default_rng(6)
-    dims, ks = (8, 6), (3, 2)
-    centres = [rng.normal(0, 4, (k, d)) for k, d in zip(ks, dims)]
-    scales = [rng.normal(size=(d, d)) * 0.5 + np.eye(d) for d in dims]
+  rng = np.random.default_rng(6)
+  dims, ks = (8, 6), (3, 2)
+  centres = [rng.normal(0, 4, (k, d)) for k, d in zip(ks, dims)]
+  scales = [rng.normal(size=(d, d)) * 0.5 + np.eye(d) for d in dims]
 
-    def in_dist(t, labels):
-        return centres[t][labels] + rng.normal(size=(len(labels), dims[t])) @ scales[t]
+  def in_dist(t, labels):
+    return centres[t][labels] + rng.normal(size=(len(labels), dims[t])) @ scales[t]
 
-    def out_dist(t, n):  # features of a foreign sample: far from all of teacher t's clusters
-        return rng.normal(size=(n, dims[t])) * 2.0 + 8.0
+  def out_dist(t, n):  # features of a foreign sample: far from all of teacher t's clusters
+    return rng.normal(size=(n, dims[t])) * 2.0 + 8.0
 
-    cards = []
-    for t in range(2):
-        lab = rng.integers(0, ks[t], 400)
-        cards.append(R.fit_teacher_card(in_dist(t, lab), lab, num_classes=ks[t]))
-    n = 200
-    owner = np.repeat([0, 1], n)
-    fa = np.concatenate([in_dist(0, rng.integers(0, 3, n)), out_dist(0, n)])
-    fb = np.concatenate([out_dist(1, n), in_dist(1, rng.integers(0, 2, n))])
-    scores = R.teacher_scores("teacher_card", features=[fa, fb], cards=cards)
-    assert scores.shape == (2 * n, 2)
-    acc = float(R.routing_accuracy(R.route(scores), owner))
-    assert acc > 0.95, acc
+  cards = []
+  for t in range(2):
+    lab = rng.integers(0, ks[t], 400)
+    cards.append(R.fit_teacher_card(in_dist(t, lab), lab, num_classes=ks[t]))
+  n = 200
+  owner = np.repeat([0, 1], n)
+  fa = np.concatenate([in_dist(0, rng.integers(0, 3, n)), out_dist(0, n)])
+  fb = np.concatenate([out_dist(1, n), in_dist(1, rng.integers(0, 2, n))])
+  scores = R.teacher_scores("teacher_card", features=[fa, fb], cards=cards)
+  assert scores.shape == (2 * n, 2)
+  acc = float(R.routing_accuracy(R.route(scores), owner))
+  assert acc > 0.95, acc
 
 
 def test_entropy_and_max_softmax():
-    uniform = [jnp.zeros((3, 2)), jnp.zeros((3, 5))]
-    np.testing.assert_allclose(R.entropy_scores(uniform), -np.ones((3, 2)), atol=1e-6)
-    np.testing.assert_allclose(R.max_softmax_scores(uniform), [[0.5, 0.2]] * 3, atol=1e-6)
-    rng = np.random.default_rng(7)
-    z = [rng.normal(size=(4, 3)) * 3, rng.normal(size=(4, 7))]
+  uniform = [jnp.zeros((3, 2)), jnp.zeros((3, 5))]
+  np.testing.assert_allclose(R.entropy_scores(uniform), -np.ones((3, 2)), atol=1e-6)
+  np.testing.assert_allclose(R.max_softmax_scores(uniform), [[0.5, 0.2]] * 3, atol=1e-6)
+  rng = np.random.default_rng(7)
+  z = [rng.normal(size=(4, 3)) * 3, rng.normal(size=(4, 7))]
 
-    def ref(z):
-        p = np.exp(z - z.max(-1, keepdims=True))
-        p /= p.sum(-1, keepdims=True)
-        return (p * np.log(p)).sum(-1) / np.log(z.shape[-1]), p.max(-1)
+  def ref(z):
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return (p * np.log(p)).sum(-1) / np.log(z.shape[-1]), p.max(-1)
 
-    np.testing.assert_allclose(R.entropy_scores(z), np.stack([ref(x)[0] for x in z], -1),
-                               rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(R.max_softmax_scores(z), np.stack([ref(x)[1] for x in z], -1),
-                               rtol=1e-5)
-    # a confident teacher beats an uncertain one
-    s = R.entropy_scores([jnp.array([[20.0, 0.0]]), jnp.zeros((1, 5))])
-    assert s[0, 0] > s[0, 1]
+  np.testing.assert_allclose(R.entropy_scores(z),
+                             np.stack([ref(x)[0] for x in z], -1),
+                             rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(R.max_softmax_scores(z),
+                             np.stack([ref(x)[1] for x in z], -1),
+                             rtol=1e-5)
+  # a confident teacher beats an uncertain one
+  s = R.entropy_scores([jnp.array([[20.0, 0.0]]), jnp.zeros((1, 5))])
+  assert s[0, 0] > s[0, 1]
 
 
 def test_energy():
-    rng = np.random.default_rng(8)
-    z = [rng.normal(size=(6, 3)), rng.normal(size=(6, 4)) + 5]
-    e = np.stack([np.log(np.exp(x).sum(-1)) for x in z], -1)
-    np.testing.assert_allclose(R.energy_scores(z), (e - e.mean(0)) / e.std(0), rtol=1e-4,
-                               atol=1e-5)
-    stats = [(1.0, 2.0), (3.0, 0.5)]
-    np.testing.assert_allclose(R.teacher_scores("energy", logits=z, energy_stats=stats),
-                               (e - [1.0, 3.0]) / [2.0, 0.5], rtol=1e-5)
-    fitted = R.fit_energy_stats(z)
-    np.testing.assert_allclose(fitted, np.stack([e.mean(0), e.std(0)], -1), rtol=1e-5)
-    np.testing.assert_allclose(R.energy_scores(z, stats=fitted), R.energy_scores(z), atol=1e-5)
+  rng = np.random.default_rng(8)
+  z = [rng.normal(size=(6, 3)), rng.normal(size=(6, 4)) + 5]
+  e = np.stack([np.log(np.exp(x).sum(-1)) for x in z], -1)
+  np.testing.assert_allclose(R.energy_scores(z), (e - e.mean(0)) / e.std(0), rtol=1e-4, atol=1e-5)
+  stats = [(1.0, 2.0), (3.0, 0.5)]
+  np.testing.assert_allclose(R.teacher_scores("energy", logits=z, energy_stats=stats),
+                             (e - [1.0, 3.0]) / [2.0, 0.5],
+                             rtol=1e-5)
+  fitted = R.fit_energy_stats(z)
+  np.testing.assert_allclose(fitted, np.stack([e.mean(0), e.std(0)], -1), rtol=1e-5)
+  np.testing.assert_allclose(R.energy_scores(z, stats=fitted), R.energy_scores(z), atol=1e-5)
 
 
 def test_route():
-    s = jnp.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [0.0, 0.0, 3.0]])
-    np.testing.assert_array_equal(R.route(s, mode="hard"), np.eye(3)[[0, 1, 2]])
-    w = R.route(s, mode="soft", temperature=0.5)
-    np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
-    np.testing.assert_allclose(w, jax.nn.softmax(s / 0.5, axis=-1), rtol=1e-6)
-    assert float(R.routing_accuracy(w, jnp.array([0, 1, 2]))) == 1.0
-    assert float(R.routing_accuracy(w, jnp.array([1, 1, 1]))) == pytest.approx(1 / 3)
+  s = jnp.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [0.0, 0.0, 3.0]])
+  np.testing.assert_array_equal(R.route(s, mode="hard"), np.eye(3)[[0, 1, 2]])
+  w = R.route(s, mode="soft", temperature=0.5)
+  np.testing.assert_allclose(w.sum(-1), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(w, jax.nn.softmax(s / 0.5, axis=-1), rtol=1e-6)
+  assert float(R.routing_accuracy(w, jnp.array([0, 1, 2]))) == 1.0
+  assert float(R.routing_accuracy(w, jnp.array([1, 1, 1]))) == pytest.approx(1 / 3)
 
 
 def test_jit():
-    feats, labels = _data(seed=9)
-    card = R.fit_teacher_card(feats, labels, num_classes=3)
-    z = [jnp.ones((4, 2)), jnp.arange(12.0).reshape(4, 3)]
-    f = [jnp.asarray(feats[:4], jnp.float32)] * 2
-    for rule in R.RULES:
-        fn = jax.jit(functools.partial(R.teacher_scores, rule))
-        out = fn(logits=z, features=f, cards=[card, card])
-        ref = R.teacher_scores(rule, logits=z, features=f, cards=[card, card])
-        assert out.shape == (4, 2)
-        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
-    hard = jax.jit(functools.partial(R.route, mode="hard"))(out)
-    assert hard.shape == (4, 2)
-    # the card itself is a pytree: it can be an argument of a jitted function and be vmapped
-    m = jax.jit(R.mahalanobis_scores)(card, f[0])
-    mv = jax.vmap(R.mahalanobis_scores, in_axes=(None, 0))(card, f[0][:, None, :])
-    np.testing.assert_allclose(mv[:, 0], m, rtol=1e-5)
+  feats, labels = _data(seed=9)
+  card = R.fit_teacher_card(feats, labels, num_classes=3)
+  z = [jnp.ones((4, 2)), jnp.arange(12.0).reshape(4, 3)]
+  f = [jnp.asarray(feats[:4], jnp.float32)] * 2
+  for rule in R.RULES:
+    fn = jax.jit(functools.partial(R.teacher_scores, rule))
+    out = fn(logits=z, features=f, cards=[card, card])
+    ref = R.teacher_scores(rule, logits=z, features=f, cards=[card, card])
+    assert out.shape == (4, 2)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+  hard = jax.jit(functools.partial(R.route, mode="hard"))(out)
+  assert hard.shape == (4, 2)
+  # the card itself is a pytree: it can be an argument of a jitted function and be vmapped
+  m = jax.jit(R.mahalanobis_scores)(card, f[0])
+  mv = jax.vmap(R.mahalanobis_scores, in_axes=(None, 0))(card, f[0][:, None, :])
+  np.testing.assert_allclose(mv[:, 0], m, rtol=1e-5)
 
 
 def test_value_errors():
-    feats, labels = _data(seed=10)
-    with pytest.raises(ValueError, match="unknown routing rule.*entropy.*teacher_card"):
-        R.teacher_scores("nope", logits=[jnp.zeros((1, 2))])
-    with pytest.raises(ValueError, match="missing: logits"):
-        R.teacher_scores("entropy")
-    with pytest.raises(ValueError, match="missing: cards"):
-        R.teacher_scores("teacher_card", features=[feats])
-    with pytest.raises(ValueError, match="missing: features, cards"):
-        R.teacher_scores("teacher_card", logits=[jnp.zeros((1, 2))])
-    card = R.fit_teacher_card(feats, labels, num_classes=3)
-    with pytest.raises(ValueError, match="2 cards"):
-        R.teacher_scores("teacher_card", features=[feats], cards=[card, card])
-    with pytest.raises(ValueError, match="width"):
-        R.mahalanobis_scores(card, np.zeros((2, 4)))
-    with pytest.raises(ValueError, match="no sample"):
-        R.fit_teacher_card(feats, labels, num_classes=4)
-    with pytest.raises(ValueError, match="no sample"):
-        R.card_from_stats(R.card_stats_init(2, 3))
-    with pytest.raises(ValueError, match="labels must be"):
-        R.fit_teacher_card(feats, labels[:-1], num_classes=3)
-    with pytest.raises(ValueError, match="features must be"):
-        R.fit_teacher_card(feats[:, 0], labels, num_classes=3)
-    with pytest.raises(ValueError, match="0..1"):
-        R.fit_teacher_card(feats, labels, num_classes=2)
-    with pytest.raises(ValueError, match="shrinkage"):
-        R.fit_teacher_card(feats, labels, num_classes=3, shrinkage=1.5)
-    with pytest.raises(ValueError, match="mode"):
-        R.route(jnp.zeros((2, 2)), mode="argmax")
-    with pytest.raises(ValueError, match="temperature"):
-        R.route(jnp.zeros((2, 2)), mode="soft", temperature=0.0)
-    with pytest.raises(ValueError, match="energy stats"):
-        R.energy_scores([jnp.zeros((2, 2))], stats=[(0.0, 1.0), (0.0, 1.0)])
-    with pytest.raises(ValueError, match="at least 2"):
-        R.entropy_scores([jnp.zeros((2, 1))])
-    with pytest.raises(ValueError, match="at least one teacher"):
-        R.teacher_scores("max_softmax", logits=[])
+  feats, labels = _data(seed=10)
+  with pytest.raises(ValueError, match="unknown routing rule.*entropy.*teacher_card"):
+    R.teacher_scores("nope", logits=[jnp.zeros((1, 2))])
+  with pytest.raises(ValueError, match="missing: logits"):
+    R.teacher_scores("entropy")
+  with pytest.raises(ValueError, match="missing: cards"):
+    R.teacher_scores("teacher_card", features=[feats])
+  with pytest.raises(ValueError, match="missing: features, cards"):
+    R.teacher_scores("teacher_card", logits=[jnp.zeros((1, 2))])
+  card = R.fit_teacher_card(feats, labels, num_classes=3)
+  with pytest.raises(ValueError, match="2 cards"):
+    R.teacher_scores("teacher_card", features=[feats], cards=[card, card])
+  with pytest.raises(ValueError, match="width"):
+    R.mahalanobis_scores(card, np.zeros((2, 4)))
+  with pytest.raises(ValueError, match="no sample"):
+    R.fit_teacher_card(feats, labels, num_classes=4)
+  with pytest.raises(ValueError, match="no sample"):
+    R.card_from_stats(R.card_stats_init(2, 3))
+  with pytest.raises(ValueError, match="labels must be"):
+    R.fit_teacher_card(feats, labels[:-1], num_classes=3)
+  with pytest.raises(ValueError, match="features must be"):
+    R.fit_teacher_card(feats[:, 0], labels, num_classes=3)
+  with pytest.raises(ValueError, match="0..1"):
+    R.fit_teacher_card(feats, labels, num_classes=2)
+  with pytest.raises(ValueError, match="shrinkage"):
+    R.fit_teacher_card(feats, labels, num_classes=3, shrinkage=1.5)
+  with pytest.raises(ValueError, match="mode"):
+    R.route(jnp.zeros((2, 2)), mode="argmax")
+  with pytest.raises(ValueError, match="temperature"):
+    R.route(jnp.zeros((2, 2)), mode="soft", temperature=0.0)
+  with pytest.raises(ValueError, match="energy stats"):
+    R.energy_scores([jnp.zeros((2, 2))], stats=[(0.0, 1.0), (0.0, 1.0)])
+  with pytest.raises(ValueError, match="at least 2"):
+    R.entropy_scores([jnp.zeros((2, 1))])
+  with pytest.raises(ValueError, match="at least one teacher"):
+    R.teacher_scores("max_softmax", logits=[])

@@ -41,7 +41,7 @@ CARD = "card"
 def parse_classes(text: str) -> list[list[int]]:
   """'0+1/2+3' → [[0, 1], [2, 3]]: one class set per teacher."""
   try:
-    return [[int(c) for c in group.split("+")] for group in text.split("/")]
+    return [[int(c) for c in group.split("+")] if group.strip() else [] for group in text.split("/")]
   except ValueError:
     raise loop.UsageError(f"teacher_classes={text!r} is not like '0+1/2+3' (classes per teacher)") from None
 
@@ -67,6 +67,8 @@ def parse_pairs(text: str, plan_blocks: list[tuple[int, int]]) -> list[tuple[tup
     groups = [tuple(tuple(int(i) for i in pair.split(":")) for pair in g.split("+")) for g in text.split("/")]
   except ValueError:
     raise loop.UsageError(f"block_pairs={text!r} is not 'auto' or like '0:0+2:1'") from None
+  if any(len(pair) != 2 for g in groups for pair in g):
+    raise loop.UsageError(f"block_pairs={text!r} is not 'auto' or like '0:0+2:1' (student:teacher pairs)")
   if len(groups) == 1:
     groups = groups * len(plan_blocks)
   if len(groups) != len(plan_blocks):
@@ -81,6 +83,8 @@ def check_class_sets(class_sets: list[list[int]], num_classes: int, *, shared: b
   for t, classes in enumerate(class_sets):
     if not classes:
       raise loop.UsageError(f"teacher {t} has an empty class set")
+    if len(classes) < 2:  # a 1-class net learns nothing from labels and routes by nothing
+      raise loop.UsageError(f"teacher {t} has the single class {classes[0]}: each teacher needs at least 2 classes")
     outside = [c for c in classes if not 0 <= c < num_classes]
     if outside:
       raise loop.UsageError(f"teacher {t}'s classes {outside} are outside the dataset's 0..{num_classes - 1}")
@@ -107,6 +111,7 @@ def net_config(config, section: str) -> ml_collections.ConfigDict:
   )
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs"):
     out[key] = config[key]
+  out.card_shrinkage = config.get("card_shrinkage", 0.1)  # for the cards computed from this net
   return out
 
 
@@ -178,6 +183,9 @@ def load_teacher(workdir: str, *, config, external: bool) -> dict:
     raise loop.UsageError(f"teacher: {e}") from None
   if not isinstance(model, models.ConvNet):
     raise loop.UsageError(f"the teacher in {workdir} is a {type(model).__name__}; amalgamation needs ConvNet teachers")
+  teacher_data = meta.get("config", {}).get("data", {}).get("name")
+  if teacher_data and teacher_data != config.data.name:
+    raise loop.UsageError(f"the teacher in {workdir} was trained on {teacher_data}, not {config.data.name}")
   entry = meta["models"][meta["main"]]
   classes = entry.get("classes")
   if not classes:
@@ -197,7 +205,8 @@ def load_teacher(workdir: str, *, config, external: bool) -> dict:
 
 
 def config_for_data(config):
-  out = ml_collections.ConfigDict({"data": copy.deepcopy(config.data), "batch_size": config.component.batch_size})
+  out = ml_collections.ConfigDict({"data": copy.deepcopy(config.data), "batch_size": config.component.batch_size,
+                                   "card_shrinkage": config.get("card_shrinkage", 0.1)})
   return out
 
 
@@ -224,12 +233,10 @@ def verify_teacher_origins(meta: dict) -> None:
 
 
 def build_plan(config, teachers: list[dict]) -> tuple[step_lib.Plan, list[int]]:
-  """The plan and the union's class order (teacher by teacher)."""
-  union = [c for t in teachers for c in t["classes"]]
-  class_index, start = [], 0
-  for t in teachers:
-    class_index.append(tuple(range(start, start + len(t["classes"]))))
-    start += len(t["classes"])
+  """The plan and the union's class order (teacher by teacher, each class once: the
+  dual stage's sources share their task's classes)."""
+  union = list(dict.fromkeys(c for t in teachers for c in t["classes"]))
+  class_index = [tuple(union.index(c) for c in t["classes"]) for t in teachers]
   widths = parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
   student = models.ConvNet(
       num_classes=len(union), block_widths=tuple(widths), convs_per_block=config.convs_per_block, norm="batch"
@@ -358,7 +365,10 @@ class Evaluator:
   def __call__(self, student_vars, run_config, union) -> dict:
     plan = self.plan
     student_vars = mesh_lib.replicate(student_vars, self.mesh)
-    owner = np.concatenate([[t] * len(idx) for t, idx in enumerate(plan.class_index)])
+    # owns[t, c]: teacher t knows union class c (several teachers may, in the dual stage).
+    owns = np.zeros((len(plan.teachers), len(union)), bool)
+    for t, index in enumerate(plan.class_index):
+      owns[t, list(index)] = True
     ds = data.make_dataset(run_config.data, "test", batch_size=run_config.batch_size, train=False, classes=union)
     labels, student, teachers, weights = [], [], [[] for _ in plan.teachers], []
     for batch in data.as_numpy(ds):
@@ -373,12 +383,12 @@ class Evaluator:
     prediction = student.argmax(-1)
     metrics = {
         "test_accuracy": float(np.mean(prediction == labels)),
-        "routing_accuracy": float(np.mean(weights.argmax(-1) == owner[labels])),
+        "routing_accuracy": float(np.mean(owns[weights.argmax(-1), labels])),
     }
     for t, index in enumerate(plan.class_index):
-      mine = owner[labels] == t
+      mine = owns[t, labels]
       own_logits = np.concatenate(teachers[t])[mine]
-      metrics[f"teacher_{t}_accuracy"] = float(np.mean(own_logits.argmax(-1) == labels[mine] - index[0]))
+      metrics[f"teacher_{t}_accuracy"] = float(np.mean(np.asarray(index)[own_logits.argmax(-1)] == labels[mine]))
       metrics[f"student_task_{t}_accuracy"] = float(np.mean(prediction[mine] == labels[mine]))
     return metrics
 
@@ -413,6 +423,8 @@ def teacher_specs(config, num_classes: int) -> list[dict]:
     paths = config.teacher_workdirs.split(":")
     if len(paths) < 2:
       raise loop.UsageError(f"amalgamation needs at least 2 teachers, got teacher_workdirs={config.teacher_workdirs!r}")
+    if not all(p.strip() for p in paths):
+      raise loop.UsageError(f"teacher_workdirs={config.teacher_workdirs!r} has an empty path: use 'dir0:dir1'")
     return [{"workdir": p, "external": True} for p in paths]
   class_sets = parse_classes(config.teacher_classes)
   check_class_sets(class_sets, num_classes)
@@ -434,7 +446,7 @@ def build_teacher(config, workdir: str, t: int, spec: dict) -> str:
   sources = []
   for i in range(n):
     src = os.path.join(out, "sources", f"source_{i}")
-    split = f"train[{100 * i // n}%:{100 * (i + 1) // n}%]"
+    split = source_split(i, n)
     if not os.path.exists(os.path.join(src, "results.json")):
       train_component(
           component_config(config, classes=spec["classes"], widths=source_widths[i], seed=seed * 100 + i, split=split),
@@ -453,17 +465,18 @@ def build_teacher(config, workdir: str, t: int, spec: dict) -> str:
 
 def export_component(amalgamation_dir: str, out: str, classes) -> None:
   """Turns a stage-1 amalgamated student into a component teacher checkpoint (with card)."""
-  model, variables = checkpoint.load(amalgamation_dir)
-  meta = checkpoint.read_meta(amalgamation_dir)
-  config = ml_collections.ConfigDict(meta["config"])
-  card = compute_card(config, model, variables, classes=meta["models"]["student"]["classes"])
   ckpts = checkpoint.Checkpoints(out)
-  ckpts.save(0, {"state": {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
-                 CARD: card.to_dict()}, {
-      "kind": "component", "main": "model",
-      "models": {"model": checkpoint.model_entry(model, num_classes=len(classes), classes=list(classes))},
-      "config": meta["config"], "history": [],
-  }, force=True)
+  if ckpts.latest_step() is None:  # else it was exported before an interruption
+    model, variables = checkpoint.load(amalgamation_dir)
+    meta = checkpoint.read_meta(amalgamation_dir)
+    config = ml_collections.ConfigDict(meta["config"])
+    card = compute_card(config, model, variables, classes=meta["models"]["student"]["classes"])
+    ckpts.save(0, {"state": {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
+                   CARD: card.to_dict()}, {
+        "kind": "component", "main": "model",
+        "models": {"model": checkpoint.model_entry(model, num_classes=len(classes), classes=list(classes))},
+        "config": meta["config"], "history": [],
+    }, force=True)
   ckpts.close()
   results = reporting.load_json(os.path.join(amalgamation_dir, "results.json"))
   reporting.write_json_atomic(os.path.join(out, "results.json"), {"stage_1": results})
@@ -476,6 +489,8 @@ def run(config, workdir: str) -> dict:
   info = data.get_info(config.data)
   specs = teacher_specs(config, info.num_classes)  # validates before anything is written
   if config.supervised:  # the baseline: the same student, trained with labels on the union
+    if any(s["external"] for s in specs):
+      raise loop.UsageError("supervised=True trains the student on teacher_classes; unset teacher_workdirs")
     union = [c for s in specs for c in s["classes"]]
     widths = parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
     baseline = component_config(config, classes=union, widths=widths, seed=config.seed)
@@ -485,28 +500,72 @@ def run(config, workdir: str) -> dict:
     raise loop.UsageError(
         f"unknown selection {config.amalgamation.selection!r}; choose one of {', '.join(routing.RULES)}"
     )
-  if not any(s["external"] for s in specs):
-    validate_plan(config, specs)
-  loop.claim_workdir(workdir, config)
-  teachers = []
-  for t, spec in enumerate(specs):
-    path = spec["workdir"] if spec["external"] else build_teacher(config, workdir, t, spec)
-    teachers.append(load_teacher(path, config=config, external=spec["external"]))
+  # Everything is checked before the workdir is claimed: bad input writes nothing.
   if any(s["external"] for s in specs):
+    teachers = [load_teacher(s["workdir"], config=config, external=True) for s in specs]
     check_class_sets([t["classes"] for t in teachers], info.num_classes)
+    try:
+      _, union = build_plan(config, teachers)
+    except ValueError as e:
+      raise loop.UsageError(str(e)) from None
+    if os.path.isdir(checkpoint.checkpoint_dir(workdir)):  # resuming: the same teachers only
+      verify_teacher_origins(checkpoint.read_meta(workdir))
+  else:
+    teachers = None
+    validate_plan(config, specs)
+    union = [c for s in specs for c in s["classes"]]
+  check_batches(config, "amalgamation", union, what="the amalgamation")
+  loop.claim_workdir(workdir, config)
+  if teachers is None:
+    teachers = [
+        load_teacher(build_teacher(config, workdir, t, spec), config=config, external=False)
+        for t, spec in enumerate(specs)
+    ]
   return amalgamate(config, workdir, teachers, claim=False)
 
 
 def validate_plan(config, specs) -> None:
   """Checks the student/teacher blocks and tapped pairs before any training."""
   widths = parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
-  pairs = parse_pairs(config.block_pairs, [(len(widths), len(s["widths"])) for s in specs])
+  plans = [("", widths, [s["widths"] for s in specs])]  # (context, student widths, teachers' widths)
+  if config.sources_per_task >= 2:  # the dual stage: each component from its sources
+    n = config.sources_per_task
+    if config.dual_stage.selection not in routing.RULES:
+      raise loop.UsageError(
+          f"unknown dual_stage.selection {config.dual_stage.selection!r}; choose one of {', '.join(routing.RULES)}"
+      )
+    source_widths = parse_blocks(config.source_blocks or config.teacher_blocks, n, name="source_blocks")
+    plans += [(f"the dual stage of teacher {t} (teacher {t} is the student, its sources the teachers): ", s["widths"],
+               source_widths) for t, s in enumerate(specs)]
+  for context, student_widths, teacher_widths in plans:
+    pairs = parse_pairs(config.block_pairs, [(len(student_widths), len(w)) for w in teacher_widths])
+    try:
+      step_lib.Plan(
+          student=models.ConvNet(num_classes=1, block_widths=tuple(student_widths)),
+          teachers=tuple(models.ConvNet(num_classes=1, block_widths=tuple(w)) for w in teacher_widths),
+          class_index=tuple(() for _ in teacher_widths),
+          pairs=tuple(pairs),
+      )
+    except ValueError as e:
+      raise loop.UsageError(f"{context}{e}") from None
+  for t, spec in enumerate(specs):  # enough training data for one batch of each net
+    if config.sources_per_task >= 2:
+      for i in range(config.sources_per_task):
+        check_batches(config, "component", spec["classes"], source_split(i, config.sources_per_task),
+                      what=f"source {i} of teacher {t}")
+      check_batches(config, "dual_stage", spec["classes"], what=f"the dual stage of teacher {t}")
+    else:
+      check_batches(config, "component", spec["classes"], what=f"teacher {t}")
+
+
+def check_batches(config, section: str, classes, split: str = "train", *, what: str) -> None:
+  """Refuses a net whose training data (classes, split) cannot fill one batch."""
   try:
-    step_lib.Plan(
-        student=models.ConvNet(num_classes=sum(len(s["classes"]) for s in specs), block_widths=tuple(widths)),
-        teachers=tuple(models.ConvNet(num_classes=len(s["classes"]), block_widths=tuple(s["widths"])) for s in specs),
-        class_index=tuple(() for _ in specs),
-        pairs=tuple(pairs),
-    )
-  except ValueError as e:
-    raise loop.UsageError(str(e)) from None
+    loop.steps_per_epoch_of(net_config(config, section), classes, split)
+  except loop.UsageError as e:
+    raise loop.UsageError(f"{what} (classes {list(classes)}, split {split}): {e}") from None
+
+
+def source_split(i: int, n: int) -> str:
+  """Source `i` of `n` trains on the `i`-th of `n` disjoint shards of the training split."""
+  return f"train[{100 * i // n}%:{100 * (i + 1) // n}%]"

@@ -45,6 +45,11 @@ class Plan:
       raise ValueError("amalgamation needs ConvNet student and teachers (they expose block features)")
     if len(self.teachers) < 2:
       raise ValueError(f"amalgamation needs at least 2 teachers, got {len(self.teachers)}")
+    if not len(self.class_index) == len(self.pairs) == len(self.teachers):
+      raise ValueError(
+          f"{len(self.teachers)} teachers need as many class_index and pairs entries, got "
+          f"{len(self.class_index)} and {len(self.pairs)}"
+      )
     for t, (teacher, pairs) in enumerate(zip(self.teachers, self.pairs)):
       if not pairs:
         raise ValueError(f"teacher {t} has no tapped block pairs")
@@ -190,7 +195,9 @@ def make_step(plan: Plan, cfg, tx: optax.GradientTransformation):
       metrics.update(loss=loss, feature_loss=feature_loss, logit_loss=logit_loss, unit_norm_penalty=penalty)
       return loss, (metrics, updates)
 
-    (_, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # This device's copy of the params (see kd_jax.train.steps): gradients per shard, then mean.
+    params = lax.pcast(state.params, AXIS, to="varying")
+    (_, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grads = lax.pmean(grads, AXIS)
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 
 import flax.linen as nn
@@ -13,13 +14,29 @@ from kd_jax.train import mesh as mesh_lib
 from kd_jax.train.steps import apply_model
 
 
+def _make_eval_fn(model: nn.Module):
+  return jax.jit(lambda v, x: apply_model(model, v, x, train=False))
+
+
+_cached_eval_fn = functools.lru_cache(maxsize=64)(_make_eval_fn)
+
+
+def _eval_fn(model: nn.Module):
+  """One jitted eval-mode apply per model (modules hash by their fields), so that the
+  evaluation after every epoch reuses its compilation instead of compiling anew."""
+  try:
+    return _cached_eval_fn(model)
+  except TypeError:  # a module with an unhashable field
+    return _make_eval_fn(model)
+
+
 class Predictor:
   """Jitted `logits = model(x)` in eval mode, its variables placed once on the mesh."""
 
   def __init__(self, model: nn.Module, variables, mesh):
     self._mesh = mesh
     self._variables = mesh_lib.replicate(variables, mesh)
-    self._fn = jax.jit(lambda v, x: apply_model(model, v, x, train=False))
+    self._fn = _eval_fn(model)
 
   def __call__(self, images) -> np.ndarray:
     return np.asarray(self._fn(self._variables, mesh_lib.shard_batch(images, self._mesh)))

@@ -72,6 +72,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
     meta["teacher"] = teacher["origin"]
 
   claim_workdir(workdir, config)
+  if teacher is not None:
+    check_same_teacher(workdir, teacher["origin"])
   uses_teacher = config.method != "ground_truth"
   distill = config.get("distill", ml_collections.ConfigDict())
   train_step = steps.make_train_step(
@@ -292,6 +294,26 @@ def claim_workdir(workdir: str, config) -> None:
   if os.path.isdir(workdir) and os.listdir(workdir):
     raise UsageError(f"workdir {workdir} is not empty and holds no kd_jax run: choose a new --workdir")
   reporting.write_json_atomic(marker, {"config": config.to_dict()})
+
+
+def check_same_teacher(workdir: str, origin: dict) -> None:
+  """Refuses to resume a distillation with another teacher than the one it started with.
+
+  `teacher_workdir` may change on resume (a moved directory), so the check is on the
+  teacher's parameters: the fingerprint recorded in the run's latest checkpoint.
+  """
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    return
+  try:
+    saved = checkpoint.read_meta(workdir).get("teacher")
+  except checkpoint.CheckpointError:
+    return  # no finished checkpoint yet: the run starts afresh
+  if saved and saved.get("fingerprint") != origin["fingerprint"]:
+    raise UsageError(
+        f"workdir {workdir} was distilled from the teacher in {saved.get('workdir')} (fingerprint "
+        f"{saved.get('fingerprint')}), but {origin['workdir']} holds another (fingerprint "
+        f"{origin['fingerprint']}): resume with the same teacher, or use a new --workdir"
+    )
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:

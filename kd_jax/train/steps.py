@@ -99,7 +99,11 @@ def make_train_step(
       logits = models.logits_of(out)
       return objective(logits, teacher_logits, labels, loss_rng), (logits, updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Differentiate this device's copy of the parameters ('varying' over the axis). The
+    # replicated state's are 'invariant', and shard_map would then sum the shards' gradients
+    # itself (n × the global gradient) before the pmean below, which would be a no-op.
+    params = lax.pcast(state.params, AXIS, to="varying")
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     grads = lax.pmean(grads, AXIS)  # Equal shards: the mean of shard gradients is the global one.
     param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(

@@ -1,0 +1,636 @@
+#!/usr/bin/env python
+"""Step-time benchmarks: the distillation and amalgamation train steps, on the CPU.
+
+  python benchmarks/step_time.py > /tmp/step_time.md      # about 4–6 minutes on 2 cores
+
+Prints Markdown (machine, versions, a table of ms/step, a table of ratios) to stdout and
+progress to stderr. Every benchmark runs in its own worker process, built exactly as
+training builds its step (`kd_jax.train.steps`, `kd_jax.amalgamation.step`, compiled by
+`kd_jax.train.mesh.data_parallel_step`, hyper-parameters read from the experiment configs).
+After compilation and warm-up the workers are timed in rounds, one chunk of steps
+(about `--chunk_seconds`) per worker per round, in a rotated order, so that every
+benchmark sees the same background load; a ratio is computed within each round and its
+median over rounds reported. Each step is timed alone (`jax.block_until_ready`); a
+chunk's value is the median of its steps, the table's the median over rounds, with the
+interquartile range and the extremes of the round values as the spread.
+
+Benchmarks (batch 256 for distillation, 128 for amalgamation; 28×28×1 random inputs):
+  jax_kd            hinton_kd step: LeNet student + frozen NiN teacher (eval mode)
+  jax_gt            ground-truth step of the same student alone
+  jax_teacher_fwd   the NiN teacher's forward pass alone (what the KD step adds)
+  torch_*           the same three in PyTorch (skipped when torch is not installed;
+                    torch is a dependency of this benchmark only, never of kd_jax)
+  jax_amalgamation  amalgamation step: ConvNet student + 2 ConvNet teachers,
+                    teacher-card routing (cards fitted on random features)
+  jax_convnet_gt    ground-truth step of the amalgamation student alone
+  jax_amal_teachers both teachers' forward + routing alone
+  jax_gt_2dev       jax_gt on 2 forced host devices (shard_map data parallelism)
+
+The 2-device worker runs with XLA_FLAGS=--xla_force_host_platform_device_count=2: on a
+CPU both "devices" share the same cores, so it measures the overhead of the sharded
+path (split batch, gradient all-reduce), not a speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEVICES_FLAG = "--xla_force_host_platform_device_count"
+IMAGE_SHAPE = (28, 28, 1)  # Fashion-MNIST
+NUM_CLASSES = 10
+
+# name: (framework, devices, description)
+BENCHES = {
+    "jax_kd": ("jax", 1, "kd_jax hinton_kd step (LeNet + frozen NiN)"),
+    "jax_gt": ("jax", 1, "kd_jax ground-truth step (LeNet alone)"),
+    "jax_teacher_fwd": ("jax", 1, "NiN teacher forward alone"),
+    "torch_kd": ("torch", 1, "PyTorch hinton_kd step (LeNet + frozen NiN)"),
+    "torch_gt": ("torch", 1, "PyTorch ground-truth step (LeNet alone)"),
+    "torch_teacher_fwd": ("torch", 1, "PyTorch NiN teacher forward alone"),
+    "jax_amalgamation": ("jax", 1, "kd_jax amalgamation step (2 teachers, teacher_card)"),
+    "jax_convnet_gt": ("jax", 1, "ground-truth step of the amalgamation student alone"),
+    "jax_amal_teachers": ("jax", 1, "2 teachers' forward + routing alone"),
+    "jax_gt_2dev": ("jax", 2, "kd_jax ground-truth step (LeNet), 2 host devices"),
+    "torch_kd_1thread": ("torch", 1, "PyTorch hinton_kd step, 1 thread"),
+}
+
+# (label, numerator, denominator, how to read it)
+RATIOS = (
+    ("KD step / GT step (JAX)", "jax_kd", "jax_gt", "cost of distilling vs plain training"),
+    ("teacher forward / KD step (JAX)", "jax_teacher_fwd", "jax_kd", "teacher's share of the KD step"),
+    ("KD step / GT step (PyTorch)", "torch_kd", "torch_gt", ""),
+    ("teacher forward / KD step (PyTorch)", "torch_teacher_fwd", "torch_kd", ""),
+    ("JAX KD / PyTorch KD", "jax_kd", "torch_kd", "> 1: JAX slower"),
+    ("JAX GT / PyTorch GT", "jax_gt", "torch_gt", "> 1: JAX slower"),
+    ("JAX teacher fwd / PyTorch teacher fwd", "jax_teacher_fwd", "torch_teacher_fwd", "> 1: JAX slower"),
+    ("amalgamation step / ConvNet GT step", "jax_amalgamation", "jax_convnet_gt", ""),
+    ("teachers fwd + routing / amalgamation step", "jax_amal_teachers", "jax_amalgamation",
+     "teachers' share of the amalgamation step"),
+    ("GT step 2 devices / 1 device", "jax_gt_2dev", "jax_gt", "shard_map overhead on shared cores"),
+    ("PyTorch KD 1 thread / 2 threads", "torch_kd_1thread", "torch_kd", "< 1: OpenMP suffers from the load"),
+)
+
+
+def log(*args):
+  print("[step_time]", *args, file=sys.stderr, flush=True)
+
+
+def load_config(relpath: str, arg: str):
+  """`get_config(arg)` of an experiment file, as training reads it."""
+  spec = importlib.util.spec_from_file_location(os.path.basename(relpath)[:-3], os.path.join(REPO, relpath))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def settings(args) -> dict:
+  """Everything a worker needs, read from the experiment configs (imported here, in the
+  parent, so that the workers do not load TensorFlow)."""
+  sys.path.insert(0, REPO)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  student = load_config("experiments/lenet_student.py",
+                        f"method=hinton_kd,dataset=fashion_mnist,width={args.student_width}")
+  teacher = load_config("experiments/nin_teacher.py", f"dataset=fashion_mnist,width={args.teacher_width}")
+  amal = load_config("experiments/amalgamate.py", "dataset=fashion_mnist")
+  if amal.block_pairs != "auto":
+    raise SystemExit(f"the benchmark builds block_pairs='auto', the config has {amal.block_pairs!r}")
+  class_sets = [[int(c) for c in g.split("+")] for g in amal.teacher_classes.split("/")]
+  teacher_blocks = [[int(w) for w in g.split("-")] for g in amal.teacher_blocks.split("/")]
+  if len(teacher_blocks) == 1:
+    teacher_blocks *= len(class_sets)
+  return {
+      "distill": {
+          "batch_size": args.kd_batch,
+          "student": student.model.to_dict(),
+          "teacher": teacher.model.to_dict(),
+          "distill": student.distill.to_dict(),
+          "optim": student.optim.to_dict(),
+      },
+      "amalgamation": {
+          "batch_size": args.amal_batch,
+          "cfg": amal.amalgamation.to_dict(),
+          "class_sets": class_sets,
+          "student_blocks": [int(w) for w in amal.student_blocks.split("-")],
+          "teacher_blocks": teacher_blocks,
+          "convs_per_block": amal.convs_per_block,
+          "card_shrinkage": amal.card_shrinkage,
+      },
+  }
+
+
+# ------------------------------------------------------------------------- JAX workers
+
+
+def jax_bench(name: str, cfg: dict):
+  """Returns (run_one_step, info) for a JAX benchmark, compiled and placed like training."""
+  sys.path.insert(0, REPO)
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from kd_jax import models, routing
+  from kd_jax.amalgamation import step as amal_step
+  from kd_jax.train import mesh as mesh_lib
+  from kd_jax.train import steps
+  from kd_jax.train.state import TrainState
+
+  if jax.config.read("jax_disable_most_optimizations"):
+    raise SystemExit("jax_disable_most_optimizations is set: refusing to benchmark unoptimised code")
+  mesh = mesh_lib.make_mesh()
+  expected = BENCHES[name][1]
+  if mesh.size != expected:
+    raise SystemExit(f"{name}: expected {expected} devices, got {mesh.size} ({jax.devices()})")
+  rng = np.random.default_rng(0)
+  n_params = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+  info = {"devices": mesh.size}
+
+  if name in ("jax_kd", "jax_gt", "jax_gt_2dev", "jax_teacher_fwd"):
+    d = cfg["distill"]
+    batch_size = d["batch_size"]
+    mesh_lib.check_batch_size(batch_size, mesh)
+    student = models.build({**d["student"], "num_classes": NUM_CLASSES})
+    teacher = models.build({**d["teacher"], "num_classes": NUM_CLASSES})
+    dummy = np.zeros((1, *IMAGE_SHAPE), np.float32)
+    teacher_vars = teacher.init(jax.random.PRNGKey(1), dummy, train=False)
+    batch = {
+        "image": rng.standard_normal((batch_size, *IMAGE_SHAPE)).astype(np.float32),
+        "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
+    }
+    info.update(batch=batch_size, student_params=None, teacher_params=n_params(teacher_vars))
+    if name == "jax_teacher_fwd":
+      fwd = jax.jit(lambda v, x: steps.apply_model(teacher, v, x, train=False))
+      teacher_vars = jax.device_put(teacher_vars)
+      images = jax.device_put(batch["image"])
+      return (lambda: jax.block_until_ready(fwd(teacher_vars, images))), info
+
+    method = "hinton_kd" if name == "jax_kd" else "ground_truth"
+    distill = ml_collections.ConfigDict(d["distill"])
+    tx = steps.make_optimizer(ml_collections.ConfigDict(d["optim"]), total_steps=10_000)
+    step_fn = steps.make_train_step(
+        student=student, tx=tx, objective=steps.make_objective(method, distill),
+        teacher=teacher if method != "ground_truth" else None,
+        teacher_dropout=bool(distill.get("teacher_dropout", False)),
+    )
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
+    state = TrainState.create(variables=student.init(init_rng, dummy, train=False), tx=tx, rng=train_rng)
+    info["student_params"] = n_params(state.params)
+    frozen = teacher_vars if method != "ground_truth" else {}
+  else:
+    a = cfg["amalgamation"]
+    batch_size = a["batch_size"]
+    mesh_lib.check_batch_size(batch_size, mesh)
+    amal_cfg = ml_collections.ConfigDict(a["cfg"])
+    # kd_jax.amalgamation.pipeline.build_plan, without its data imports.
+    union = list(dict.fromkeys(c for classes in a["class_sets"] for c in classes))
+    teachers = tuple(
+        models.ConvNet(num_classes=len(classes), block_widths=tuple(widths),
+                       convs_per_block=a["convs_per_block"], norm="batch")
+        for classes, widths in zip(a["class_sets"], a["teacher_blocks"]))
+    student = models.ConvNet(num_classes=len(union), block_widths=tuple(a["student_blocks"]),
+                             convs_per_block=a["convs_per_block"], norm="batch")
+    plan = amal_step.Plan(
+        student=student, teachers=teachers,
+        class_index=tuple(tuple(union.index(c) for c in classes) for classes in a["class_sets"]),
+        pairs=tuple(amal_step.auto_pairs(len(student.block_widths), len(t.block_widths)) for t in teachers),
+    )
+    dummy = np.zeros((1, *IMAGE_SHAPE), np.float32)
+    teacher_vars = [t.init(jax.random.PRNGKey(10 + i), dummy, train=False) for i, t in enumerate(teachers)]
+    cards = []
+    for t, classes in zip(teachers, a["class_sets"]):  # cards fitted on random features
+      dim = t.block_widths[-1]
+      cards.append(routing.fit_teacher_card(
+          rng.standard_normal((1024, dim)).astype(np.float32), np.arange(1024) % len(classes),
+          num_classes=len(classes), shrinkage=a["card_shrinkage"]))
+    frozen = {"teachers": teacher_vars}
+    if amal_cfg.selection == "teacher_card":
+      frozen["cards"] = cards
+    images = rng.standard_normal((batch_size, *IMAGE_SHAPE)).astype(np.float32)
+    info.update(batch=batch_size, selection=amal_cfg.selection, routing=amal_cfg.routing,
+                teacher_params=sum(n_params(v["params"]) for v in teacher_vars))
+    if name == "jax_amal_teachers":
+      def teachers_fwd(frozen, x):
+        logits, _, penultimate = amal_step.teacher_outputs(plan, frozen["teachers"], x)
+        return logits, amal_step.routing_weights(amal_cfg, logits, penultimate, frozen)
+      fwd = jax.jit(teachers_fwd)
+      frozen = jax.device_put(frozen)
+      images = jax.device_put(images)
+      return (lambda: jax.block_until_ready(fwd(frozen, images))), info
+
+    tx = steps.make_optimizer(ml_collections.ConfigDict(dict(
+        learning_rate=amal_cfg.learning_rate, decay_at=amal_cfg.decay_at,
+        decay_factor=amal_cfg.decay_factor, weight_decay=0.0)), total_steps=10_000)
+    init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
+    if name == "jax_amalgamation":
+      variables = amal_step.init_params(plan, init_rng, IMAGE_SHAPE)
+      state = TrainState(
+          step=np.zeros((), np.int32), params=variables["params"], batch_stats=variables["batch_stats"],
+          opt_state=tx.init(variables["params"]), rng=np.asarray(train_rng, np.uint32))
+      step_fn = amal_step.make_step(plan, amal_cfg, tx)
+      batch = {"image": images}  # labels never reach the amalgamation step
+    else:  # jax_convnet_gt
+      state = TrainState.create(variables=student.init(init_rng, dummy, train=False), tx=tx, rng=train_rng)
+      step_fn = steps.make_train_step(student=student, tx=tx,
+                                      objective=steps.make_objective("ground_truth", {}))
+      batch = {"image": images, "label": rng.integers(0, len(union), batch_size).astype(np.int32)}
+      frozen = {}
+    info["student_params"] = n_params(state.params["student"] if name == "jax_amalgamation" else state.params)
+
+  compiled = mesh_lib.data_parallel_step(step_fn, mesh)
+  box = {"state": mesh_lib.replicate(state, mesh)}
+  frozen = mesh_lib.replicate(frozen, mesh)
+  batch = mesh_lib.shard_batch(batch, mesh)  # placed once: input transfer is not timed
+
+  def one_step():
+    box["state"], metrics = compiled(box["state"], batch, frozen)
+    jax.block_until_ready((box["state"], metrics))
+
+  return one_step, info
+
+
+# ----------------------------------------------------------------------- PyTorch workers
+
+
+def torch_bench(name: str, cfg: dict):
+  """The same distillation step in PyTorch (NCHW, float32, eager, Adam)."""
+  import numpy as np
+  import torch
+  import torch.nn.functional as F
+  from torch import nn
+
+  torch.set_num_threads(1 if name.endswith("_1thread") else 2)
+  torch.manual_seed(0)
+  d = cfg["distill"]
+  scaled = lambda features, width: max(1, int(round(features * width)))
+
+  class NiN(nn.Module):  # kd_jax.models.NiN, head='gap'
+    def __init__(self, width, dropout):
+      super().__init__()
+      w = lambda f: scaled(f, width)
+
+      def conv(cin, cout, k):
+        return [nn.Conv2d(cin, cout, k, padding=k // 2), nn.ReLU()]
+
+      self.body = nn.Sequential(
+          *conv(IMAGE_SHAPE[2], w(192), 5), *conv(w(192), w(160), 1), *conv(w(160), w(96), 1),
+          nn.MaxPool2d(3, 2, padding=1), nn.Dropout(dropout),
+          *conv(w(96), w(192), 5), *conv(w(192), w(192), 1), *conv(w(192), w(192), 1),
+          nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), nn.Dropout(dropout),
+          *conv(w(192), w(192), 3), *conv(w(192), w(192), 1), *conv(w(192), NUM_CLASSES, 1))
+
+    def forward(self, x):
+      return self.body(x).mean(dim=(2, 3))
+
+  class LeNet(nn.Module):  # kd_jax.models.LeNet, relu_after_conv=True
+    def __init__(self, width):
+      super().__init__()
+      c1, c2, f1 = scaled(64, width), scaled(128, width), scaled(1024, width)
+      self.conv1, self.conv2 = nn.Conv2d(IMAGE_SHAPE[2], c1, 5), nn.Conv2d(c1, c2, 5)
+      self.fc1, self.fc2 = nn.Linear(c2 * 4 * 4, f1), nn.Linear(f1, NUM_CLASSES)
+
+    def forward(self, x):
+      x = F.max_pool2d(F.relu(self.conv1(x)), 2)
+      x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+      return self.fc2(F.relu(self.fc1(x.flatten(1))))
+
+  if not d["student"]["relu_after_conv"] or d["student"]["dropout_rate"] or d["teacher"]["head"] != "gap":
+    raise SystemExit("the PyTorch port covers LeNet(relu_after_conv, no dropout) and NiN(head='gap') only")
+  batch_size = d["batch_size"]
+  rng = np.random.default_rng(0)
+  x = torch.from_numpy(rng.standard_normal((batch_size, IMAGE_SHAPE[2], *IMAGE_SHAPE[:2])).astype(np.float32))
+  y = torch.from_numpy(rng.integers(0, NUM_CLASSES, batch_size).astype(np.int64))
+  teacher = NiN(d["teacher"]["width"], d["teacher"]["dropout_rate"]).eval()
+  for p in teacher.parameters():
+    p.requires_grad_(False)
+  n_params = lambda m: sum(p.numel() for p in m.parameters())
+  info = {"batch": batch_size, "threads": torch.get_num_threads(), "teacher_params": n_params(teacher)}
+  if name == "torch_teacher_fwd":
+    def fwd():
+      with torch.no_grad():
+        teacher(x)
+    return fwd, info
+
+  student = LeNet(d["student"]["width"]).train()
+  info["student_params"] = n_params(student)
+  opt = torch.optim.Adam(student.parameters(), lr=d["optim"]["learning_rate"])
+  temperature, alpha = d["distill"]["temperature"], d["distill"]["soft_weight"]
+  distill = name.startswith("torch_kd")
+
+  def one_step():
+    opt.zero_grad(set_to_none=True)
+    if distill:
+      with torch.no_grad():
+        t = teacher(x)
+    s = student(x)
+    hard = F.cross_entropy(s, y)
+    if distill:  # α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α)·CE, as kd_jax.losses.hinton_kd
+      soft = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
+                      reduction="batchmean", log_target=True) * temperature**2
+      loss = alpha * soft + (1 - alpha) * hard
+    else:
+      loss = hard
+    loss.backward()
+    opt.step()
+    with torch.no_grad():  # the metrics kd_jax's step returns
+      pred = s.argmax(-1)
+      metrics = [loss.detach(), (pred == y).float().mean()]
+      if distill:
+        metrics.append((pred == t.argmax(-1)).float().mean())
+
+  return one_step, info
+
+
+# ------------------------------------------------------------------------------ worker
+
+
+def worker(name: str, cfg: dict) -> None:
+  """Builds one benchmark, warms it up, then runs chunks of steps on request.
+
+  Protocol (one JSON object per line on the original stdout; everything else goes to
+  stderr): ready → {"ready": …}; "run N" → {"wall": [s per step], "cpu": s}; "quit" →
+  {"maxrss_mb": …}.
+  """
+  proto = os.fdopen(os.dup(1), "w")
+  os.dup2(2, 1)  # stray prints (ours, XLA's, absl's) must not corrupt the protocol
+  sys.stdout = sys.stderr
+
+  def send(obj):
+    proto.write(json.dumps(obj) + "\n")
+    proto.flush()
+
+  framework = BENCHES[name][0]
+  if framework == "torch":
+    try:
+      import torch  # noqa: F401
+    except ImportError:
+      send({"skip": "PyTorch is not installed (pip install torch==2.13.0 to compare)"})
+      return
+  c0 = time.process_time()
+  one_step, info = (torch_bench if framework == "torch" else jax_bench)(name, cfg)
+  one_step()  # compiles (JAX) / allocates (PyTorch)
+  info["first_step_cpu_s"] = time.process_time() - c0  # CPU time: the workers start together
+  for _ in range(2):
+    one_step()
+  warm = []
+  for _ in range(3):
+    t = time.perf_counter()
+    one_step()
+    warm.append(time.perf_counter() - t)
+  info["warm_step_s"] = statistics.median(warm)
+  send({"ready": info})
+  for line in sys.stdin:
+    cmd = line.split()
+    if cmd[0] == "run":
+      walls, c0 = [], time.process_time()
+      for _ in range(int(cmd[1])):
+        t = time.perf_counter()
+        one_step()
+        walls.append(time.perf_counter() - t)
+      send({"wall": walls, "cpu": time.process_time() - c0})
+    elif cmd[0] == "quit":
+      break
+  send({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+
+
+# ------------------------------------------------------------------------------ parent
+
+
+class Worker:
+  def __init__(self, name: str, cfg_path: str):
+    self.name = name
+    env = dict(os.environ)
+    env.setdefault("JAX_PLATFORMS", "cpu")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
+    devices = BENCHES[name][1]
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICES_FLAG)]
+    if devices > 1:
+      flags.append(f"{DEVICES_FLAG}={devices}")
+    env["XLA_FLAGS"] = " ".join(flags)
+    self.proc = subprocess.Popen(
+        [sys.executable, os.path.abspath(__file__), "--worker", name, "--settings", cfg_path],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
+
+  def request(self, line: str | None) -> dict:
+    if line is not None:
+      self.proc.stdin.write(line + "\n")
+      self.proc.stdin.flush()
+    reply = self.proc.stdout.readline()
+    if not reply:
+      raise RuntimeError(f"worker {self.name} died (exit code {self.proc.wait()}); see stderr")
+    return json.loads(reply)
+
+
+def quantile(values, q):
+  values = sorted(values)
+  pos = (len(values) - 1) * q
+  lo, hi = int(pos), min(int(pos) + 1, len(values) - 1)
+  return values[lo] + (values[hi] - values[lo]) * (pos - lo)
+
+
+def machine() -> dict:
+  cpu = "unknown"
+  with open("/proc/cpuinfo", encoding="utf-8") as f:
+    for line in f:
+      if line.startswith("model name"):
+        cpu = line.split(":", 1)[1].strip()
+        break
+  with open("/proc/meminfo", encoding="utf-8") as f:
+    mem_kb = int(next(l for l in f if l.startswith("MemTotal")).split()[1])
+  versions = {}
+  for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "numpy"):
+    try:
+      versions[pkg] = importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+      versions[pkg] = "not installed"
+  return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gb": mem_kb / 2**20, "python": platform.python_version(),
+          "versions": versions}
+
+
+def loadavg() -> str:
+  return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def cpu_pressure() -> float | None:
+  """PSI 'some avg10' of the CPU: % of the last 10 s in which a runnable task waited for a CPU."""
+  try:
+    with open("/proc/pressure/cpu", encoding="utf-8") as f:
+      return float(f.readline().split()[1].split("=")[1])
+  except (OSError, IndexError, ValueError):
+    return None
+
+
+def spread(values, fmt):
+  return {
+      "median": fmt.format(statistics.median(values)),
+      "iqr": f"{fmt.format(quantile(values, .25))}–{fmt.format(quantile(values, .75))}",
+      "range": f"{fmt.format(min(values))}–{fmt.format(max(values))}",
+  }
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--rounds", type=int, default=12, help="at most this many timed rounds")
+  p.add_argument("--min_rounds", type=int, default=4, help="at least this many, whatever the budget")
+  p.add_argument("--budget_seconds", type=float, default=200.0,
+                 help="no new round starts after this much time in the timed rounds")
+  p.add_argument("--chunk_seconds", type=float, default=1.0, help="approximate time per chunk")
+  p.add_argument("--min_steps", type=int, default=2, help="at least this many steps per chunk")
+  p.add_argument("--student_width", type=float, default=0.5, help="LeNet width multiplier")
+  p.add_argument("--teacher_width", type=float, default=0.25, help="NiN width multiplier")
+  p.add_argument("--kd_batch", type=int, default=256)
+  p.add_argument("--amal_batch", type=int, default=128)
+  p.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
+  p.add_argument("--json", default="", help="also write the raw timings here")
+  p.add_argument("--worker", default="", help=argparse.SUPPRESS)
+  p.add_argument("--settings", default="", help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+
+  if args.worker:
+    with open(args.settings, encoding="utf-8") as f:
+      worker(args.worker, json.load(f))
+    return
+
+  started = time.time()
+  names = [n for n in args.only.split(",") if n] or list(BENCHES)
+  unknown = set(names) - set(BENCHES)
+  if unknown:
+    p.error(f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(BENCHES)}")
+  date = subprocess.run(["date"], capture_output=True, text=True, check=False).stdout.strip()
+  load_before, psi_before = loadavg(), cpu_pressure()
+  cfg = settings(args)
+  cfg_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"step_time_settings_{os.getpid()}.json")
+  with open(cfg_path, "w", encoding="utf-8") as f:
+    json.dump(cfg, f)
+
+  # All workers build and compile at once (nothing is timed yet); then the timed rounds.
+  pending, workers, ready, skipped = {}, {}, {}, {}
+  try:
+    log(f"starting {len(names)} workers: {', '.join(names)}")
+    for name in names:
+      pending[name] = Worker(name, cfg_path)
+    for name, w in pending.items():
+      reply = w.request(None)
+      if "skip" in reply:
+        skipped[name] = reply["skip"]
+        log(f"{name}: skipped: {reply['skip']}")
+        w.proc.wait()
+        continue
+      workers[name], ready[name] = w, reply["ready"]
+      log(f"{name}: ready after {time.time() - started:.0f} s; warm step {1e3 * reply['ready']['warm_step_s']:.0f} ms")
+
+    chunk = {n: max(args.min_steps, min(200, round(args.chunk_seconds / ready[n]["warm_step_s"])))
+             for n in workers}
+    rounds = {n: [] for n in workers}  # per round: median seconds per step in the chunk
+    cpu_step = {n: [] for n in workers}  # per round: process CPU seconds per step
+    raw = {n: [] for n in workers}
+    loads, psi = [], []
+    order = list(workers)
+    timing_started = time.time()
+    r = 0
+    while r < args.rounds and (r < args.min_rounds or time.time() - timing_started < args.budget_seconds):
+      rotated = order[r % len(order):] + order[:r % len(order)]
+      for name in rotated:
+        reply = workers[name].request(f"run {chunk[name]}")
+        rounds[name].append(statistics.median(reply["wall"]))
+        cpu_step[name].append(reply["cpu"] / len(reply["wall"]))
+        raw[name].append(reply["wall"])
+      loads.append(os.getloadavg()[0])
+      if cpu_pressure() is not None:
+        psi.append(cpu_pressure())
+      r += 1
+      log(f"round {r}: " + ", ".join(f"{n} {1e3 * rounds[n][-1]:.0f}" for n in order) + " ms")
+    rss = {n: w.request("quit")["maxrss_mb"] for n, w in workers.items()}
+  finally:
+    for w in pending.values():  # a worker still building exits at EOF once built
+      if w.proc.poll() is None:
+        try:
+          w.proc.stdin.close()
+        except OSError:
+          pass
+        try:
+          w.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+          w.proc.kill()
+    os.remove(cfg_path)
+  load_after = loadavg()
+  elapsed = time.time() - started
+
+  # ----------------------------------------------------------------------------- report
+  m = machine()
+  d, a = cfg["distill"], cfg["amalgamation"]
+  n_rounds = len(next(iter(rounds.values()))) if rounds else 0
+  out = ["## Results", ""]
+  out.append(f"- Date: {date}; the whole benchmark took {elapsed / 60:.1f} min.")
+  out.append(f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gb']:.1f} GiB RAM; "
+             f"Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()) + ".")
+  if loads:
+    load = (f"- Background load: load average (1/5/15 min) {load_before} before, {load_after} after; "
+            f"1-min load after each round median {statistics.median(loads):.1f} "
+            f"({min(loads):.1f}–{max(loads):.1f}) on {m['nproc']} CPUs, this benchmark adding about 1–2")
+    if psi:
+      load += (f"; CPU pressure (PSI some avg10: % of time a runnable task waited for a CPU) "
+               f"median {statistics.median(psi):.0f} % ({min(psi):.0f}–{max(psi):.0f})")
+    out.append(load + ".")
+  out.append("- Command: `python benchmarks/step_time.py" + "".join(f" {x}" for x in sys.argv[1:]) + "`")
+  out.append(f"- Distillation: LeNet width {d['student']['width']} student, NiN width {d['teacher']['width']} "
+             f"teacher ({d['teacher']['head']} head, eval mode), batch {d['batch_size']}, 28×28×1, "
+             f"T = {d['distill']['temperature']}, soft weight {d['distill']['soft_weight']}, Adam. "
+             "PyTorch: NCHW float32, eager, `torch.set_num_threads(2)` unless marked 1 thread.")
+  out.append(f"- Amalgamation: ConvNet {'-'.join(map(str, a['student_blocks']))} student and "
+             f"{len(a['class_sets'])} teachers ({' / '.join('-'.join(map(str, t)) for t in a['teacher_blocks'])}), "
+             f"{a['convs_per_block']} conv per block, classes {a['class_sets']}, selection "
+             f"{a['cfg']['selection']}, {a['cfg']['routing']} routing, batch {a['batch_size']}.")
+  out.append(f"- {n_rounds} rounds; in each, every benchmark ran one chunk of steps (about "
+             f"{args.chunk_seconds:g} s, at least {args.min_steps} steps) in a rotated order. ms/step: median "
+             "over rounds of the chunk's median step, with the interquartile range and the extremes of the "
+             "round values. CPU ms/step: process CPU time (all threads, spinning included) per step. Start-up "
+             "CPU: importing, building, compiling and running the first step, in CPU seconds (the workers "
+             "start together, so wall time would mean little). Peak RSS: `ru_maxrss` of the worker process.")
+  for name, why in skipped.items():
+    out.append(f"- `{name}`: skipped — {why}")
+  out.append("")
+  out.append("| benchmark | what | batch | params student / teacher | ms/step | IQR | min–max "
+             "| CPU ms/step | steps × rounds | start-up CPU s | peak RSS MB |")
+  out.append("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+  for name in workers:
+    info = ready[name]
+    wall = spread([1e3 * x for x in rounds[name]], "{:.0f}")
+    cpu = statistics.median(cpu_step[name]) * 1e3
+    params = f"{info.get('student_params') or '—'} / {info.get('teacher_params') or '—'}"
+    out.append(
+        f"| `{name}` | {BENCHES[name][2]} | {info['batch']} | {params} | **{wall['median']}** "
+        f"| {wall['iqr']} | {wall['range']} | {cpu:.0f} | {chunk[name]} × {len(rounds[name])} "
+        f"| {info['first_step_cpu_s']:.1f} | {rss[name]:.0f} |")
+  out.append("")
+  out.append("Each ratio is taken within a round (its two chunks ran seconds apart, under about the same "
+             "load), then summarised over the rounds.")
+  out.append("")
+  out.append("| ratio | median | IQR | min–max | reading |")
+  out.append("|---|---:|---:|---:|---|")
+  for label, num, den, reading in RATIOS:
+    if num in rounds and den in rounds:
+      r = spread([x / y for x, y in zip(rounds[num], rounds[den])], "{:.2f}")
+      out.append(f"| {label} | **{r['median']}** | {r['iqr']} | {r['range']} | {reading} |")
+  print("\n".join(out))
+  if args.json:
+    with open(args.json, "w", encoding="utf-8") as f:
+      json.dump({"settings": cfg, "machine": m, "date": date, "ready": ready, "chunk": chunk,
+                 "round_medians_s": rounds, "steps_s": raw, "cpu_s_per_step": cpu_step, "maxrss_mb": rss,
+                 "loadavg_1min": loads, "cpu_pressure": psi, "psi_before": psi_before,
+                 "skipped": skipped}, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

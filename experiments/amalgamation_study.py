@@ -1,0 +1,100 @@
+"""The amalgamation study: routing rules and students, over seeds, on one dataset.
+
+  python experiments/amalgamation_study.py --workdir_root=runs/ka_study --dataset=fashion_mnist
+
+Per seed, as `python -m kd_jax.main` subprocesses (finished runs are skipped, so re-running
+resumes):
+  card_s<seed>        the default pipeline (components trained with this seed, teacher-card routing);
+  entropy_s<seed>     the paper's entropy rule, amalgamating the same components;
+  supervised_s<seed>  the baseline: the same student trained with labels on the union.
+Then the routing accuracy of every rule on those teachers (experiments/routing_study.py)
+and a Markdown table (mean ± sample std over seeds) in WORKDIR_ROOT/study.md.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = ("card", "entropy", "supervised")
+
+
+def train(root: str, name: str, args_str: str, extra: list[str], data: list[str]) -> dict | None:
+  workdir = os.path.join(root, name)
+  results = os.path.join(workdir, "results.json")
+  if not os.path.exists(results):
+    cmd = [sys.executable, "-m", "kd_jax.main", f"--config=experiments/amalgamate.py:{args_str}",
+           f"--workdir={workdir}", *data, *extra]
+    os.makedirs(os.path.join(root, "logs"), exist_ok=True)
+    print(f"[study] {name}: {' '.join(cmd[1:])}", flush=True)
+    with open(os.path.join(root, "logs", f"{name}.log"), "a", encoding="utf-8") as log:
+      if subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False).returncode:
+        print(f"[study] {name} failed: see {log.name}", flush=True)
+        return None
+  with open(results, encoding="utf-8") as f:
+    return json.load(f)
+
+
+def mean_std(values) -> str:
+  values = [v for v in values if v is not None]
+  if not values:
+    return "—"
+  std = statistics.stdev(values) if len(values) > 1 else 0.0
+  return f"{statistics.mean(values):.3f} ± {std:.3f}"
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir_root", required=True)
+  parser.add_argument("--dataset", default="fashion_mnist")
+  parser.add_argument("--teacher_classes", default="0+1/2+3")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--data_dir", default="")
+  parser.add_argument("--manual_dir", default="")
+  args = parser.parse_args()
+  root = os.path.abspath(args.workdir_root)
+  data = [f"--config.data.{k}={v}" for k, v in (("data_dir", args.data_dir), ("manual_dir", args.manual_dir)) if v]
+  base = f"dataset={args.dataset},teacher_classes={args.teacher_classes}"
+  results = {run: [] for run in RUNS}
+  for seed in (int(s) for s in args.seeds.split(",")):
+    card = train(root, f"card_s{seed}", f"{base},seed={seed}", [], data)
+    results["card"].append(card)
+    if card:
+      teachers = ":".join(t["workdir"] for t in card["teachers"])
+      results["entropy"].append(train(
+          root, f"entropy_s{seed}", f"{base},seed={seed},selection=entropy",
+          [f"--config.teacher_workdirs={teachers}"], data))
+    results["supervised"].append(train(root, f"supervised_s{seed}", f"{base},seed={seed},supervised", [], data))
+
+  def column(run, key):
+    return [r.get(key) if r else None for r in results[run]]
+
+  n_teachers = len(args.teacher_classes.split("/"))
+  lines = [
+      f"| student ({args.dataset}, classes {args.teacher_classes}) | test accuracy | routing accuracy | "
+      + " | ".join(f"teacher {t} on its classes" for t in range(n_teachers)) + " |",
+      "|---|---|---|" + "---|" * n_teachers,
+      f"| amalgamated, teacher-card routing (default) | {mean_std(column('card', 'test_accuracy'))} | "
+      f"{mean_std(column('card', 'routing_accuracy'))} | "
+      + " | ".join(mean_std(column("card", f"teacher_{t}_accuracy")) for t in range(n_teachers)) + " |",
+      f"| amalgamated, entropy routing (paper) | {mean_std(column('entropy', 'test_accuracy'))} | "
+      f"{mean_std(column('entropy', 'routing_accuracy'))} | " + " | ".join("same teachers" for _ in range(n_teachers)) + " |",
+      f"| supervised (labels, same student) | {mean_std(column('supervised', 'test_accuracy'))} | — | "
+      + " | ".join("—" for _ in range(n_teachers)) + " |",
+  ]
+  card_dirs = [os.path.join(root, f"card_s{s}") for s in args.seeds.split(",")]
+  routing = subprocess.run(
+      [sys.executable, "experiments/routing_study.py", *(f"--workdir={d}" for d in card_dirs if os.path.isdir(d))],
+      cwd=REPO, capture_output=True, text=True, check=False,
+  ).stdout
+  table = "\n".join(lines) + "\n\nRouting accuracy of every rule on the same teachers:\n\n" + routing
+  with open(os.path.join(root, "study.md"), "w", encoding="utf-8") as f:
+    f.write(table)
+  print(table)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,77 @@
+"""How often each selection rule routes a test image to the teacher that owns its class.
+
+  python experiments/routing_study.py --workdir=runs/ka [--workdir=runs/ka_seed1 ...]
+
+Reads the trained teachers of amalgamation runs (their `teachers/teacher_<t>` or
+`teacher_workdirs`), scores every test image of the union's classes by every rule of
+`kd_jax.routing`, and prints a Markdown table of routing accuracy (mean ± std over the
+given runs). Energy is standardised per teacher on the unlabelled training pool.
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kd_jax import checkpoint, data, models, routing  # noqa: E402
+
+
+def teacher_outputs(teachers, data_config, split, classes, batch_size=512):
+  """Logits and penultimate features of every teacher over `split` (union classes)."""
+  fns = [jax.jit(lambda v, x, m=m: (lambda o: (o[0], models.penultimate(o[1])))(m.apply(v, x, train=False)))
+         for m, _ in teachers]
+  logits, feats, labels = [[] for _ in teachers], [[] for _ in teachers], []
+  ds = data.make_dataset(data_config, split, batch_size=batch_size, train=False, classes=classes)
+  for batch in data.as_numpy(ds):
+    keep = batch["mask"].astype(bool)
+    labels.append(batch["label"][keep])
+    for t, ((_, variables), fn) in enumerate(zip(teachers, fns)):
+      z, f = fn(variables, batch["image"])
+      logits[t].append(np.asarray(z)[keep])
+      feats[t].append(np.asarray(f)[keep])
+  return [np.concatenate(z) for z in logits], [np.concatenate(f) for f in feats], np.concatenate(labels)
+
+
+def routing_accuracies(workdir: str) -> dict[str, float]:
+  meta = checkpoint.read_meta(workdir)
+  config = ml_collections.ConfigDict(meta["config"])
+  names = sorted(k for k in meta["models"] if k.startswith("teacher_"))
+  teachers = [checkpoint.load(workdir, item=name) for name in names]
+  class_sets = [meta["models"][name]["classes"] for name in names]
+  union = [c for cs in class_sets for c in cs]
+  owner = np.concatenate([[t] * len(cs) for t, cs in enumerate(class_sets)])
+  cards = []
+  for name in names:
+    origin = meta["models"][name]["origin"]["workdir"]
+    ckpts = checkpoint.Checkpoints(origin, read_only=True)
+    cards.append(routing.TeacherCard.from_dict(ckpts.restore(None, {"card": None})["card"]))
+    ckpts.close()
+  logits, feats, labels = teacher_outputs(teachers, config.data, "test", union)
+  pool_logits, _, _ = teacher_outputs(teachers, config.data, "train", union)
+  energy = routing.fit_energy_stats(pool_logits)
+  out = {}
+  for rule in routing.RULES:
+    scores = routing.teacher_scores(rule, logits=logits, features=feats, cards=cards, energy_stats=energy)
+    out[rule] = float(routing.routing_accuracy(routing.route(scores), owner[labels]))
+  return out
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", action="append", required=True, help="an amalgamation run (repeatable)")
+  args = parser.parse_args()
+  runs = [routing_accuracies(w) for w in args.workdir]
+  print("| rule | routing accuracy (test) |\n|---|---|")
+  for rule in routing.RULES:
+    values = np.array([r[rule] for r in runs])
+    print(f"| {rule} | {values.mean():.3f} ± {values.std():.3f} (n={len(values)}) |")
+
+
+if __name__ == "__main__":
+  main()

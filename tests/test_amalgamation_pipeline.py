@@ -1,0 +1,225 @@
+"""End-to-end tests of the amalgamation pipeline (`experiments/amalgamate.py`,
+`experiments/component.py`) on a small fake dataset, run in-process.
+
+Each pipeline runs once per module (fixtures); the tests inspect its outputs."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from amalgamation_fixtures import (  # noqa: F401 (idx_data is a fixture)
+    amalgamate_config,
+    component_config,
+    idx_data,
+    tree_snapshot,
+)
+from kd_jax import checkpoint, data, models, reporting, routing
+from kd_jax.amalgamation import pipeline
+from kd_jax.evaluate import evaluate_workdir
+from kd_jax.train import loop
+
+UNION = [0, 1, 2, 3]
+
+
+@pytest.fixture(scope="module")
+def smoke(idx_data, tmp_path_factory):
+  """The smoke pipeline: two component teachers (0+1, 2+3) → a student over 0..3."""
+  workdir = str(tmp_path_factory.mktemp("smoke") / "run")
+  config = amalgamate_config(idx_data)
+  results = pipeline.run(config, workdir)
+  return config, workdir, results
+
+
+def test_smoke_writes_results_and_figures(smoke):
+  _, workdir, results = smoke
+  saved = reporting.load_json(os.path.join(workdir, "results.json"))
+  for key in ["test_accuracy", "routing_accuracy", "teacher_0_accuracy", "teacher_1_accuracy",
+              "student_task_0_accuracy", "student_task_1_accuracy"]:
+    assert 0.0 <= saved[key] <= 1.0, key
+    assert saved[key] == results[key]
+  assert saved["union_classes"] == UNION
+  assert [t["classes"] for t in saved["teachers"]] == [[0, 1], [2, 3]]
+  assert len(saved["history"]) == 2
+  assert saved["history"][-1]["train_logit_loss"] > 0
+  for name in ("block_losses.png", "curves.png"):
+    assert os.path.getsize(os.path.join(workdir, name)) > 1000, name
+
+
+def test_one_composite_checkpoint_holds_everything(smoke):
+  _, workdir, _ = smoke
+  ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+  try:
+    step = ckpts.latest_step()
+    assert {"state", "teacher_0", "teacher_1", "meta"} <= set(pipeline.checkpoint_items(ckpts))
+    meta = ckpts.restore_meta()
+  finally:
+    ckpts.close()
+  assert step == 12  # 2 epochs × 6 batches of 32 of the ~200 training images of classes 0..3
+  assert meta["kind"] == "amalgamation" and meta["main"] == "student"
+  assert set(meta["models"]) == {"student", "teacher_0", "teacher_1"}
+  assert meta["models"]["student"]["classes"] == UNION
+  assert meta["class_index"] == [[0, 1], [2, 3]]
+
+
+def test_student_reproduces_test_accuracy(smoke):
+  config, workdir, results = smoke
+  model, variables = checkpoint.load(workdir)
+  assert isinstance(model, models.ConvNet) and model.num_classes == 4
+  assert set(variables) == {"params", "batch_stats"}
+  apply = jax.jit(lambda x: model.apply(variables, x, train=False)[0])
+  correct = total = 0
+  ds = data.make_dataset(config.data, "test", batch_size=32, train=False, classes=UNION)
+  for batch in data.as_numpy(ds):
+    keep = batch["mask"].astype(bool)
+    prediction = np.asarray(apply(batch["image"])).argmax(-1)
+    correct += int(np.sum((prediction == batch["label"])[keep]))
+    total += int(keep.sum())
+  assert total > 0
+  assert correct / total == pytest.approx(results["test_accuracy"], abs=1e-6)
+  evaluated = evaluate_workdir(workdir)
+  assert evaluated["model"] == "student" and evaluated["classes"] == UNION
+  assert evaluated["test_accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("t", [0, 1])
+def test_teacher_items_are_the_trained_teachers(smoke, t):
+  _, workdir, results = smoke
+  meta = checkpoint.read_meta(workdir)
+  origin = meta["models"][f"teacher_{t}"]["origin"]
+  model, variables = checkpoint.load(workdir, item=f"teacher_{t}")
+  assert isinstance(model, models.ConvNet) and model.num_classes == 2
+  assert checkpoint.fingerprint(variables) == origin["fingerprint"]
+  assert origin["workdir"] == os.path.join(os.path.abspath(workdir), "teachers", f"teacher_{t}")
+  assert origin["external"] is False
+  _, own = checkpoint.load(origin["workdir"])
+  assert checkpoint.fingerprint(own) == origin["fingerprint"]
+  evaluated = evaluate_workdir(workdir, item=f"teacher_{t}")
+  assert evaluated["classes"] == [[0, 1], [2, 3]][t]
+  assert evaluated["test_accuracy"] == pytest.approx(results[f"teacher_{t}_accuracy"], abs=1e-6)
+
+
+@pytest.mark.parametrize("t", [0, 1])
+def test_component_checkpoint_holds_its_card(smoke, t):
+  _, workdir, _ = smoke
+  teacher_dir = os.path.join(workdir, "teachers", f"teacher_{t}")
+  ckpts = checkpoint.Checkpoints(teacher_dir, read_only=True)
+  try:
+    assert pipeline.CARD in pipeline.checkpoint_items(ckpts)
+    raw = ckpts.restore(None, {pipeline.CARD: None})[pipeline.CARD]
+  finally:
+    ckpts.close()
+  card = routing.TeacherCard.from_dict(raw)
+  assert card.means.shape == (2, 16)  # 2 classes, the 16-wide last block
+  assert card.precision.shape == (16, 16)
+  assert np.all(np.isfinite(card.precision)) and float(card.score_std) > 0
+  loaded = pipeline.load_card(teacher_dir)
+  np.testing.assert_array_equal(loaded.means, card.means)
+
+
+def test_rerun_with_other_teacher_blocks_is_refused(smoke):
+  config, workdir, _ = smoke
+  before = tree_snapshot(workdir)
+  with config.unlocked():
+    other = config.copy_and_resolve_references()
+  other.teacher_blocks = "8-8-16"
+  with pytest.raises(loop.UsageError, match="different config .*teacher_blocks"):
+    pipeline.run(other, workdir)
+  assert tree_snapshot(workdir) == before
+
+
+def test_rerun_does_not_retrain(smoke):
+  config, workdir, results = smoke
+  teachers = tree_snapshot(os.path.join(workdir, "teachers"))
+  checkpoints = tree_snapshot(checkpoint.checkpoint_dir(workdir))
+  again = pipeline.run(config, workdir)
+  assert again == results
+  assert tree_snapshot(os.path.join(workdir, "teachers")) == teachers
+  assert tree_snapshot(checkpoint.checkpoint_dir(workdir)) == checkpoints
+
+
+# ------------------------------------------------------------------- external teachers
+
+
+@pytest.fixture(scope="module")
+def external(idx_data, smoke, tmp_path_factory):
+  """Teacher a (0+1) trained by experiments/component.py, teacher b the smoke run's
+  teacher_1 (2+3), amalgamated with `teacher_workdirs='a:b'`."""
+  root = tmp_path_factory.mktemp("external")
+  teacher_a = str(root / "teacher_a")
+  component = pipeline.run(component_config(idx_data, "smoke,classes=0+1", num_epochs=1), teacher_a)
+  teacher_b = os.path.join(smoke[1], "teachers", "teacher_1")
+  workdir = str(root / "amalgamated")
+  config = amalgamate_config(idx_data, teacher_workdirs=f"{teacher_a}:{teacher_b}", **{"amalgamation.epochs": 1})
+  results = pipeline.run(config, workdir)
+  return config, workdir, results, teacher_a, component
+
+
+def test_component_experiment_saves_a_card(external):
+  _, _, _, teacher_a, component = external
+  assert component["test_accuracy"] >= 0
+  meta = checkpoint.read_meta(teacher_a)
+  assert meta["models"]["model"]["classes"] == [0, 1]
+  card = pipeline.load_card(teacher_a)
+  assert card is not None and card.means.shape == (2, 16)
+
+
+def test_external_teachers_then_changed_teacher_is_refused(external):
+  config, workdir, results, teacher_a, _ = external
+  assert [t["external"] for t in results["teachers"]] == [True, True]
+  assert results["union_classes"] == UNION
+  assert evaluate_workdir(workdir)["test_accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-6)
+
+  # Overwrite teacher a with different parameters, at a later step of its checkpoints.
+  ckpts = checkpoint.Checkpoints(teacher_a)
+  try:
+    step = ckpts.latest_step()
+    meta = ckpts.restore_meta(step)
+    stored = ckpts.restore(step, {"state": None, pipeline.CARD: None})
+    state = stored["state"]
+    state["params"] = jax.tree.map(lambda p: np.asarray(p) * 1.5, state["params"])
+    ckpts.save(step + 1, {"state": state, pipeline.CARD: stored[pipeline.CARD]}, meta, force=True)
+  finally:
+    ckpts.close()
+
+  with pytest.raises(ValueError, match="teacher_0 was learned from .*teacher_a with fingerprint .*retrained or overwritten"):
+    evaluate_workdir(workdir)
+  before = tree_snapshot(workdir)
+  with pytest.raises(ValueError, match="fingerprint"):  # nor is the run resumed with it
+    pipeline.run(config, workdir)
+  assert tree_snapshot(workdir) == before
+
+
+# -------------------------------------------------------------------------- dual stage
+
+
+def test_dual_stage(idx_data, tmp_path):
+  workdir = str(tmp_path / "dual")
+  config = amalgamate_config(
+      idx_data, "smoke,dual_stage",
+      **{"component.epochs": 1, "dual_stage.epochs": 1, "amalgamation.epochs": 1},
+  )
+  results = pipeline.run(config, workdir)
+  for t, classes in enumerate([[0, 1], [2, 3]]):
+    teacher = os.path.join(workdir, "teachers", f"teacher_{t}")
+    for i, widths in enumerate([[8, 16], [8, 8, 16]]):  # heterogeneous sources
+      source = os.path.join(teacher, "sources", f"source_{i}")
+      meta = checkpoint.read_meta(source)
+      assert meta["models"]["model"]["classes"] == classes
+      assert meta["models"]["model"]["spec"]["block_widths"] == widths
+      assert meta["config"]["train_split"] == ["train[0%:50%]", "train[50%:100%]"][i]
+    stage1 = reporting.load_json(os.path.join(teacher, "component", "results.json"))
+    assert stage1["union_classes"] == classes  # the sources share their task's classes
+    assert stage1["routing_accuracy"] == 1.0  # either source owns every class of the task
+    model, _ = checkpoint.load(teacher)  # the exported component
+    assert isinstance(model, models.ConvNet) and model.num_classes == 2
+    assert model.block_widths == (8, 16)
+    assert pipeline.load_card(teacher) is not None
+    # Exporting again (as a resumed run does after an interruption) keeps the export.
+    exported = tree_snapshot(checkpoint.checkpoint_dir(teacher))
+    pipeline.export_component(os.path.join(teacher, "component"), teacher, classes)
+    assert tree_snapshot(checkpoint.checkpoint_dir(teacher)) == exported
+  assert results["union_classes"] == UNION
+  assert 0.0 <= results["test_accuracy"] <= 1.0
+  assert os.path.exists(os.path.join(workdir, "results.json"))

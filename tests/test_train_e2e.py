@@ -1,0 +1,288 @@
+"""End to end: teacher → distilled student → evaluate, on a small fake IDX dataset.
+
+The command-line runs are subprocesses (`python -m kd_jax.main`, `python -m kd_jax.evaluate`);
+the teacher is trained once per module and shared. The other runs call
+`loop.train_and_evaluate` in-process, which is faster.
+"""
+
+import glob
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from kd_jax import checkpoint, data
+from kd_jax.train import loop
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fake_data  # noqa: E402  pylint: disable=g-import-not-at-top
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SUBPROCESS_ENV = dict(
+    os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONPATH=ROOT
+)
+
+
+def run_module(module: str, *args: str, env=None) -> subprocess.CompletedProcess:
+  return subprocess.run(
+      [sys.executable, "-m", module, *args],
+      cwd=ROOT, env=env or SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
+  )
+
+
+def data_flags(dirs) -> list[str]:
+  # download=False: the fake data is all there is; never wait for a network.
+  return [f"--config.data.manual_dir={dirs['manual']}", f"--config.data.data_dir={dirs['tfds']}",
+          "--config.data.download=False"]
+
+
+def experiment_config(name: str, arg: str, dirs, **overrides) -> ml_collections.ConfigDict:
+  """`experiments/NAME.py:ARG` as the command line builds it (locked), with overrides."""
+  spec = importlib.util.spec_from_file_location(f"experiment_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(arg)
+  config.lock()
+  config.data.manual_dir, config.data.data_dir, config.data.download = dirs["manual"], dirs["tfds"], False
+  for key, value in overrides.items():
+    *parents, leaf = key.split(".")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def tree_snapshot(directory: str) -> dict:
+  """Every file under `directory` with its size and modification time."""
+  snapshot = {}
+  for base, _, files in os.walk(directory):
+    for f in files:
+      path = os.path.join(base, f)
+      st = os.stat(path)
+      snapshot[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
+  return snapshot
+
+
+def params_of(workdir: str):
+  return jax.device_get(checkpoint.load(workdir)[1])
+
+
+def assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+  base = tmp_path_factory.mktemp("e2e")
+  return {
+      "base": str(base),
+      "manual": fake_data.write_idx_dataset(str(base / "manual")),
+      "tfds": str(base / "tfds"),
+  }
+
+
+@pytest.fixture(scope="module")
+def teacher(dirs):
+  """The NiN smoke teacher, trained once by the command line (it also prepares the data)."""
+  workdir = os.path.join(dirs["base"], "teacher")
+  proc = run_module(
+      "kd_jax.main", "--config=experiments/nin_teacher.py:dataset=fashion_mnist,smoke", *data_flags(dirs),
+      f"--workdir={workdir}",
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir
+
+
+@pytest.fixture(scope="module")
+def student(dirs, teacher):
+  """A hinton_kd student of the teacher by the command line, then `kd_jax.evaluate` of it."""
+  teacher_fingerprint = checkpoint.fingerprint(checkpoint.load(teacher)[1])
+  teacher_files = tree_snapshot(teacher)
+  workdir = os.path.join(dirs["base"], "student")
+  args = ["--config=experiments/lenet_student.py:dataset=fashion_mnist,smoke,method=hinton_kd", *data_flags(dirs),
+          f"--config.teacher_workdir={teacher}", f"--workdir={workdir}"]
+  train = run_module("kd_jax.main", *args)
+  assert train.returncode == 0, train.stderr[-3000:]
+  evaluate = run_module("kd_jax.evaluate", f"--workdir={workdir}")
+  assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  return dict(workdir=workdir, args=args, train=train, evaluate=evaluate, results=results,
+              teacher_fingerprint=teacher_fingerprint, teacher_files=teacher_files)
+
+
+@pytest.fixture(scope="module")
+def learned_teacher(dirs, teacher):
+  """A teacher that has learned the fake data (a supervised LeNet: the smoke NiN barely moves
+  in 16 steps), for checking that distillation transfers something."""
+  del teacher  # only for the prepared data
+  workdir = os.path.join(dirs["base"], "learned_teacher")
+  config = experiment_config(
+      "lenet_student", "dataset=fashion_mnist,smoke,method=ground_truth", dirs, num_epochs=4, **{"model.width": 0.25}
+  )
+  results = loop.train_and_evaluate(config, workdir)
+  assert results["test_accuracy"] > 0.7, results["history"]
+  return workdir
+
+
+# ------------------------------------------------------------------ command-line smoke
+
+
+def test_smoke_writes_results_metrics_and_plots(student):
+  results, workdir = student["results"], student["workdir"]
+  for key in ("test_accuracy", "teacher_test_accuracy", "teacher_agreement", "config"):
+    assert key in results, key
+  assert results["config"]["method"] == "hinton_kd"
+  assert results["steps"] == 16 and [h["epoch"] for h in results["history"]] == [1, 2]
+  for key in ("test_accuracy", "teacher_test_accuracy", "teacher_agreement"):
+    assert 0.0 <= results[key] <= 1.0
+  assert results["test_examples"] == 64
+
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert records and all("step" in r for r in records)
+  assert any("train/loss" in r for r in records) and any("test/accuracy" in r for r in records)
+  assert glob.glob(os.path.join(workdir, "events.out.tfevents.*"))
+  with open(os.path.join(workdir, "curves.png"), "rb") as f:
+    assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  assert "test_accuracy=" in student["train"].stdout
+
+
+def test_evaluate_prints_the_same_accuracy(student):
+  printed = json.loads(student["evaluate"].stdout)
+  assert printed["test_accuracy"] == pytest.approx(student["results"]["test_accuracy"], abs=1e-9)
+  assert printed["test_examples"] == student["results"]["test_examples"]
+  assert printed["model"] == "model"
+
+
+def test_checkpoint_load_reproduces_the_accuracy(student):
+  model, variables = checkpoint.load(student["workdir"])
+  data_config = ml_collections.ConfigDict(student["results"]["config"]["data"])
+  images, labels = data.load_arrays(data_config, "test")
+  logits = model.apply(variables, images, train=False)
+  accuracy = float(np.mean(np.argmax(logits, -1) == labels))
+  assert accuracy == pytest.approx(student["results"]["test_accuracy"], abs=1e-9)
+
+
+def test_teacher_is_frozen_and_recorded(student, teacher):
+  fingerprint = checkpoint.fingerprint(checkpoint.load(teacher)[1])
+  assert fingerprint == student["teacher_fingerprint"]
+  assert tree_snapshot(teacher) == student["teacher_files"]  # not a byte rewritten
+  origin = {"workdir": os.path.abspath(teacher), "fingerprint": fingerprint}
+  assert checkpoint.read_meta(student["workdir"])["teacher"] == origin
+  assert student["results"]["teacher"] == origin
+
+
+def test_different_config_on_existing_workdir_is_refused(student):
+  before = tree_snapshot(student["workdir"])
+  proc = run_module("kd_jax.main", *student["args"], "--config.seed=1")
+  assert proc.returncode == 2
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "different config" in errors[0] and "seed" in errors[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+  assert tree_snapshot(student["workdir"]) == before
+
+
+# ------------------------------------------------------------------- in-process runs
+
+# Every method runs: hinton_kd by the command line above, logit_regression, noisy_teacher
+# and ground_truth in the tests below; here the seeds' formulas (distill.seed_compat).
+METHODS = [("noisy_teacher", True), ("hinton_kd", True)]
+
+
+@pytest.mark.parametrize("method,seed_compat", METHODS)
+def test_seed_compat_methods_run(dirs, learned_teacher, method, seed_compat, tmp_path):
+  config = experiment_config(
+      "lenet_student", f"dataset=fashion_mnist,smoke,method={method}", dirs,
+      num_epochs=1, steps_per_epoch=4, teacher_workdir="" if method == "ground_truth" else learned_teacher,
+      **{"distill.seed_compat": seed_compat},
+  )
+  results = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["steps"] == 4 and results["method"] == method
+  assert np.isfinite(results["history"][-1]["train_loss"])
+  assert 0.0 <= results["test_accuracy"] <= 1.0
+  if method == "ground_truth":
+    assert "teacher_agreement" not in results
+  else:
+    assert results["teacher"]["workdir"] == os.path.abspath(learned_teacher)
+    assert 0.0 <= results["teacher_agreement"] <= 1.0
+
+
+def test_logit_regression_transfers_the_teacher(dirs, learned_teacher, tmp_path):
+  """A logit-regression student agrees with a trained teacher far above chance (~0.1)."""
+  config = experiment_config(
+      "lenet_student", "dataset=fashion_mnist,smoke,method=logit_regression", dirs,
+      teacher_workdir=learned_teacher, num_epochs=5, **{"optim.learning_rate": 3e-3, "model.width": 0.25},
+  )
+  results = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["steps"] == 40
+  assert results["teacher_test_accuracy"] > 0.7
+  # Seeds 0, 1, 2 reach 0.92 to 1.0; the untrained student agrees with the teacher ~0.1.
+  assert results["teacher_agreement"] > 0.6, results["history"]
+  history = results["history"]
+  assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(dirs, learned_teacher, tmp_path):
+  """Losing the last checkpoints (a kill) and re-running resumes mid-epoch, bit for bit."""
+  workdir = str(tmp_path / "run")
+  config = experiment_config(
+      # noisy_teacher draws random numbers every step: a resumed run must draw the same.
+      "lenet_student", "dataset=fashion_mnist,smoke,method=noisy_teacher", dirs,
+      teacher_workdir=learned_teacher, checkpoint_every_steps=3,
+  )
+  uninterrupted = loop.train_and_evaluate(config, workdir)
+  final = params_of(workdir)
+  ckpt_dir = checkpoint.checkpoint_dir(workdir)
+  saved = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  assert saved[-3:] == [12, 15, 16], saved
+  for step in (15, 16):  # "killed" after the save at step 12 (mid-epoch 2)
+    shutil.rmtree(os.path.join(ckpt_dir, str(step)))
+
+  resumed = loop.train_and_evaluate(config, workdir)
+  assert resumed["steps"] == 16
+  assert [h["epoch"] for h in resumed["history"]] == [1, 2]
+  assert resumed["history"][0] == uninterrupted["history"][0]  # epoch 1 restored, not re-run
+  assert_trees_equal(params_of(workdir), final)
+  assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
+  # Steps 1..12 were trained once: their train metrics were logged by the first run only.
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    logged = [json.loads(line)["step"] for line in f if "train/loss" in line]
+  assert logged == [4, 8, 8, 12, 16, 16, 16, 16], logged
+
+
+def test_rerun_of_a_finished_run_changes_nothing(dirs, learned_teacher, teacher, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = experiment_config(
+      "lenet_student", "dataset=fashion_mnist,smoke,method=logit_regression", dirs, num_epochs=1,
+      steps_per_epoch=3, teacher_workdir=learned_teacher,
+  )
+  first = loop.train_and_evaluate(config, workdir)
+  params = params_of(workdir)
+  again = loop.train_and_evaluate(config, workdir)
+  assert again["steps"] == first["steps"] == 3
+  assert again["test_accuracy"] == first["test_accuracy"]
+  assert_trees_equal(params_of(workdir), params)
+
+  # teacher_workdir may change on resume (a moved directory), but not the teacher itself.
+  before = tree_snapshot(workdir)
+  other_teacher = experiment_config(
+      "lenet_student", "dataset=fashion_mnist,smoke,method=logit_regression", dirs, num_epochs=1,
+      steps_per_epoch=3, teacher_workdir=teacher,
+  )
+  with pytest.raises(ValueError, match="was distilled from the teacher in .*learned_teacher"):
+    loop.train_and_evaluate(other_teacher, workdir)
+  assert tree_snapshot(workdir) == before
