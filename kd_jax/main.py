@@ -5,7 +5,6 @@ an unknown key is an error. Re-running the same command on a workdir resumes it.
 """
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -406,6 +406,7 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent(
     import jax
     jax.config.update("jax_disable_most_optimizations", True)
     import numpy as np
+    import optax
     import test_amalgamation as T
     from kd_jax.train import mesh as mesh_lib
 
@@ -414,7 +415,8 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent(
     batches = [{{"image": T.images(16, seed=s)}} for s in (1, 2)]
     out = {{}}
     for n in (1, 2):
-      run = T.Runner(cfg, mesh=mesh_lib.make_mesh(jax.devices()[:n]), tx=T.make_tx(1e-3))  # the config's rate
+      # Plain SGD: Adam would hide a gradient off by a constant factor (n × the mean).
+      run = T.Runner(cfg, mesh=mesh_lib.make_mesh(jax.devices()[:n]), tx=optax.sgd(0.1))
       state = run.state()
       for batch in batches:
         state, metrics = run(state, batch)
@@ -438,7 +440,7 @@ def test_data_parallel_matches_one_device():
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("WORST")][-1]
   worst, moved = float(line.split()[1]), float(line.split()[3])
-  assert moved > 1e-4  # the two steps did train
+  assert moved > 1e-2  # the two steps did train
   assert worst < 1e-5, line
 
 
@@ -497,7 +499,7 @@ def test_bad_dual_stage_is_refused(idx_data, tmp_path):
 
 def save_fake_teacher(workdir, model, *, classes, dataset="mnist"):
   """A checkpoint like a trained net's (untrained variables), without training."""
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)), train=False)
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(jnp.zeros((1, 28, 28, 1)))
   ckpts = checkpoint.Checkpoints(workdir)
   ckpts.save(1, {"state": {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}}, {
       "kind": "component", "main": "model",
@@ -516,7 +518,7 @@ def fake_teachers(tmp_path_factory):
       "good": save_fake_teacher(str(root / "good"), convnet(2), classes=[2, 3]),
       "good_overlapping": save_fake_teacher(str(root / "good_overlapping"), convnet(2), classes=[0, 2]),
       "lenet": save_fake_teacher(str(root / "lenet"), models.LeNet(num_classes=2), classes=[0, 1]),
-      "nin": save_fake_teacher(str(root / "nin"), models.NiN(num_classes=10), classes=None),
+      "nin": save_fake_teacher(str(root / "nin"), models.NiN(num_classes=10, width=0.25, fc_width=16), classes=None),
       "no_classes": save_fake_teacher(str(root / "no_classes"), convnet(10), classes=None),
       "fashion": save_fake_teacher(str(root / "fashion"), convnet(2), classes=[0, 1], dataset="fashion_mnist"),
   }
