@@ -18,8 +18,9 @@ Benchmarks (batch 256 for distillation, 128 for amalgamation; 28×28×1 random i
   jax_kd            hinton_kd step: LeNet student + frozen NiN teacher (eval mode)
   jax_gt            ground-truth step of the same student alone
   jax_teacher_fwd   the NiN teacher's forward pass alone (what the KD step adds)
-  torch_*           the same three in PyTorch (skipped when torch is not installed;
-                    torch is a dependency of this benchmark only, never of kd_jax)
+  torch_*           the same three in PyTorch, 2 threads (skipped when torch is not
+                    installed: torch is a dependency of this benchmark only, never of
+                    kd_jax), and torch_kd_1thread, the KD step on 1 thread
   jax_amalgamation  amalgamation step: ConvNet student + 2 ConvNet teachers,
                     teacher-card routing (cards fitted on random features)
   jax_convnet_gt    ground-truth step of the amalgamation student alone
@@ -29,12 +30,15 @@ Benchmarks (batch 256 for distillation, 128 for amalgamation; 28×28×1 random i
 The 2-device worker runs with XLA_FLAGS=--xla_force_host_platform_device_count=2: on a
 CPU both "devices" share the same cores, so it measures the overhead of the sharded
 path (split batch, gradient all-reduce), not a speed-up.
+
+Besides wall time the table gives CPU time per step and FLOPs per step (XLA's cost
+analysis; PyTorch's flop counter), hence a throughput per CPU-second that depends less on
+the background load than wall time, and each worker's peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.metadata
 import importlib.util
 import json
@@ -73,6 +77,7 @@ RATIOS = (
     ("KD step / GT step (PyTorch)", "torch_kd", "torch_gt", ""),
     ("teacher forward / KD step (PyTorch)", "torch_teacher_fwd", "torch_kd", ""),
     ("JAX KD / PyTorch KD", "jax_kd", "torch_kd", "> 1: JAX slower"),
+    ("JAX KD / PyTorch KD on 1 thread", "jax_kd", "torch_kd_1thread", "> 1: JAX slower"),
     ("JAX GT / PyTorch GT", "jax_gt", "torch_gt", "> 1: JAX slower"),
     ("JAX teacher fwd / PyTorch teacher fwd", "jax_teacher_fwd", "torch_teacher_fwd", "> 1: JAX slower"),
     ("amalgamation step / ConvNet GT step", "jax_amalgamation", "jax_convnet_gt", ""),
@@ -173,7 +178,8 @@ def jax_bench(name: str, cfg: dict):
       fwd = jax.jit(lambda v, x: steps.apply_model(teacher, v, x, train=False))
       teacher_vars = jax.device_put(teacher_vars)
       images = jax.device_put(batch["image"])
-      return (lambda: jax.block_until_ready(fwd(teacher_vars, images))), info
+      return (lambda: jax.block_until_ready(fwd(teacher_vars, images))), info, \
+          lambda: xla_flops(fwd, teacher_vars, images)
 
     method = "hinton_kd" if name == "jax_kd" else "ground_truth"
     distill = ml_collections.ConfigDict(d["distill"])
@@ -186,6 +192,8 @@ def jax_bench(name: str, cfg: dict):
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
     state = TrainState.create(variables=student.init(init_rng, dummy, train=False), tx=tx, rng=train_rng)
     info["student_params"] = n_params(state.params)
+    if method == "ground_truth":
+      info["teacher_params"] = None
     frozen = teacher_vars if method != "ground_truth" else {}
   else:
     a = cfg["amalgamation"]
@@ -226,7 +234,7 @@ def jax_bench(name: str, cfg: dict):
       fwd = jax.jit(teachers_fwd)
       frozen = jax.device_put(frozen)
       images = jax.device_put(images)
-      return (lambda: jax.block_until_ready(fwd(frozen, images))), info
+      return (lambda: jax.block_until_ready(fwd(frozen, images))), info, lambda: xla_flops(fwd, frozen, images)
 
     tx = steps.make_optimizer(ml_collections.ConfigDict(dict(
         learning_rate=amal_cfg.learning_rate, decay_at=amal_cfg.decay_at,
@@ -245,6 +253,7 @@ def jax_bench(name: str, cfg: dict):
                                       objective=steps.make_objective("ground_truth", {}))
       batch = {"image": images, "label": rng.integers(0, len(union), batch_size).astype(np.int32)}
       frozen = {}
+      info["teacher_params"] = None
     info["student_params"] = n_params(state.params["student"] if name == "jax_amalgamation" else state.params)
 
   compiled = mesh_lib.data_parallel_step(step_fn, mesh)
@@ -256,7 +265,16 @@ def jax_bench(name: str, cfg: dict):
     box["state"], metrics = compiled(box["state"], batch, frozen)
     jax.block_until_ready((box["state"], metrics))
 
-  return one_step, info
+  return one_step, info, lambda: xla_flops(compiled, box["state"], batch, frozen)
+
+
+def xla_flops(jitted, *args) -> float:
+  """FLOPs of one call by XLA's cost analysis of the compiled program (per device: with n
+  devices, each runs 1/n of the batch). Called after the first step, so the compilation is
+  cached, not repeated."""
+  cost = jitted.lower(*args).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
 
 
 # ----------------------------------------------------------------------- PyTorch workers
@@ -315,14 +333,24 @@ def torch_bench(name: str, cfg: dict):
     p.requires_grad_(False)
   n_params = lambda m: sum(p.numel() for p in m.parameters())
   info = {"batch": batch_size, "threads": torch.get_num_threads(), "teacher_params": n_params(teacher)}
+  def flops(fn):
+    def count():
+      from torch.utils.flop_counter import FlopCounterMode
+      with FlopCounterMode(display=False) as counter:
+        fn()
+      return float(counter.get_total_flops())
+    return count
+
   if name == "torch_teacher_fwd":
     def fwd():
       with torch.no_grad():
         teacher(x)
-    return fwd, info
+    return fwd, info, flops(fwd)
 
   student = LeNet(d["student"]["width"]).train()
   info["student_params"] = n_params(student)
+  if name == "torch_gt":
+    info["teacher_params"] = None
   opt = torch.optim.Adam(student.parameters(), lr=d["optim"]["learning_rate"])
   temperature, alpha = d["distill"]["temperature"], d["distill"]["soft_weight"]
   distill = name.startswith("torch_kd")
@@ -348,7 +376,7 @@ def torch_bench(name: str, cfg: dict):
       if distill:
         metrics.append((pred == t.argmax(-1)).float().mean())
 
-  return one_step, info
+  return one_step, info, flops(one_step)
 
 
 # ------------------------------------------------------------------------------ worker
@@ -359,7 +387,7 @@ def worker(name: str, cfg: dict) -> None:
 
   Protocol (one JSON object per line on the original stdout; everything else goes to
   stderr): ready → {"ready": …}; "run N" → {"wall": [s per step], "cpu": s}; "quit" →
-  {"maxrss_mb": …}.
+  {"maxrss_mb": peak RSS}.
   """
   proto = os.fdopen(os.dup(1), "w")
   os.dup2(2, 1)  # stray prints (ours, XLA's, absl's) must not corrupt the protocol
@@ -377,9 +405,10 @@ def worker(name: str, cfg: dict) -> None:
       send({"skip": "PyTorch is not installed (pip install torch==2.13.0 to compare)"})
       return
   c0 = time.process_time()
-  one_step, info = (torch_bench if framework == "torch" else jax_bench)(name, cfg)
+  one_step, info, count_flops = (torch_bench if framework == "torch" else jax_bench)(name, cfg)
   one_step()  # compiles (JAX) / allocates (PyTorch)
   info["first_step_cpu_s"] = time.process_time() - c0  # CPU time: the workers start together
+  info["flops"] = count_flops() * info.get("devices", 1)  # XLA counts one device's program
   for _ in range(2):
     one_step()
   warm = []
@@ -400,7 +429,24 @@ def worker(name: str, cfg: dict) -> None:
       send({"wall": walls, "cpu": time.process_time() - c0})
     elif cmd[0] == "quit":
       break
-  send({"maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+  send({"maxrss_mb": peak_rss_mb()})
+
+
+def peak_rss_mb() -> float:
+  """This process's peak resident set size, VmHWM of /proc/self/status.
+
+  Not `resource.getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries that over exec from the
+  forked parent (here the orchestrator, with TensorFlow and JAX loaded, ~660 MB), so it
+  would be at least the parent's size in every worker. VmHWM belongs to the new image.
+  """
+  try:
+    with open("/proc/self/status", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("VmHWM:"):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # elsewhere: an upper bound
 
 
 # ------------------------------------------------------------------------------ parent
@@ -483,7 +529,7 @@ def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--rounds", type=int, default=12, help="at most this many timed rounds")
   p.add_argument("--min_rounds", type=int, default=4, help="at least this many, whatever the budget")
-  p.add_argument("--budget_seconds", type=float, default=200.0,
+  p.add_argument("--budget_seconds", type=float, default=120.0,
                  help="no new round starts after this much time in the timed rounds")
   p.add_argument("--chunk_seconds", type=float, default=1.0, help="approximate time per chunk")
   p.add_argument("--min_steps", type=int, default=2, help="at least this many steps per chunk")
@@ -539,7 +585,7 @@ def main(argv=None) -> None:
     order = list(workers)
     timing_started = time.time()
     r = 0
-    while r < args.rounds and (r < args.min_rounds or time.time() - timing_started < args.budget_seconds):
+    while order and r < args.rounds and (r < args.min_rounds or time.time() - timing_started < args.budget_seconds):
       rotated = order[r % len(order):] + order[:r % len(order)]
       for name in rotated:
         reply = workers[name].request(f"run {chunk[name]}")
@@ -583,6 +629,10 @@ def main(argv=None) -> None:
       load += (f"; CPU pressure (PSI some avg10: % of time a runnable task waited for a CPU) "
                f"median {statistics.median(psi):.0f} % ({min(psi):.0f}–{max(psi):.0f})")
     out.append(load + ".")
+  inherited = {k: v for k, v in os.environ.items() if k == "XLA_FLAGS" or k.startswith(("JAX_", "OMP_", "MKL_"))}
+  if inherited:
+    out.append("- Environment passed to the workers (besides the device count): "
+               + ", ".join(f"`{k}={v}`" for k, v in sorted(inherited.items())) + ".")
   out.append("- Command: `python benchmarks/step_time.py" + "".join(f" {x}" for x in sys.argv[1:]) + "`")
   out.append(f"- Distillation: LeNet width {d['student']['width']} student, NiN width {d['teacher']['width']} "
              f"teacher ({d['teacher']['head']} head, eval mode), batch {d['batch_size']}, 28×28×1, "
@@ -592,18 +642,21 @@ def main(argv=None) -> None:
              f"{len(a['class_sets'])} teachers ({' / '.join('-'.join(map(str, t)) for t in a['teacher_blocks'])}), "
              f"{a['convs_per_block']} conv per block, classes {a['class_sets']}, selection "
              f"{a['cfg']['selection']}, {a['cfg']['routing']} routing, batch {a['batch_size']}.")
-  out.append(f"- {n_rounds} rounds; in each, every benchmark ran one chunk of steps (about "
-             f"{args.chunk_seconds:g} s, at least {args.min_steps} steps) in a rotated order. ms/step: median "
+  out.append(f"- Rounds: {n_rounds}; in each, every benchmark ran one chunk of steps (about "
+             f"{args.chunk_seconds:g} s, at least {args.min_steps} step(s)) in a rotated order. ms/step: median "
              "over rounds of the chunk's median step, with the interquartile range and the extremes of the "
-             "round values. CPU ms/step: process CPU time (all threads, spinning included) per step. Start-up "
+             "round values. CPU ms/step: process CPU time (all threads, spinning included) per step. GFLOP/step: "
+             "XLA's cost analysis of the compiled program (× devices) for JAX, "
+             "`torch.utils.flop_counter` (convolutions and matmuls only) for PyTorch; GFLOP per CPU-s "
+             "divides it by CPU ms/step, a throughput less sensitive to the load than wall time. Start-up "
              "CPU: importing, building, compiling and running the first step, in CPU seconds (the workers "
-             "start together, so wall time would mean little). Peak RSS: `ru_maxrss` of the worker process.")
+             "start together, so wall time would mean little). Peak RSS: the worker process's VmHWM (/proc/self/status).")
   for name, why in skipped.items():
     out.append(f"- `{name}`: skipped — {why}")
   out.append("")
   out.append("| benchmark | what | batch | params student / teacher | ms/step | IQR | min–max "
-             "| CPU ms/step | steps × rounds | start-up CPU s | peak RSS MB |")
-  out.append("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+             "| CPU ms/step | GFLOP/step | GFLOP per CPU-s | steps × rounds | start-up CPU s | peak RSS MB |")
+  out.append("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for name in workers:
     info = ready[name]
     wall = spread([1e3 * x for x in rounds[name]], "{:.0f}")
@@ -611,7 +664,8 @@ def main(argv=None) -> None:
     params = f"{info.get('student_params') or '—'} / {info.get('teacher_params') or '—'}"
     out.append(
         f"| `{name}` | {BENCHES[name][2]} | {info['batch']} | {params} | **{wall['median']}** "
-        f"| {wall['iqr']} | {wall['range']} | {cpu:.0f} | {chunk[name]} × {len(rounds[name])} "
+        f"| {wall['iqr']} | {wall['range']} | {cpu:.0f} | {info['flops'] / 1e9:.2f} "
+        f"| {info['flops'] / 1e6 / cpu:.1f} | {chunk[name]} × {len(rounds[name])} "
         f"| {info['first_step_cpu_s']:.1f} | {rss[name]:.0f} |")
   out.append("")
   out.append("Each ratio is taken within a round (its two chunks ran seconds apart, under about the same "
