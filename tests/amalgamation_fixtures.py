@@ -1,13 +1,10 @@
 """Shared pieces of the amalgamation tests: one small IDX dataset per test session and
 amalgamation configs pointing at it (import the fixture into a test module to use it)."""
 
-import copy
-import importlib.util
-import os
-
 import pytest
 
 import fake_data
+from helpers import experiment, override, tree_snapshot  # noqa: F401 (re-exported)
 
 # 512 training images: each class pair has ~100 (3 batches of 32 per epoch) and each half
 # of it ~50, enough for the dual stage's source nets.
@@ -32,17 +29,6 @@ def point_at(config, idx_data):
   return config
 
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments")
-
-
-def experiment(name):
-  """The module `experiments/<name>.py` (the directory is not a package)."""
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}", os.path.join(EXPERIMENTS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def locked(config):
   config.lock()  # as `--config` gives it: only existing keys may be set
   return config
@@ -58,27 +44,3 @@ def amalgamate_config(idx_data, arg="smoke", **overrides):
 def component_config(idx_data, arg="smoke", **overrides):
   config = point_at(locked(experiment("component").get_config(arg)), idx_data)
   return override(config, **overrides)
-
-
-def override(config, **overrides):
-  config = copy.deepcopy(config)
-  for key, value in overrides.items():
-    *path, name = key.split(".")
-    node = config
-    for part in path:
-      node = node[part]
-    node[name] = value  # a locked ConfigDict: existing keys only
-  return config
-
-
-def tree_snapshot(path):
-  """{relative path: (size, mtime_ns)} of every file under `path` (None if it is absent)."""
-  if not os.path.exists(path):
-    return None
-  out = {}
-  for root, _, files in os.walk(path):
-    for name in files:
-      full = os.path.join(root, name)
-      st = os.stat(full)
-      out[os.path.relpath(full, path)] = (st.st_size, st.st_mtime_ns)
-  return out

@@ -21,6 +21,7 @@ from kd_jax.train.state import TrainState
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fake_data  # noqa: E402  pylint: disable=g-import-not-at-top
+import helpers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
@@ -167,21 +168,10 @@ def test_teachers_are_left_alone(cases, dirs):
 
 
 def _student_config(dirs, **overrides) -> ml_collections.ConfigDict:
-  import importlib.util  # pylint: disable=g-import-not-at-top
-
-  spec = importlib.util.spec_from_file_location("lenet_student_exp", os.path.join(ROOT, "experiments", "lenet_student.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config("dataset=fashion_mnist,smoke,method=hinton_kd")
-  config.data.manual_dir, config.data.data_dir, config.data.download = dirs["manual"], dirs["tfds"], False
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  config.lock()
-  return config
+  return helpers.experiment_config(
+      "lenet_student", "dataset=fashion_mnist,smoke,method=hinton_kd",
+      manual_dir=dirs["manual"], data_dir=dirs["tfds"], **overrides,
+  )
 
 
 def test_distillation_without_a_teacher_is_refused(dirs, tmp_path):

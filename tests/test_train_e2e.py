@@ -6,7 +6,6 @@ the teacher is trained once per module and shared. The other runs call
 """
 
 import glob
-import importlib.util
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from kd_jax.train import loop
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fake_data  # noqa: E402  pylint: disable=g-import-not-at-top
+import helpers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_ENV = dict(
@@ -43,32 +43,8 @@ def data_flags(dirs) -> list[str]:
           "--config.data.download=False"]
 
 
-def experiment_config(name: str, arg: str, dirs, **overrides) -> ml_collections.ConfigDict:
-  """`experiments/NAME.py:ARG` as the command line builds it (locked), with overrides."""
-  spec = importlib.util.spec_from_file_location(f"experiment_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(arg)
-  config.lock()
-  config.data.manual_dir, config.data.data_dir, config.data.download = dirs["manual"], dirs["tfds"], False
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
-
-
-def tree_snapshot(directory: str) -> dict:
-  """Every file under `directory` with its size and modification time."""
-  snapshot = {}
-  for base, _, files in os.walk(directory):
-    for f in files:
-      path = os.path.join(base, f)
-      st = os.stat(path)
-      snapshot[os.path.relpath(path, directory)] = (st.st_size, st.st_mtime_ns)
-  return snapshot
+def experiment_config(name: str, arg: str, dirs, **overrides):
+  return helpers.experiment_config(name, arg, manual_dir=dirs["manual"], data_dir=dirs["tfds"], **overrides)
 
 
 def params_of(workdir: str):
@@ -110,7 +86,7 @@ def teacher(dirs):
 def student(dirs, teacher):
   """A hinton_kd student of the teacher by the command line, then `kd_jax.evaluate` of it."""
   teacher_fingerprint = checkpoint.fingerprint(checkpoint.load(teacher)[1])
-  teacher_files = tree_snapshot(teacher)
+  teacher_files = helpers.tree_snapshot(teacher)
   workdir = os.path.join(dirs["base"], "student")
   args = ["--config=experiments/lenet_student.py:dataset=fashion_mnist,smoke,method=hinton_kd", *data_flags(dirs),
           f"--config.teacher_workdir={teacher}", f"--workdir={workdir}"]
@@ -180,20 +156,20 @@ def test_checkpoint_load_reproduces_the_accuracy(student):
 def test_teacher_is_frozen_and_recorded(student, teacher):
   fingerprint = checkpoint.fingerprint(checkpoint.load(teacher)[1])
   assert fingerprint == student["teacher_fingerprint"]
-  assert tree_snapshot(teacher) == student["teacher_files"]  # not a byte rewritten
+  assert helpers.tree_snapshot(teacher) == student["teacher_files"]  # not a byte rewritten
   origin = {"workdir": os.path.abspath(teacher), "fingerprint": fingerprint}
   assert checkpoint.read_meta(student["workdir"])["teacher"] == origin
   assert student["results"]["teacher"] == origin
 
 
 def test_different_config_on_existing_workdir_is_refused(student):
-  before = tree_snapshot(student["workdir"])
+  before = helpers.tree_snapshot(student["workdir"])
   proc = run_module("kd_jax.main", *student["args"], "--config.seed=1")
   assert proc.returncode == 2
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and "different config" in errors[0] and "seed" in errors[0], proc.stderr
   assert "Traceback" not in proc.stderr
-  assert tree_snapshot(student["workdir"]) == before
+  assert helpers.tree_snapshot(student["workdir"]) == before
 
 
 # ------------------------------------------------------------------- in-process runs
@@ -278,11 +254,11 @@ def test_rerun_of_a_finished_run_changes_nothing(dirs, learned_teacher, teacher,
   assert_trees_equal(params_of(workdir), params)
 
   # teacher_workdir may change on resume (a moved directory), but not the teacher itself.
-  before = tree_snapshot(workdir)
+  before = helpers.tree_snapshot(workdir)
   other_teacher = experiment_config(
       "lenet_student", "dataset=fashion_mnist,smoke,method=logit_regression", dirs, num_epochs=1,
       steps_per_epoch=3, teacher_workdir=teacher,
   )
   with pytest.raises(ValueError, match="was distilled from the teacher in .*learned_teacher"):
     loop.train_and_evaluate(other_teacher, workdir)
-  assert tree_snapshot(workdir) == before
+  assert helpers.tree_snapshot(workdir) == before
