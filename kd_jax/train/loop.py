@@ -172,7 +172,7 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
     record.update({f"train_{k}": float(v) / max(count, 1) for k, v in sums.items()})
     if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
       record.update(evaluate(state))
-    writer.write_scalars(step, {k.replace("_", "/", 1): v for k, v in record.items() if "_" in k})
+    writer.write_scalars(step, epoch_summary(record))
     meta["history"].append(record)
     progress.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith("test_")})
     last = epoch + 1 == config.num_epochs and finalize is not None
@@ -181,6 +181,20 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
   writer.close()
   ckpts.close()
   return state, meta
+
+
+def epoch_summary(record: dict) -> dict:
+  """An epoch's record as scalars: `train_x` (epoch means) → `train_epoch_mean/x`, so they
+  do not mix with the per-step `train/x`; `test_x` → `test/x`; other metrics as they are."""
+  summary = {}
+  for key, value in record.items():
+    if key.startswith("train_"):
+      summary["train_epoch_mean/" + key.removeprefix("train_")] = value
+    elif key.startswith("test_"):
+      summary["test/" + key.removeprefix("test_")] = value
+    elif key not in ("epoch", "step"):
+      summary[key] = value
+  return summary
 
 
 def finish(workdir: str, results: dict, history, *, title: str, panels=None) -> None:
