@@ -35,9 +35,9 @@ def evaluate_workdir(workdir: str, *, item=None, data_dir=None, manual_dir=None,
   if name not in meta["models"]:
     raise ValueError(f"{workdir} has no model {name!r}; it has {', '.join(meta['models'])}")
   if meta.get("kind") == "amalgamation":
-    from kd_jax.amalgamation import pipeline  # pylint: disable=g-import-not-at-top
+    from kd_jax.amalgamation import components  # pylint: disable=g-import-not-at-top
 
-    pipeline.verify_teacher_origins(meta)
+    components.verify_teacher_origins(meta)
   model, variables = checkpoint.load(workdir, item=name)
   data_config = ml_collections.ConfigDict(meta["config"]["data"])
   if data_dir:

@@ -22,7 +22,7 @@ from amalgamation_fixtures import (  # noqa: F401 (idx_data is a fixture)
     tree_snapshot,
 )
 from kd_jax import checkpoint, models, routing
-from kd_jax.amalgamation import objective, pipeline
+from kd_jax.amalgamation import components, objective, pipeline
 from kd_jax.amalgamation import step as step_lib
 from kd_jax.train import loop, steps
 from kd_jax.train import mesh as mesh_lib
@@ -571,9 +571,9 @@ def test_main_reports_one_error_line_and_writes_nothing(idx_data, tmp_path):
 
 def test_card_shrinkage_reaches_the_nets(idx_data):
   config = amalgamate_config(idx_data, card_shrinkage=0.3)
-  component = pipeline.component_config(config, classes=[0, 1], widths=[8, 16], seed=1)
+  component = components.component_config(config, classes=[0, 1], widths=[8, 16], seed=1)
   assert component.card_shrinkage == 0.3
-  assert pipeline.net_config(config, "dual_stage").card_shrinkage == 0.3
+  assert components.net_config(config, "dual_stage").card_shrinkage == 0.3
   assert json.loads(json.dumps(component.to_dict()))["card_shrinkage"] == 0.3
 
 

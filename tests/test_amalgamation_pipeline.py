@@ -16,7 +16,7 @@ from amalgamation_fixtures import (  # noqa: F401 (idx_data is a fixture)
     tree_snapshot,
 )
 from kd_jax import checkpoint, data, models, reporting, routing
-from kd_jax.amalgamation import pipeline
+from kd_jax.amalgamation import components, pipeline
 from kd_jax.evaluate import evaluate_workdir
 from kd_jax.train import loop
 
@@ -52,7 +52,7 @@ def test_one_composite_checkpoint_holds_everything(smoke):
   ckpts = checkpoint.Checkpoints(workdir, read_only=True)
   try:
     step = ckpts.latest_step()
-    assert {"state", "teacher_0", "teacher_1", "meta"} <= set(pipeline.checkpoint_items(ckpts))
+    assert {"state", "teacher_0", "teacher_1", "meta"} <= set(components.checkpoint_items(ckpts))
     meta = ckpts.restore_meta()
   finally:
     ckpts.close()
@@ -106,15 +106,15 @@ def test_component_checkpoint_holds_its_card(smoke, t):
   teacher_dir = os.path.join(workdir, "teachers", f"teacher_{t}")
   ckpts = checkpoint.Checkpoints(teacher_dir, read_only=True)
   try:
-    assert pipeline.CARD in pipeline.checkpoint_items(ckpts)
-    raw = ckpts.restore(None, {pipeline.CARD: None})[pipeline.CARD]
+    assert components.CARD in components.checkpoint_items(ckpts)
+    raw = ckpts.restore(None, {components.CARD: None})[components.CARD]
   finally:
     ckpts.close()
   card = routing.TeacherCard.from_dict(raw)
   assert card.means.shape == (2, 16)  # 2 classes, the 16-wide last block
   assert card.precision.shape == (16, 16)
   assert np.all(np.isfinite(card.precision)) and float(card.score_std) > 0
-  loaded = pipeline.load_card(teacher_dir)
+  loaded = components.load_card(teacher_dir)
   np.testing.assert_array_equal(loaded.means, card.means)
 
 
@@ -161,7 +161,7 @@ def test_component_experiment_saves_a_card(external):
   assert component["test_accuracy"] >= 0
   meta = checkpoint.read_meta(teacher_a)
   assert meta["models"]["model"]["classes"] == [0, 1]
-  card = pipeline.load_card(teacher_a)
+  card = components.load_card(teacher_a)
   assert card is not None and card.means.shape == (2, 16)
 
 
@@ -176,10 +176,10 @@ def test_external_teachers_then_changed_teacher_is_refused(external):
   try:
     step = ckpts.latest_step()
     meta = ckpts.restore_meta(step)
-    stored = ckpts.restore(step, {"state": None, pipeline.CARD: None})
+    stored = ckpts.restore(step, {"state": None, components.CARD: None})
     state = stored["state"]
     state["params"] = jax.tree.map(lambda p: np.asarray(p) * 1.5, state["params"])
-    ckpts.save(step + 1, {"state": state, pipeline.CARD: stored[pipeline.CARD]}, meta, force=True)
+    ckpts.save(step + 1, {"state": state, components.CARD: stored[components.CARD]}, meta, force=True)
   finally:
     ckpts.close()
 
@@ -215,7 +215,7 @@ def test_dual_stage(idx_data, tmp_path):
     model, _ = checkpoint.load(teacher)  # the exported component
     assert isinstance(model, models.ConvNet) and model.num_classes == 2
     assert model.block_widths == (8, 16)
-    assert pipeline.load_card(teacher) is not None
+    assert components.load_card(teacher) is not None
     # Exporting again (as a resumed run does after an interruption) keeps the export.
     exported = tree_snapshot(checkpoint.checkpoint_dir(teacher))
     pipeline.export_component(os.path.join(teacher, "component"), teacher, classes)

@@ -19,7 +19,6 @@ A finished stage is not re-run when the command is repeated; an interrupted one 
 from __future__ import annotations
 
 import copy
-import logging
 import os
 
 import jax
@@ -27,207 +26,11 @@ import ml_collections
 import numpy as np
 
 from kd_jax import checkpoint, data, models, reporting, routing
+from kd_jax.amalgamation import components
 from kd_jax.amalgamation import step as step_lib
 from kd_jax.train import loop, steps
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train.state import TrainState
-
-CARD = "card"
-
-
-# ----------------------------------------------------------------------------- config
-
-
-def parse_classes(text: str) -> list[list[int]]:
-  """'0+1/2+3' → [[0, 1], [2, 3]]: one class set per teacher."""
-  try:
-    return [[int(c) for c in group.split("+")] if group.strip() else [] for group in text.split("/")]
-  except ValueError:
-    raise loop.UsageError(f"teacher_classes={text!r} is not like '0+1/2+3' (classes per teacher)") from None
-
-
-def parse_blocks(text: str, count: int, *, name: str) -> list[list[int]]:
-  """'32-64-128' (shared) or '32-64/16-32-64' (per net) → block widths per net."""
-  try:
-    specs = [[int(w) for w in group.split("-")] for group in text.split("/")]
-  except ValueError:
-    raise loop.UsageError(f"{name}={text!r} is not like '32-64-128' or '32-64/16-32-64'") from None
-  if len(specs) == 1:
-    specs = specs * count
-  if len(specs) != count:
-    raise loop.UsageError(f"{name}={text!r} gives {len(specs)} nets' widths for {count} nets")
-  return specs
-
-
-def parse_pairs(text: str, plan_blocks: list[tuple[int, int]]) -> list[tuple[tuple[int, int], ...]]:
-  """'auto', or 's:t+s:t' (all teachers) or per teacher separated by '/'."""
-  if text == "auto":
-    return [step_lib.auto_pairs(s, t) for s, t in plan_blocks]
-  try:
-    groups = [tuple(tuple(int(i) for i in pair.split(":")) for pair in g.split("+")) for g in text.split("/")]
-  except ValueError:
-    raise loop.UsageError(f"block_pairs={text!r} is not 'auto' or like '0:0+2:1'") from None
-  if any(len(pair) != 2 for g in groups for pair in g):
-    raise loop.UsageError(f"block_pairs={text!r} is not 'auto' or like '0:0+2:1' (student:teacher pairs)")
-  if len(groups) == 1:
-    groups = groups * len(plan_blocks)
-  if len(groups) != len(plan_blocks):
-    raise loop.UsageError(f"block_pairs={text!r} gives pairs for {len(groups)} of {len(plan_blocks)} teachers")
-  return groups
-
-
-def check_class_sets(class_sets: list[list[int]], num_classes: int, *, shared: bool = False) -> None:
-  if len(class_sets) < 2:
-    raise loop.UsageError(f"amalgamation needs at least 2 teachers, got {len(class_sets)}")
-  seen = set()
-  for t, classes in enumerate(class_sets):
-    if not classes:
-      raise loop.UsageError(f"teacher {t} has an empty class set")
-    if len(classes) < 2:  # a 1-class net learns nothing from labels and routes by nothing
-      raise loop.UsageError(f"teacher {t} has the single class {classes[0]}: each teacher needs at least 2 classes")
-    outside = [c for c in classes if not 0 <= c < num_classes]
-    if outside:
-      raise loop.UsageError(f"teacher {t}'s classes {outside} are outside the dataset's 0..{num_classes - 1}")
-    if len(set(classes)) != len(classes):
-      raise loop.UsageError(f"teacher {t} lists a class twice: {classes}")
-    overlap = seen & set(classes)
-    if overlap and not shared:
-      raise loop.UsageError(f"teachers' class sets overlap on {sorted(overlap)}: they must be disjoint")
-    seen |= set(classes)
-
-
-def net_config(config, section: str) -> ml_collections.ConfigDict:
-  """A training config for one net or stage, from the shared fields and `config[section]`."""
-  sub = config[section]
-  out = ml_collections.ConfigDict()
-  out.experiment = f"{config.experiment}/{section}"
-  out.seed = config.seed
-  out.data = copy.deepcopy(config.data)
-  out.batch_size = sub.batch_size
-  out.num_epochs = sub.epochs
-  out.steps_per_epoch = config.steps_per_epoch
-  out.optim = ml_collections.ConfigDict(
-      dict(learning_rate=sub.learning_rate, decay_at=sub.decay_at, decay_factor=sub.decay_factor, weight_decay=0.0)
-  )
-  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs"):
-    out[key] = config[key]
-  out.card_shrinkage = config.get("card_shrinkage", 0.1)  # for the cards computed from this net
-  return out
-
-
-def component_config(config, *, classes, widths, seed, split="train") -> ml_collections.ConfigDict:
-  """The config of one component (or source) net trained with labels on `classes`."""
-  out = net_config(config, "component")
-  out.seed = seed
-  out.method = "ground_truth"
-  out.teacher_workdir = ""
-  out.classes = list(classes)
-  out.train_split = split
-  out.model = ml_collections.ConfigDict(
-      dict(name="convnet", block_widths=list(widths), convs_per_block=config.convs_per_block, norm="batch")
-  )
-  return out
-
-
-# ------------------------------------------------------------------------ components
-
-
-def compute_card(config, model, variables, *, classes, split="train") -> routing.TeacherCard:
-  """A teacher card from the net's penultimate features on its own (labelled) training data."""
-  mesh = mesh_lib.make_mesh()
-  fn = jax.jit(lambda v, x: models.penultimate(model.apply(v, x, train=False)[1]))
-  variables = mesh_lib.replicate(variables, mesh)
-  features, labels = [], []
-  ds = data.make_dataset(config.data, split, batch_size=config.batch_size, train=False, classes=classes)
-  for batch in data.as_numpy(ds):
-    keep = batch["mask"].astype(bool)
-    features.append(np.asarray(fn(variables, mesh_lib.shard_batch(batch["image"], mesh)))[keep])
-    labels.append(batch["label"][keep])
-  return routing.fit_teacher_card(
-      np.concatenate(features), np.concatenate(labels), num_classes=len(classes),
-      shrinkage=config.get("card_shrinkage", 0.1),
-  )
-
-
-def train_component(config, workdir: str) -> dict:
-  """Trains one net with labels on `config.classes`; its final checkpoint holds its card."""
-
-  def card_item(model, state):
-    card = compute_card(config, model, state.variables, classes=config.classes, split=config.train_split)
-    return {CARD: card.to_dict()}
-
-  return loop.train_and_evaluate(config, workdir, finalize=card_item)
-
-
-def load_card(workdir: str) -> routing.TeacherCard | None:
-  checkpoints = checkpoint.Checkpoints(workdir, read_only=True)
-  try:
-    if CARD not in checkpoint_items(checkpoints):
-      return None
-    return routing.TeacherCard.from_dict(checkpoints.restore(None, {CARD: None})[CARD])
-  finally:
-    checkpoints.close()
-
-
-def checkpoint_items(checkpoints: checkpoint.Checkpoints) -> list[str]:
-  step = checkpoints.latest_step()
-  return sorted(os.listdir(os.path.join(checkpoints.directory, str(step)))) if step is not None else []
-
-
-def load_teacher(workdir: str, *, config, external: bool) -> dict:
-  """A frozen teacher: model, variables, classes, card (computed if missing), origin."""
-  try:
-    meta = checkpoint.read_meta(workdir)
-    model, variables = checkpoint.load(workdir)
-  except checkpoint.CheckpointError as e:
-    raise loop.UsageError(f"teacher: {e}") from None
-  if not isinstance(model, models.ConvNet):
-    raise loop.UsageError(f"the teacher in {workdir} is a {type(model).__name__}; amalgamation needs ConvNet teachers")
-  teacher_data = meta.get("config", {}).get("data", {}).get("name")
-  if teacher_data and teacher_data != config.data.name:
-    raise loop.UsageError(f"the teacher in {workdir} was trained on {teacher_data}, not {config.data.name}")
-  entry = meta["models"][meta["main"]]
-  classes = entry.get("classes")
-  if not classes:
-    raise loop.UsageError(f"the teacher in {workdir} records no class subset: train it with experiments/component.py")
-  card = load_card(workdir)
-  if card is None and config.amalgamation.selection == "teacher_card":
-    logging.info("Teacher %s has no card: computing it from its training data.", workdir)
-    card = compute_card(config_for_data(config), model, variables, classes=classes)
-  return {
-      "model": model,
-      "variables": variables,
-      "classes": list(classes),
-      "card": card,
-      "origin": {"workdir": os.path.abspath(workdir), "fingerprint": checkpoint.fingerprint(variables),
-                 "external": external},
-  }
-
-
-def config_for_data(config):
-  out = ml_collections.ConfigDict({"data": copy.deepcopy(config.data), "batch_size": config.component.batch_size,
-                                   "card_shrinkage": config.get("card_shrinkage", 0.1)})
-  return out
-
-
-def verify_teacher_origins(meta: dict) -> None:
-  """Refuses an amalgamation whose external teachers changed since it learned from them."""
-  for name, entry in meta["models"].items():
-    origin = entry.get("origin") or {}
-    if not origin.get("external"):
-      continue
-    workdir = origin["workdir"]
-    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-      logging.warning("External teacher %s (%s) is gone; using the copy in this checkpoint.", name, workdir)
-      continue
-    _, variables = checkpoint.load(workdir)
-    if checkpoint.fingerprint(variables) != origin["fingerprint"]:
-      raise ValueError(
-          f"{name} was learned from {workdir} with fingerprint {origin['fingerprint']}, but that "
-          f"teacher now has fingerprint {checkpoint.fingerprint(variables)}: it was retrained or "
-          "overwritten; re-run the amalgamation into a new workdir"
-      )
-
 
 # ---------------------------------------------------------------------- amalgamation
 
@@ -237,11 +40,11 @@ def build_plan(config, teachers: list[dict]) -> tuple[step_lib.Plan, list[int]]:
   dual stage's sources share their task's classes)."""
   union = list(dict.fromkeys(c for t in teachers for c in t["classes"]))
   class_index = [tuple(union.index(c) for c in t["classes"]) for t in teachers]
-  widths = parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
+  widths = components.parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
   student = models.ConvNet(
       num_classes=len(union), block_widths=tuple(widths), convs_per_block=config.convs_per_block, norm="batch"
   )
-  pairs = parse_pairs(
+  pairs = components.parse_pairs(
       config.block_pairs, [(len(widths), len(t["model"].block_widths)) for t in teachers]
   )
   plan = step_lib.Plan(
@@ -266,7 +69,7 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
     raise loop.UsageError(str(e)) from None
   if cfg.selection not in routing.RULES:
     raise loop.UsageError(f"unknown selection {cfg.selection!r}; choose one of {', '.join(routing.RULES)}")
-  run_config = net_config(config, section)
+  run_config = components.net_config(config, section)
   run_config.amalgamation = copy.deepcopy(cfg)
   run_config.teachers = [t["origin"] for t in teachers]
   if claim:
@@ -426,9 +229,9 @@ def teacher_specs(config, num_classes: int) -> list[dict]:
     if not all(p.strip() for p in paths):
       raise loop.UsageError(f"teacher_workdirs={config.teacher_workdirs!r} has an empty path: use 'dir0:dir1'")
     return [{"workdir": p, "external": True} for p in paths]
-  class_sets = parse_classes(config.teacher_classes)
-  check_class_sets(class_sets, num_classes)
-  widths = parse_blocks(config.teacher_blocks, len(class_sets), name="teacher_blocks")
+  class_sets = components.parse_classes(config.teacher_classes)
+  components.check_class_sets(class_sets, num_classes)
+  widths = components.parse_blocks(config.teacher_blocks, len(class_sets), name="teacher_blocks")
   return [{"classes": c, "widths": w, "external": False} for c, w in zip(class_sets, widths)]
 
 
@@ -438,21 +241,21 @@ def build_teacher(config, workdir: str, t: int, spec: dict) -> str:
   seed = config.seed * 1000 + t + 1
   if config.sources_per_task < 2:
     if not os.path.exists(os.path.join(out, "results.json")):
-      train_component(component_config(config, classes=spec["classes"], widths=spec["widths"], seed=seed), out)
+      components.train_component(components.component_config(config, classes=spec["classes"], widths=spec["widths"], seed=seed), out)
     return out
   # Dual stage: source nets on disjoint shards of the task's data, amalgamated by entropy.
   n = config.sources_per_task
-  source_widths = parse_blocks(config.source_blocks or config.teacher_blocks, n, name="source_blocks")
+  source_widths = components.parse_blocks(config.source_blocks or config.teacher_blocks, n, name="source_blocks")
   sources = []
   for i in range(n):
     src = os.path.join(out, "sources", f"source_{i}")
     split = source_split(i, n)
     if not os.path.exists(os.path.join(src, "results.json")):
-      train_component(
-          component_config(config, classes=spec["classes"], widths=source_widths[i], seed=seed * 100 + i, split=split),
+      components.train_component(
+          components.component_config(config, classes=spec["classes"], widths=source_widths[i], seed=seed * 100 + i, split=split),
           src,
       )
-    sources.append(load_teacher(src, config=config, external=False))
+    sources.append(components.load_teacher(src, config=config, external=False))
   if not os.path.exists(os.path.join(out, "results.json")):
     stage1 = copy.deepcopy(config)
     with stage1.unlocked():
@@ -470,9 +273,9 @@ def export_component(amalgamation_dir: str, out: str, classes) -> None:
     model, variables = checkpoint.load(amalgamation_dir)
     meta = checkpoint.read_meta(amalgamation_dir)
     config = ml_collections.ConfigDict(meta["config"])
-    card = compute_card(config, model, variables, classes=meta["models"]["student"]["classes"])
+    card = components.compute_card(config, model, variables, classes=meta["models"]["student"]["classes"])
     ckpts.save(0, {"state": {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})},
-                   CARD: card.to_dict()}, {
+                   components.CARD: card.to_dict()}, {
         "kind": "component", "main": "model",
         "models": {"model": checkpoint.model_entry(model, num_classes=len(classes), classes=list(classes))},
         "config": meta["config"], "history": [],
@@ -485,31 +288,31 @@ def export_component(amalgamation_dir: str, out: str, classes) -> None:
 def run(config, workdir: str) -> dict:
   """Runs `experiments/component.py` or the whole `experiments/amalgamate.py` pipeline."""
   if config.experiment == "component":
-    return train_component(config, workdir)
+    return components.train_component(config, workdir)
   info = data.get_info(config.data)
   specs = teacher_specs(config, info.num_classes)  # validates before anything is written
   if config.supervised:  # the baseline: the same student, trained with labels on the union
     if any(s["external"] for s in specs):
       raise loop.UsageError("supervised=True trains the student on teacher_classes; unset teacher_workdirs")
     union = [c for s in specs for c in s["classes"]]
-    widths = parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
-    baseline = component_config(config, classes=union, widths=widths, seed=config.seed)
+    widths = components.parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
+    baseline = components.component_config(config, classes=union, widths=widths, seed=config.seed)
     baseline.num_epochs = config.amalgamation.epochs
-    return train_component(baseline, workdir)
+    return components.train_component(baseline, workdir)
   if config.amalgamation.selection not in routing.RULES:
     raise loop.UsageError(
         f"unknown selection {config.amalgamation.selection!r}; choose one of {', '.join(routing.RULES)}"
     )
   # Everything is checked before the workdir is claimed: bad input writes nothing.
   if any(s["external"] for s in specs):
-    teachers = [load_teacher(s["workdir"], config=config, external=True) for s in specs]
-    check_class_sets([t["classes"] for t in teachers], info.num_classes)
+    teachers = [components.load_teacher(s["workdir"], config=config, external=True) for s in specs]
+    components.check_class_sets([t["classes"] for t in teachers], info.num_classes)
     try:
       _, union = build_plan(config, teachers)
     except ValueError as e:
       raise loop.UsageError(str(e)) from None
     if os.path.isdir(checkpoint.checkpoint_dir(workdir)):  # resuming: the same teachers only
-      verify_teacher_origins(checkpoint.read_meta(workdir))
+      components.verify_teacher_origins(checkpoint.read_meta(workdir))
   else:
     teachers = None
     validate_plan(config, specs)
@@ -518,7 +321,7 @@ def run(config, workdir: str) -> dict:
   loop.claim_workdir(workdir, config)
   if teachers is None:
     teachers = [
-        load_teacher(build_teacher(config, workdir, t, spec), config=config, external=False)
+        components.load_teacher(build_teacher(config, workdir, t, spec), config=config, external=False)
         for t, spec in enumerate(specs)
     ]
   return amalgamate(config, workdir, teachers, claim=False)
@@ -526,7 +329,7 @@ def run(config, workdir: str) -> dict:
 
 def validate_plan(config, specs) -> None:
   """Checks the student/teacher blocks and tapped pairs before any training."""
-  widths = parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
+  widths = components.parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
   plans = [("", widths, [s["widths"] for s in specs])]  # (context, student widths, teachers' widths)
   if config.sources_per_task >= 2:  # the dual stage: each component from its sources
     n = config.sources_per_task
@@ -534,11 +337,11 @@ def validate_plan(config, specs) -> None:
       raise loop.UsageError(
           f"unknown dual_stage.selection {config.dual_stage.selection!r}; choose one of {', '.join(routing.RULES)}"
       )
-    source_widths = parse_blocks(config.source_blocks or config.teacher_blocks, n, name="source_blocks")
+    source_widths = components.parse_blocks(config.source_blocks or config.teacher_blocks, n, name="source_blocks")
     plans += [(f"the dual stage of teacher {t} (teacher {t} is the student, its sources the teachers): ", s["widths"],
                source_widths) for t, s in enumerate(specs)]
   for context, student_widths, teacher_widths in plans:
-    pairs = parse_pairs(config.block_pairs, [(len(student_widths), len(w)) for w in teacher_widths])
+    pairs = components.parse_pairs(config.block_pairs, [(len(student_widths), len(w)) for w in teacher_widths])
     try:
       step_lib.Plan(
           student=models.ConvNet(num_classes=1, block_widths=tuple(student_widths)),
@@ -561,7 +364,7 @@ def validate_plan(config, specs) -> None:
 def check_batches(config, section: str, classes, split: str = "train", *, what: str) -> None:
   """Refuses a net whose training data (classes, split) cannot fill one batch."""
   try:
-    loop.steps_per_epoch_of(net_config(config, section), classes, split)
+    loop.steps_per_epoch_of(components.net_config(config, section), classes, split)
   except loop.UsageError as e:
     raise loop.UsageError(f"{what} (classes {list(classes)}, split {split}): {e}") from None
 

@@ -1,0 +1,213 @@
+"""Component (teacher) nets of amalgamation: config parsing, training with labels on their
+own classes, teacher cards, and loading frozen teachers with their origin."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from kd_jax import checkpoint, data, models, routing
+from kd_jax.amalgamation import step as step_lib
+from kd_jax.train import loop
+from kd_jax.train import mesh as mesh_lib
+
+CARD = "card"
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def parse_classes(text: str) -> list[list[int]]:
+  """'0+1/2+3' → [[0, 1], [2, 3]]: one class set per teacher."""
+  try:
+    return [[int(c) for c in group.split("+")] if group.strip() else [] for group in text.split("/")]
+  except ValueError:
+    raise loop.UsageError(f"teacher_classes={text!r} is not like '0+1/2+3' (classes per teacher)") from None
+
+
+def parse_blocks(text: str, count: int, *, name: str) -> list[list[int]]:
+  """'32-64-128' (shared) or '32-64/16-32-64' (per net) → block widths per net."""
+  try:
+    specs = [[int(w) for w in group.split("-")] for group in text.split("/")]
+  except ValueError:
+    raise loop.UsageError(f"{name}={text!r} is not like '32-64-128' or '32-64/16-32-64'") from None
+  if len(specs) == 1:
+    specs = specs * count
+  if len(specs) != count:
+    raise loop.UsageError(f"{name}={text!r} gives {len(specs)} nets' widths for {count} nets")
+  return specs
+
+
+def parse_pairs(text: str, plan_blocks: list[tuple[int, int]]) -> list[tuple[tuple[int, int], ...]]:
+  """'auto', or 's:t+s:t' (all teachers) or per teacher separated by '/'."""
+  if text == "auto":
+    return [step_lib.auto_pairs(s, t) for s, t in plan_blocks]
+  try:
+    groups = [tuple(tuple(int(i) for i in pair.split(":")) for pair in g.split("+")) for g in text.split("/")]
+  except ValueError:
+    raise loop.UsageError(f"block_pairs={text!r} is not 'auto' or like '0:0+2:1'") from None
+  if any(len(pair) != 2 for g in groups for pair in g):
+    raise loop.UsageError(f"block_pairs={text!r} is not 'auto' or like '0:0+2:1' (student:teacher pairs)")
+  if len(groups) == 1:
+    groups = groups * len(plan_blocks)
+  if len(groups) != len(plan_blocks):
+    raise loop.UsageError(f"block_pairs={text!r} gives pairs for {len(groups)} of {len(plan_blocks)} teachers")
+  return groups
+
+
+def check_class_sets(class_sets: list[list[int]], num_classes: int, *, shared: bool = False) -> None:
+  if len(class_sets) < 2:
+    raise loop.UsageError(f"amalgamation needs at least 2 teachers, got {len(class_sets)}")
+  seen = set()
+  for t, classes in enumerate(class_sets):
+    if not classes:
+      raise loop.UsageError(f"teacher {t} has an empty class set")
+    if len(classes) < 2:  # a 1-class net learns nothing from labels and routes by nothing
+      raise loop.UsageError(f"teacher {t} has the single class {classes[0]}: each teacher needs at least 2 classes")
+    outside = [c for c in classes if not 0 <= c < num_classes]
+    if outside:
+      raise loop.UsageError(f"teacher {t}'s classes {outside} are outside the dataset's 0..{num_classes - 1}")
+    if len(set(classes)) != len(classes):
+      raise loop.UsageError(f"teacher {t} lists a class twice: {classes}")
+    overlap = seen & set(classes)
+    if overlap and not shared:
+      raise loop.UsageError(f"teachers' class sets overlap on {sorted(overlap)}: they must be disjoint")
+    seen |= set(classes)
+
+
+def net_config(config, section: str) -> ml_collections.ConfigDict:
+  """A training config for one net or stage, from the shared fields and `config[section]`."""
+  sub = config[section]
+  out = ml_collections.ConfigDict()
+  out.experiment = f"{config.experiment}/{section}"
+  out.seed = config.seed
+  out.data = copy.deepcopy(config.data)
+  out.batch_size = sub.batch_size
+  out.num_epochs = sub.epochs
+  out.steps_per_epoch = config.steps_per_epoch
+  out.optim = ml_collections.ConfigDict(
+      dict(learning_rate=sub.learning_rate, decay_at=sub.decay_at, decay_factor=sub.decay_factor, weight_decay=0.0)
+  )
+  for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs"):
+    out[key] = config[key]
+  out.card_shrinkage = config.get("card_shrinkage", 0.1)  # for the cards computed from this net
+  return out
+
+
+def component_config(config, *, classes, widths, seed, split="train") -> ml_collections.ConfigDict:
+  """The config of one component (or source) net trained with labels on `classes`."""
+  out = net_config(config, "component")
+  out.seed = seed
+  out.method = "ground_truth"
+  out.teacher_workdir = ""
+  out.classes = list(classes)
+  out.train_split = split
+  out.model = ml_collections.ConfigDict(
+      dict(name="convnet", block_widths=list(widths), convs_per_block=config.convs_per_block, norm="batch")
+  )
+  return out
+
+
+# ------------------------------------------------------------------------ components
+
+
+def compute_card(config, model, variables, *, classes, split="train") -> routing.TeacherCard:
+  """A teacher card from the net's penultimate features on its own (labelled) training data."""
+  mesh = mesh_lib.make_mesh()
+  fn = jax.jit(lambda v, x: models.penultimate(model.apply(v, x, train=False)[1]))
+  variables = mesh_lib.replicate(variables, mesh)
+  features, labels = [], []
+  ds = data.make_dataset(config.data, split, batch_size=config.batch_size, train=False, classes=classes)
+  for batch in data.as_numpy(ds):
+    keep = batch["mask"].astype(bool)
+    features.append(np.asarray(fn(variables, mesh_lib.shard_batch(batch["image"], mesh)))[keep])
+    labels.append(batch["label"][keep])
+  return routing.fit_teacher_card(
+      np.concatenate(features), np.concatenate(labels), num_classes=len(classes),
+      shrinkage=config.get("card_shrinkage", 0.1),
+  )
+
+
+def train_component(config, workdir: str) -> dict:
+  """Trains one net with labels on `config.classes`; its final checkpoint holds its card."""
+
+  def card_item(model, state):
+    card = compute_card(config, model, state.variables, classes=config.classes, split=config.train_split)
+    return {CARD: card.to_dict()}
+
+  return loop.train_and_evaluate(config, workdir, finalize=card_item)
+
+
+def load_card(workdir: str) -> routing.TeacherCard | None:
+  checkpoints = checkpoint.Checkpoints(workdir, read_only=True)
+  try:
+    if CARD not in checkpoint_items(checkpoints):
+      return None
+    return routing.TeacherCard.from_dict(checkpoints.restore(None, {CARD: None})[CARD])
+  finally:
+    checkpoints.close()
+
+
+def checkpoint_items(checkpoints: checkpoint.Checkpoints) -> list[str]:
+  step = checkpoints.latest_step()
+  return sorted(os.listdir(os.path.join(checkpoints.directory, str(step)))) if step is not None else []
+
+
+def load_teacher(workdir: str, *, config, external: bool) -> dict:
+  """A frozen teacher: model, variables, classes, card (computed if missing), origin."""
+  try:
+    meta = checkpoint.read_meta(workdir)
+    model, variables = checkpoint.load(workdir)
+  except checkpoint.CheckpointError as e:
+    raise loop.UsageError(f"teacher: {e}") from None
+  if not isinstance(model, models.ConvNet):
+    raise loop.UsageError(f"the teacher in {workdir} is a {type(model).__name__}; amalgamation needs ConvNet teachers")
+  teacher_data = meta.get("config", {}).get("data", {}).get("name")
+  if teacher_data and teacher_data != config.data.name:
+    raise loop.UsageError(f"the teacher in {workdir} was trained on {teacher_data}, not {config.data.name}")
+  entry = meta["models"][meta["main"]]
+  classes = entry.get("classes")
+  if not classes:
+    raise loop.UsageError(f"the teacher in {workdir} records no class subset: train it with experiments/component.py")
+  card = load_card(workdir)
+  if card is None and config.amalgamation.selection == "teacher_card":
+    logging.info("Teacher %s has no card: computing it from its training data.", workdir)
+    card = compute_card(config_for_data(config), model, variables, classes=classes)
+  return {
+      "model": model,
+      "variables": variables,
+      "classes": list(classes),
+      "card": card,
+      "origin": {"workdir": os.path.abspath(workdir), "fingerprint": checkpoint.fingerprint(variables),
+                 "external": external},
+  }
+
+
+def config_for_data(config):
+  out = ml_collections.ConfigDict({"data": copy.deepcopy(config.data), "batch_size": config.component.batch_size,
+                                   "card_shrinkage": config.get("card_shrinkage", 0.1)})
+  return out
+
+
+def verify_teacher_origins(meta: dict) -> None:
+  """Refuses an amalgamation whose external teachers changed since it learned from them."""
+  for name, entry in meta["models"].items():
+    origin = entry.get("origin") or {}
+    if not origin.get("external"):
+      continue
+    workdir = origin["workdir"]
+    if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+      logging.warning("External teacher %s (%s) is gone; using the copy in this checkpoint.", name, workdir)
+      continue
+    _, variables = checkpoint.load(workdir)
+    if checkpoint.fingerprint(variables) != origin["fingerprint"]:
+      raise ValueError(
+          f"{name} was learned from {workdir} with fingerprint {origin['fingerprint']}, but that "
+          f"teacher now has fingerprint {checkpoint.fingerprint(variables)}: it was retrained or "
+          "overwritten; re-run the amalgamation into a new workdir"
+      )
