@@ -112,11 +112,16 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
-def read_meta(workdir: str) -> dict:
-  """The `meta` record of the latest checkpoint in `workdir`, with a clear error if none."""
+def _open(workdir: str) -> Checkpoints:
+  """A read-only view of `workdir`'s checkpoints, with a clear error if it has none."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     raise CheckpointError(f"{workdir} holds no checkpoints ({checkpoint_dir(workdir)} is missing): train it first")
-  checkpoints = Checkpoints(workdir, read_only=True)
+  return Checkpoints(workdir, read_only=True)
+
+
+def read_meta(workdir: str) -> dict:
+  """The `meta` record of the latest checkpoint in `workdir`, with a clear error if none."""
+  checkpoints = _open(workdir)
   try:
     return checkpoints.restore_meta()
   finally:
@@ -131,9 +136,7 @@ def load(workdir: str, item: str | None = None):
     item: a model name from the checkpoint's `meta['models']` (e.g. 'student',
       'teacher_0'); default: the run's main model (`meta['main']`).
   """
-  checkpoints = Checkpoints(workdir, read_only=True) if os.path.isdir(checkpoint_dir(workdir)) else None
-  if checkpoints is None:
-    raise CheckpointError(f"{workdir} holds no checkpoints ({checkpoint_dir(workdir)} is missing): train it first")
+  checkpoints = _open(workdir)
   try:
     meta = checkpoints.restore_meta()
     name = item or meta["main"]

@@ -132,7 +132,7 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
       "loss": ["train_loss", "train_feature_loss", "train_logit_loss"],
       "test accuracy": ["test_accuracy", "routing_accuracy"] + [f"student_task_{i}_accuracy" for i in range(len(teachers))],
   })
-  plot_block_losses(workdir, len(teachers))
+  plot_block_losses(workdir)
   return results
 
 
@@ -196,7 +196,7 @@ class Evaluator:
     return metrics
 
 
-def plot_block_losses(workdir: str, num_teachers: int) -> None:
+def plot_block_losses(workdir: str) -> None:
   """`block_losses.png`: per-block alignment loss over training (the seed's figure)."""
   if jax.process_index() != 0:
     return
