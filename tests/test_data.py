@@ -358,6 +358,22 @@ def test_resuming_at_epoch_replays_the_same_batches(mnist_cfg):
   np.testing.assert_array_equal(np.concatenate(first_six[3:]), two[NUM_TRAIN:])
 
 
+def test_index_is_the_stored_position_in_every_epoch(mnist_cfg):
+  """'index' keys per-example data computed once in stored order (cached teacher logits)."""
+  ds = data.make_dataset(mnist_cfg, "train", batch_size=20, train=True, seed=5,
+                         num_epochs=2, classes=(1, 4, 7), with_index=True)
+  stored = np.concatenate([
+      b["image"][b["mask"]] for b in batches(data.make_dataset(
+          mnist_cfg, "train", batch_size=20, train=False, classes=(1, 4, 7)))])
+  seen = 0
+  for b in batches(ds):
+    np.testing.assert_array_equal(b["image"], stored[b["index"]])
+    seen += len(b["index"])
+  assert seen == 2 * (len(stored) // 20) * 20
+  plain = next(iter(batches(data.make_dataset(mnist_cfg, "train", batch_size=20, train=True))))
+  assert "index" not in plain
+
+
 def test_train_drops_remainder(mnist_cfg):
   ds = data.make_dataset(mnist_cfg, "train", batch_size=16, train=True, seed=0,
                          num_epochs=2)

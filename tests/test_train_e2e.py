@@ -212,6 +212,47 @@ def test_logit_regression_transfers_the_teacher(dirs, learned_teacher, tmp_path)
   assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
 
 
+@pytest.mark.parametrize("method", ["noisy_teacher", "hinton_kd"])
+def test_cached_teacher_logits_train_the_same_student(dirs, learned_teacher, method, tmp_path):
+  """Logits computed once (the default) or by the teacher in every step: the same student."""
+  runs = {}
+  for cache in (True, False):
+    config = experiment_config(
+        "lenet_student", f"dataset=fashion_mnist,smoke,method={method}", dirs, num_epochs=2,
+        steps_per_epoch=3, teacher_workdir=learned_teacher, **{"distill.cache_teacher_logits": cache},
+    )
+    assert loop.caches_teacher_logits(config) == cache
+    workdir = str(tmp_path / f"cache_{cache}")
+    runs[cache] = (loop.train_and_evaluate(config, workdir), params_of(workdir))
+  (cached, cached_params), (live, live_params) = runs[True], runs[False]
+  for a, b in zip(jax.tree.leaves(cached_params), jax.tree.leaves(live_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+  assert cached["history"][-1]["train_teacher_agreement"] == pytest.approx(
+      live["history"][-1]["train_teacher_agreement"])
+  assert cached["teacher_agreement"] == live["teacher_agreement"]
+
+
+def test_teacher_logits_table_is_the_teachers_output_in_stored_order(dirs, learned_teacher):
+  config = experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=hinton_kd", dirs,
+                             teacher_workdir=learned_teacher)
+  model, variables = checkpoint.load(learned_teacher)
+  teacher = {"model": model, "variables": variables}
+  table = loop.teacher_logits_table(config, teacher, loop.mesh_lib.make_mesh(), "train", (2, 5, 6))
+  images, _ = data.load_arrays(config.data, "train", classes=(2, 5, 6))
+  expected = np.asarray(model.apply(variables, images, train=False))
+  assert table.shape == expected.shape == (len(images), 10)
+  np.testing.assert_allclose(table, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("override", [{"distill.teacher_dropout": True}, {"data.augment": True},
+                                      {"distill.cache_teacher_logits": False}])
+def test_teacher_runs_in_the_step_when_its_logits_vary(dirs, override):
+  """Teacher dropout or augmentation: the teacher's logits change from step to step."""
+  config = experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=hinton_kd", dirs)
+  assert loop.caches_teacher_logits(config)
+  assert not loop.caches_teacher_logits(helpers.override(config, **override))
+
+
 def test_resume_after_a_kill_matches_an_uninterrupted_run(dirs, learned_teacher, tmp_path):
   """Losing the last checkpoints (a kill) and re-running resumes mid-epoch, bit for bit."""
   workdir = str(tmp_path / "run")

@@ -119,7 +119,7 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
       run_config, workdir, state=state, train_step=step_lib.make_step(plan, cfg, tx), frozen=frozen,
       evaluate=evaluate, meta=meta, mesh=mesh, steps_per_epoch=steps_per_epoch, classes=union,
       items={f"teacher_{i}": t["variables"] for i, t in enumerate(teachers)},
-      plain_batch=lambda batch: {"image": batch["image"]},  # labels never reach the step
+      prepare_batch=lambda batch: {"image": batch["image"]},  # labels never reach the step
   )
   results = {
       **meta["history"][-1],

@@ -489,6 +489,7 @@ def make_dataset(
     drop_remainder: bool | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
+    with_index: bool = False,
 ) -> tf.data.Dataset:
   """Returns this process's batches of `split`, for `num_epochs` epochs.
 
@@ -511,10 +512,14 @@ def make_dataset(
       the last batch is padded to full size and every batch has a 'mask' key,
       so an epoch covers every example exactly once at a fixed shape.
     process_index, process_count: default to JAX's (overridable for tests).
+    with_index: add 'index', each example's position in this process's share
+      of the split in stored order (what `train=False` yields), the same in
+      every epoch: it keys per-example data such as cached teacher logits.
 
   Returns:
     A tf.data.Dataset of {'image': float32 [b, H, W, C], 'label': int32 [b]}
-    (+ 'mask': bool [b] when not drop_remainder), b = batch_size/process_count.
+    (+ 'mask': bool [b] when not drop_remainder, + 'index': int64 [b] when
+    with_index), b = batch_size/process_count.
   """
   process_index, process_count = _processes(process_index, process_count)
   if not 0 <= process_index < process_count:
@@ -555,7 +560,10 @@ def make_dataset(
     if augment:
       rng = tf.random.experimental.stateless_fold_in(aug_rng, ex["index"])
       image = _augment(image, rng, flip=source.flip)
-    return {"image": preprocess(image), "label": ex["label"]}
+    out = {"image": preprocess(image), "label": ex["label"]}
+    if with_index:
+      out["index"] = ex["index"]
+    return out
 
   def one_epoch(e):
     epoch_rng = tf.random.experimental.stateless_fold_in(root_rng, e)

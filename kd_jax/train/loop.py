@@ -5,7 +5,8 @@ Order of work, so that bad input fails before anything is written:
   2. load the teacher from `config.teacher_workdir` (distillation) and check it fits;
   3. check an existing workdir holds a run of this same config, then resume from its
      latest checkpoint (state, step, RNG and the epoch history), else start fresh;
-  4. train, with periodic asynchronous checkpoints, metrics and test evaluations;
+  4. train, with periodic asynchronous checkpoints, metrics and test evaluations (a
+     deterministic teacher's logits computed once beforehand, see `caches_teacher_logits`);
   5. write `results.json` and `curves.png`.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 
 import jax
 import ml_collections
@@ -33,6 +35,7 @@ RESUMABLE_CHANGES = (
     "checkpoint_every_steps",
     "keep_checkpoints",
     "teacher_workdir",
+    "distill.cache_teacher_logits",  # the same teacher logits, computed once or every step
 )
 
 
@@ -76,12 +79,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
     check_same_teacher(workdir, teacher["origin"])
   uses_teacher = config.method != "ground_truth"
   distill = config.get("distill", ml_collections.ConfigDict())
+  teacher_dropout = bool(distill.get("teacher_dropout", False))
+  prepare_batch = None
+  if uses_teacher and caches_teacher_logits(config):
+    prepare_batch = with_teacher_logits(teacher_logits_table(config, teacher, mesh, split, classes))
+  in_step_teacher = uses_teacher and prepare_batch is None
   train_step = steps.make_train_step(
       student=model,
       tx=tx,
       objective=steps.make_objective(config.method, distill),
-      teacher=teacher["model"] if uses_teacher else None,
-      teacher_dropout=bool(distill.get("teacher_dropout", False)),
+      teacher=teacher["model"] if in_step_teacher else None,
+      teacher_dropout=teacher_dropout,
   )
 
   def evaluate(state) -> dict:
@@ -99,13 +107,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
       workdir,
       state=state,
       train_step=train_step,
-      frozen=teacher["variables"] if uses_teacher else {},
+      frozen=teacher["variables"] if in_step_teacher else {},
       evaluate=evaluate,
       meta=meta,
       mesh=mesh,
       steps_per_epoch=steps_per_epoch,
       classes=classes,
       split=split,
+      prepare_batch=prepare_batch,
       finalize=None if finalize is None else lambda state: finalize(model, state),
   )
   results = final_results(config, model, state, teacher, meta["history"], mesh, classes=classes)
@@ -114,7 +123,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
 
 
 def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, steps_per_epoch,
-        classes=None, split="train", items=None, finalize=None, plain_batch=None):
+        classes=None, split="train", items=None, finalize=None, prepare_batch=None):
   """The training loop shared by every method: resume, train, evaluate, checkpoint.
 
   Resumes from the latest checkpoint in `workdir` (state, step, RNG, epoch history);
@@ -122,7 +131,9 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
   background, with `items` (e.g. frozen teachers) beside the state in each checkpoint.
   `finalize(state) -> {name: pytree}` adds items (e.g. a teacher card) to the last
   checkpoint. `split` is the TFDS training split (e.g. 'train[:50%]').
-  `plain_batch(batch) -> batch` filters what the step sees (amalgamation: no labels).
+  `prepare_batch(batch) -> batch` makes what the step sees of a host batch (amalgamation:
+  no labels; cached teacher logits: looked up by the batch's 'index', which the input
+  pipeline adds for it).
   Returns the final `(state, meta)`.
   """
   items = dict(items or {})
@@ -149,14 +160,15 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
         data.make_dataset(
             config.data, split, batch_size=config.batch_size, train=True, seed=config.seed,
             epoch=first_epoch, num_epochs=config.num_epochs - first_epoch, classes=classes,
+            with_index=prepare_batch is not None,
         ).skip(step - first_epoch * steps_per_epoch)
     )
   for epoch in range(first_epoch, config.num_epochs):
     sums, count = {}, 0
     for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
       batch = next(batches)
-      if plain_batch is not None:
-        batch = plain_batch(batch)
+      if prepare_batch is not None:
+        batch = prepare_batch(batch)
       state, metrics = compiled(state, mesh_lib.shard_batch(batch, mesh), frozen)
       step += 1
       sums = metrics if not sums else jax.tree.map(lambda a, b: a + b, sums, metrics)
@@ -181,6 +193,41 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
   writer.close()
   ckpts.close()
   return state, meta
+
+
+def caches_teacher_logits(config) -> bool:
+  """Whether the frozen teacher's logits are computed once instead of in every step.
+
+  They can be when the teacher's output depends on the image alone: no augmentation
+  (the image changes every epoch) and no teacher dropout (the teacher changes every
+  step). The teacher forward is then out of the step: for the NiN teacher and a small
+  LeNet that is most of a distillation step's cost (BENCHMARKS.md).
+  """
+  distill = config.get("distill", ml_collections.ConfigDict())
+  return (bool(distill.get("cache_teacher_logits", False))
+          and not distill.get("teacher_dropout", False) and not config.data.get("augment", False))
+
+
+def teacher_logits_table(config, teacher, mesh, split, classes) -> np.ndarray:
+  """The eval-mode teacher's logits `[N, C]` of this process's training examples, in
+  stored order: row i belongs to the example whose 'index' is i."""
+  start = time.time()
+  predictor = evaluation.Predictor(teacher["model"], teacher["variables"], mesh)
+  _, logits = evaluation.predict(
+      config.data, split, {"teacher": predictor}, batch_size=config.batch_size, classes=classes
+  )
+  logging.info("Cached the teacher's logits of %d training examples in %.1f s.",
+               len(logits["teacher"]), time.time() - start)
+  return logits["teacher"]
+
+
+def with_teacher_logits(table: np.ndarray):
+  """`prepare_batch` for cached logits: a batch's 'index' becomes its 'teacher_logits'."""
+  def prepare(batch):
+    batch = dict(batch)
+    batch["teacher_logits"] = table[batch.pop("index")]
+    return batch
+  return prepare
 
 
 def epoch_summary(record: dict) -> dict:

@@ -4,7 +4,9 @@ A step is `step(state, batch, frozen) -> (state, metrics)`, run data-parallel by
 `mesh.data_parallel_step`: `batch` is this device's shard of
 `{'image': [b, H, W, C], 'label': [b]}`, `frozen` the teacher's variables (an empty
 dict for supervised training). The teacher is a frozen input: it runs inside the
-step (batched with the student), gets no gradient and is never updated.
+step (batched with the student), gets no gradient and is never updated. A batch that
+carries `'teacher_logits': [b, C]` (the loop's cache of a deterministic teacher's
+outputs) is distilled from those instead, and the step needs no teacher.
 """
 
 from __future__ import annotations
@@ -83,8 +85,8 @@ def make_train_step(
     dropout_rng, loss_rng, teacher_rng = jax.random.split(rng, 3)
     images, labels = batch["image"], batch["label"]
 
-    teacher_logits = None
-    if teacher is not None:
+    teacher_logits = batch.get("teacher_logits")  # cached by the loop, or computed here
+    if teacher_logits is None and teacher is not None:
       teacher_logits = lax.stop_gradient(
           apply_model(teacher, frozen, images, train=teacher_dropout, rng=teacher_rng)
       )
