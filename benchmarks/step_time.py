@@ -16,6 +16,8 @@ interquartile range and the extremes of the round values as the spread.
 
 Benchmarks (batch 256 for distillation, 128 for amalgamation; 28×28×1 random inputs):
   jax_kd            hinton_kd step: LeNet student + frozen NiN teacher (eval mode)
+  jax_kd_cached     the same step fed the teacher's logits with the batch, as training
+                    does by default (distill.cache_teacher_logits): no teacher in the step
   jax_gt            ground-truth step of the same student alone
   jax_teacher_fwd   the NiN teacher's forward pass alone (what the KD step adds)
   torch_*           the same three in PyTorch, 2 threads (skipped when torch is not
@@ -58,6 +60,7 @@ NUM_CLASSES = 10
 # name: (framework, devices, description)
 BENCHES = {
     "jax_kd": ("jax", 1, "kd_jax hinton_kd step (LeNet + frozen NiN)"),
+    "jax_kd_cached": ("jax", 1, "kd_jax hinton_kd step on cached teacher logits (the default)"),
     "jax_gt": ("jax", 1, "kd_jax ground-truth step (LeNet alone)"),
     "jax_teacher_fwd": ("jax", 1, "NiN teacher forward alone"),
     "torch_kd": ("torch", 1, "PyTorch hinton_kd step (LeNet + frozen NiN)"),
@@ -74,6 +77,8 @@ BENCHES = {
 RATIOS = (
     ("KD step / GT step (JAX)", "jax_kd", "jax_gt", "cost of distilling vs plain training"),
     ("teacher forward / KD step (JAX)", "jax_teacher_fwd", "jax_kd", "teacher's share of the KD step"),
+    ("KD step on cached logits / KD step (JAX)", "jax_kd_cached", "jax_kd", "what caching saves"),
+    ("KD step on cached logits / GT step (JAX)", "jax_kd_cached", "jax_gt", "what distilling still costs"),
     ("KD step / GT step (PyTorch)", "torch_kd", "torch_gt", ""),
     ("teacher forward / KD step (PyTorch)", "torch_teacher_fwd", "torch_kd", ""),
     ("JAX KD / PyTorch KD", "jax_kd", "torch_kd", "> 1: JAX slower"),
@@ -161,7 +166,7 @@ def jax_bench(name: str, cfg: dict):
   n_params = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
   info = {"devices": mesh.size}
 
-  if name in ("jax_kd", "jax_gt", "jax_gt_2dev", "jax_teacher_fwd"):
+  if name in ("jax_kd", "jax_kd_cached", "jax_gt", "jax_gt_2dev", "jax_teacher_fwd"):
     d = cfg["distill"]
     batch_size = d["batch_size"]
     mesh_lib.check_batch_size(batch_size, mesh)
@@ -181,12 +186,15 @@ def jax_bench(name: str, cfg: dict):
       return (lambda: jax.block_until_ready(fwd(teacher_vars, images))), info, \
           lambda: xla_flops(fwd, teacher_vars, images)
 
-    method = "hinton_kd" if name == "jax_kd" else "ground_truth"
+    method = "ground_truth" if name.startswith("jax_gt") else "hinton_kd"
     distill = ml_collections.ConfigDict(d["distill"])
     tx = steps.make_optimizer(ml_collections.ConfigDict(d["optim"]), total_steps=10_000)
+    in_step_teacher = name == "jax_kd"
+    if name == "jax_kd_cached":  # what the training loop's cache feeds the step
+      batch["teacher_logits"] = np.asarray(steps.apply_model(teacher, teacher_vars, batch["image"], train=False))
     step_fn = steps.make_train_step(
         student=student, tx=tx, objective=steps.make_objective(method, distill),
-        teacher=teacher if method != "ground_truth" else None,
+        teacher=teacher if in_step_teacher else None,
         teacher_dropout=bool(distill.get("teacher_dropout", False)),
     )
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
@@ -194,7 +202,7 @@ def jax_bench(name: str, cfg: dict):
     info["student_params"] = n_params(state.params)
     if method == "ground_truth":
       info["teacher_params"] = None
-    frozen = teacher_vars if method != "ground_truth" else {}
+    frozen = teacher_vars if in_step_teacher else {}
   else:
     a = cfg["amalgamation"]
     batch_size = a["batch_size"]
