@@ -79,7 +79,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
     check_same_teacher(workdir, teacher["origin"])
   uses_teacher = config.method != "ground_truth"
   distill = config.get("distill", ml_collections.ConfigDict())
-  teacher_dropout = bool(distill.get("teacher_dropout", False))
   prepare_batch = None
   if uses_teacher and caches_teacher_logits(config):
     prepare_batch = with_teacher_logits(teacher_logits_table(config, teacher, mesh, split, classes))
@@ -89,7 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
       tx=tx,
       objective=steps.make_objective(config.method, distill),
       teacher=teacher["model"] if in_step_teacher else None,
-      teacher_dropout=teacher_dropout,
+      teacher_dropout=bool(distill.get("teacher_dropout", False)),
   )
 
   def evaluate(state) -> dict:
