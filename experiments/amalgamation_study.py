@@ -56,7 +56,9 @@ def main():
   parser.add_argument("--manual_dir", default="")
   args = parser.parse_args()
   root = os.path.abspath(args.workdir_root)
-  data = [f"--config.data.{k}={v}" for k, v in (("data_dir", args.data_dir), ("manual_dir", args.manual_dir)) if v]
+  # The runs are subprocesses started in the repository: paths are taken from the caller's directory.
+  data = [f"--config.data.{k}={os.path.abspath(os.path.expanduser(v))}"
+          for k, v in (("data_dir", args.data_dir), ("manual_dir", args.manual_dir)) if v]
   base = f"dataset={args.dataset},teacher_classes={args.teacher_classes}"
   results = {run: [] for run in RUNS}
   for seed in (int(s) for s in args.seeds.split(",")):
