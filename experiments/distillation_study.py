@@ -57,8 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   if unknown:
     p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
   # The runs are subprocesses started in the repository: paths are taken from the caller's directory.
-  for key in ("workdir_root", "data_dir", "manual_dir"):
-    setattr(args, key, os.path.abspath(os.path.expanduser(getattr(args, key))) if getattr(args, key) else "")
+  absolute = lambda path: os.path.abspath(os.path.expanduser(path)) if path else ""
+  args.workdir_root, args.data_dir, args.manual_dir = map(absolute, (args.workdir_root, args.data_dir, args.manual_dir))
   return args
 
 
