@@ -25,7 +25,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.classes = [int(c) for c in args["classes"].split("+")]
   except ValueError:
     raise ValueError(f"classes={args['classes']!r} is not like 0+1") from None
-  config.train_split = "train"
   config.card_shrinkage = 0.1
   config.batch_size = 128
   config.num_epochs = args["epochs"]

@@ -64,6 +64,9 @@ def base_config(*, dataset: str, seed: int) -> ml_collections.ConfigDict:
   config.batch_size = 256
   config.num_epochs = 100
   config.steps_per_epoch = 0  # 0: a full pass over the training split.
+  # The TFDS split trained on, e.g. 'train[:6000]' for a label-scarce run; preprocessing
+  # statistics still come from the whole train split.
+  config.train_split = "train"
   config.optim = ml_collections.ConfigDict(
       dict(learning_rate=1e-3, decay_at=0.8, decay_factor=0.1, weight_decay=0.0)
   )

@@ -60,7 +60,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
   teacher = load_teacher(config, info) if config.teacher_workdir or config.method != "ground_truth" else None
 
   model = models.build({**config.model.to_dict(), "num_classes": info.num_classes})
-  split = config.get("train_split", "train")
+  split = config.train_split
   steps_per_epoch = steps_per_epoch_of(config, classes, split)
   tx = steps.make_optimizer(config.optim, total_steps=steps_per_epoch * config.num_epochs)
   state = init_state(model, tx, config.seed, info.image_shape)
