@@ -46,9 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="fc (the seed's; learns much faster at width 0.25) | gap (Caffe: cccp6, ReLU, average pool)")
   p.add_argument("--student_width", type=float, default=0.125)
   p.add_argument("--student_epochs", type=int, default=15)
+  p.add_argument("--student_train_split", default="train",
+                 help="what the students train on, e.g. train[:6000] for the label-scarce study; "
+                      "the teacher always trains on the whole train split")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--eval_every_epochs", type=int, default=1, help="students' test evaluations")
   p.add_argument("--aggregate_only", action="store_true", help="write the table, train nothing")
   args = p.parse_args(argv)
   args.seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -109,7 +113,8 @@ def train_all(args) -> bool:
       config = (f"experiments/lenet_student.py:{common},method={method},width={args.student_width},"
                 f"epochs={args.student_epochs},seed={seed}")
       ok &= run(args, f"{method}_s{seed}", student_dir(args, method, seed), config,
-                [f"--config.teacher_workdir={teacher_dir(args)}"])
+                [f"--config.teacher_workdir={teacher_dir(args)}", f"--config.train_split={args.student_train_split}",
+                 f"--config.eval_every_epochs={args.eval_every_epochs}"])
   return ok
 
 
@@ -158,13 +163,15 @@ def table(summary: dict, teacher: dict | None, student: dict | None) -> str:
   if student:
     d, o = student["distill"], student["optim"]
     setup.append(
-        f"Students: LeNet width {student['model']['width']}, {student['num_epochs']} epochs, batch "
+        f"Students: LeNet width {student['model']['width']}, trained on {student.get('train_split', 'train')}, "
+        f"{student['num_epochs']} epochs, batch "
         f"{student['batch_size']}, Adam {o['learning_rate']} ×{o['decay_factor']} at {o['decay_at']:.0%} of "
         f"training. Hinton KD: T = {d['temperature']}, soft weight {d['soft_weight']}; noisy teacher: "
         f"ratio {d['noise_ratio']}, σ {d['noise_std']}; teacher dropout while distilling: {d['teacher_dropout']}.")
   data = (teacher or student or {}).get("data", {}).get("name", summary["settings"]["dataset"])
   lines = [
-      f"Real {data}, trained on its train split, tested on its 10,000 test images; a shared 2-core CPU. "
+      f"Real {data}; the teacher trained on its train split; all tested on its 10,000 test images; "
+      "a shared 2-core CPU. "
       + " ".join(setup),
       "",
       f"Teacher test accuracy: {'–' if t is None else f'{100 * t:.2f} %'}",

@@ -212,14 +212,17 @@ def test_logit_regression_transfers_the_teacher(dirs, learned_teacher, tmp_path)
   assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
 
 
-@pytest.mark.parametrize("method", ["noisy_teacher", "hinton_kd"])
-def test_cached_teacher_logits_train_the_same_student(dirs, learned_teacher, method, tmp_path):
-  """Logits computed once (the default) or by the teacher in every step: the same student."""
+@pytest.mark.parametrize("method,split", [("noisy_teacher", "train"), ("hinton_kd", "train"),
+                                          ("hinton_kd", "train[64:160]")])
+def test_cached_teacher_logits_train_the_same_student(dirs, learned_teacher, method, split, tmp_path):
+  """Logits computed once (the default) or by the teacher in every step: the same student,
+  also when the students train on part of the split (the table is then that part's)."""
   runs = {}
   for cache in (True, False):
     config = experiment_config(
         "lenet_student", f"dataset=fashion_mnist,smoke,method={method}", dirs, num_epochs=2,
-        steps_per_epoch=3, teacher_workdir=learned_teacher, **{"distill.cache_teacher_logits": cache},
+        steps_per_epoch=3, teacher_workdir=learned_teacher, train_split=split,
+        **{"distill.cache_teacher_logits": cache},
     )
     assert loop.caches_teacher_logits(config) == cache
     workdir = str(tmp_path / f"cache_{cache}")
@@ -242,6 +245,24 @@ def test_teacher_logits_table_is_the_teachers_output_in_stored_order(dirs, learn
   expected = np.asarray(model.apply(variables, images, train=False))
   assert table.shape == expected.shape == (len(images), 10)
   np.testing.assert_allclose(table, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_students_can_train_on_part_of_the_train_split(dirs, learned_teacher, tmp_path):
+  """train_split='train[64:160]' (the label-scarce study): 96 images a pass, the teacher's
+  logits of exactly those images; the test split is untouched."""
+  config = experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=hinton_kd", dirs,
+                             num_epochs=2, steps_per_epoch=0, teacher_workdir=learned_teacher,
+                             train_split="train[64:160]")
+  model, variables = checkpoint.load(learned_teacher)
+  teacher, mesh = {"model": model, "variables": variables}, loop.mesh_lib.make_mesh()
+  part = loop.teacher_logits_table(config, teacher, mesh, config.train_split, None)
+  whole = loop.teacher_logits_table(config, teacher, mesh, "train", None)
+  assert part.shape == (96, 10)
+  np.testing.assert_allclose(part, whole[64:160], rtol=1e-5, atol=1e-6)
+  results = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["steps"] == 2 * 96 // config.batch_size
+  assert results["config"]["train_split"] == "train[64:160]"
+  assert results["teacher_test_accuracy"] > 0.7  # evaluated on the whole test split, as always
 
 
 @pytest.mark.parametrize("override", [{"distill.teacher_dropout": True}, {"data.augment": True},
