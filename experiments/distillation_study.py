@@ -2,11 +2,18 @@
 
   python experiments/distillation_study.py --workdir_root=runs/distill
 
-The defaults are the README's study on real Fashion-MNIST (the Debian package's files in
---manual_dir): NiN teacher at width 0.25 with the seed's fc head for 15 epochs, LeNet
-students at width 0.125 for 15 epochs, seeds 0, 1, 2. On a shared 2-core CPU the teacher
-took 50 min and each student 4–11 min; once the teacher has finished, two copies of the
-command with disjoint --methods can run side by side.
+The defaults are the README's full-data study on real Fashion-MNIST (the Debian package's
+files in --manual_dir): NiN teacher at width 0.25 with the seed's fc head for 15 epochs,
+LeNet students at width 0.125 for 15 epochs, seeds 0, 1, 2. On a shared 2-core CPU the
+teacher took 50 min and each student 4–11 min; once the teacher has finished, two copies of
+the command with disjoint --methods can run side by side. The README's label-scarce study
+(students see the first 6,000 training images, the teacher all 60,000) is
+
+  python experiments/distillation_study.py --workdir_root=runs/distill_6k \
+      --student_width=0.25 --student_epochs=120 --student_train_split='train[:6000]' \
+      --batch_size=128 --eval_every_epochs=5 --teacher_workdir=runs/distill/teacher
+
+with the full-data study's teacher (trained there once, reused here).
 
 Trains the teacher (experiments/nin_teacher.py) once, then one student
 (experiments/lenet_student.py) per method and seed, each a `python -m kd_jax.main`
@@ -42,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--teacher_width", type=float, default=0.25)
   p.add_argument("--teacher_epochs", type=int, default=15)
   p.add_argument("--teacher_seed", type=int, default=0)
+  p.add_argument("--teacher_workdir", default="",
+                 help="the teacher's workdir (default WORKDIR_ROOT/teacher); trained there unless finished")
   p.add_argument("--teacher_head", default="fc",
                  help="fc (the seed's; learns much faster at width 0.25) | gap (Caffe: cccp6, ReLU, average pool)")
   p.add_argument("--student_width", type=float, default=0.125)
@@ -62,12 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.error(f"unknown methods {sorted(unknown)}; choose from {', '.join(METHODS)}")
   # The runs are subprocesses started in the repository: paths are taken from the caller's directory.
   absolute = lambda path: os.path.abspath(os.path.expanduser(path)) if path else ""
-  args.workdir_root, args.data_dir, args.manual_dir = map(absolute, (args.workdir_root, args.data_dir, args.manual_dir))
+  args.workdir_root, args.data_dir, args.manual_dir, args.teacher_workdir = map(
+      absolute, (args.workdir_root, args.data_dir, args.manual_dir, args.teacher_workdir))
   return args
 
 
 def teacher_dir(args) -> str:
-  return os.path.join(args.workdir_root, "teacher")
+  return args.teacher_workdir or os.path.join(args.workdir_root, "teacher")
 
 
 def student_dir(args, method: str, seed: int) -> str:
