@@ -60,7 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                       "the teacher always trains on the whole train split")
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--methods", default=",".join(METHODS))
-  p.add_argument("--batch_size", type=int, default=256)
+  p.add_argument("--batch_size", type=int, default=256, help="the students' batch")
+  p.add_argument("--teacher_batch_size", type=int, default=256)
   p.add_argument("--eval_every_epochs", type=int, default=1, help="students' test evaluations")
   p.add_argument("--aggregate_only", action="store_true", help="write the table, train nothing")
   args = p.parse_args(argv)
@@ -90,8 +91,7 @@ def run(args, name: str, workdir: str, config: str, extra=()) -> bool:
   if os.path.exists(results):
     print(f"[study] {name}: done already", flush=True)
     return True
-  cmd = [sys.executable, "-m", "kd_jax.main", f"--config={config}",
-         f"--config.batch_size={args.batch_size}", f"--workdir={workdir}", *extra]
+  cmd = [sys.executable, "-m", "kd_jax.main", f"--config={config}", f"--workdir={workdir}", *extra]
   if args.data_dir:
     cmd.append(f"--config.data.data_dir={args.data_dir}")
   if args.manual_dir:
@@ -115,7 +115,8 @@ def run(args, name: str, workdir: str, config: str, extra=()) -> bool:
 def train_all(args) -> bool:
   common = f"dataset={args.dataset}"
   teacher = f"experiments/nin_teacher.py:{common},width={args.teacher_width},epochs={args.teacher_epochs},seed={args.teacher_seed}"
-  if not run(args, "teacher", teacher_dir(args), teacher, [f"--config.model.head={args.teacher_head}"]):
+  if not run(args, "teacher", teacher_dir(args), teacher,
+             [f"--config.model.head={args.teacher_head}", f"--config.batch_size={args.teacher_batch_size}"]):
     return False
   ok = True
   for seed in args.seeds:  # seed-major: an early stop still leaves every method with some seeds
@@ -123,7 +124,8 @@ def train_all(args) -> bool:
       config = (f"experiments/lenet_student.py:{common},method={method},width={args.student_width},"
                 f"epochs={args.student_epochs},seed={seed}")
       ok &= run(args, f"{method}_s{seed}", student_dir(args, method, seed), config,
-                [f"--config.teacher_workdir={teacher_dir(args)}", f"--config.train_split={args.student_train_split}",
+                [f"--config.teacher_workdir={teacher_dir(args)}", f"--config.batch_size={args.batch_size}",
+                 f"--config.train_split={args.student_train_split}",
                  f"--config.eval_every_epochs={args.eval_every_epochs}"])
   return ok
 
