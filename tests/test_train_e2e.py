@@ -324,3 +324,19 @@ def test_rerun_of_a_finished_run_changes_nothing(dirs, learned_teacher, teacher,
   with pytest.raises(ValueError, match="was distilled from the teacher in .*learned_teacher"):
     loop.train_and_evaluate(other_teacher, workdir)
   assert helpers.tree_snapshot(workdir) == before
+
+
+def test_run_written_before_train_split_existed_still_resumes(dirs, learned_teacher, tmp_path):
+  workdir = str(tmp_path / "run")
+  config = experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=hinton_kd", dirs,
+                             teacher_workdir=learned_teacher)
+  loop.claim_workdir(workdir, config)
+  marker = os.path.join(workdir, loop.RUN_FILE)
+  with open(marker) as f:
+    saved = json.load(f)
+  del saved["config"]["train_split"]  # as written by earlier versions
+  with open(marker, "w") as f:
+    json.dump(saved, f)
+  loop.claim_workdir(workdir, config)  # "train" was the only split then: the same run
+  with pytest.raises(loop.UsageError, match="train_split differ"):
+    loop.claim_workdir(workdir, helpers.override(config, train_split="train[:100]"))

@@ -37,6 +37,9 @@ RESUMABLE_CHANGES = (
     "teacher_workdir",
     "distill.cache_teacher_logits",  # the same teacher logits, computed once or every step
 )
+# Keys added to the configs after runs were written without them: a saved config that lacks
+# one had the value given here, so its run still resumes.
+ADDED_KEYS = {"train_split": "train"}
 
 
 class UsageError(ValueError):
@@ -340,7 +343,7 @@ def claim_workdir(workdir: str, config) -> None:
   marker = os.path.join(workdir, RUN_FILE)
   if os.path.exists(marker):
     with open(marker, encoding="utf-8") as f:
-      saved = _flatten(json.load(f)["config"])
+      saved = {**ADDED_KEYS, **_flatten(json.load(f)["config"])}
     current = _flatten(config.to_dict())
     differences = sorted(
         k for k in saved.keys() | current.keys() if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
