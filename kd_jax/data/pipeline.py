@@ -2,8 +2,8 @@
 
 Datasets: 'cifar10', 'mnist', 'fashion_mnist'.
 
-Data config fields (an `ml_collections.ConfigDict` from `default_data_config`,
-or any object with these attributes):
+Data config fields (an `ml_collections.ConfigDict` from
+`kd_jax.data.default_data_config`, or any object with these attributes):
 
   name:        one of the dataset names above.
   data_dir:    TFDS data directory, where datasets are (or get) prepared.
@@ -59,7 +59,6 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -114,21 +113,6 @@ _SOURCES = {
                              _IDX_FILES_TEXT, flip=False),
 }
 DATASET_NAMES = tuple(_SOURCES)
-
-
-def default_data_config(name: str = "fashion_mnist") -> Any:
-  """Returns a ConfigDict with every data field and its default."""
-  import ml_collections  # Only needed here; callers may use any object.
-
-  return ml_collections.ConfigDict({
-      "name": name,
-      "data_dir": "~/tensorflow_datasets",
-      "manual_dir": "",
-      "preprocess": "mean_image",
-      "augment": False,
-      "download": True,
-      "shuffle_buffer": 0,
-  })
 
 
 def _expand(path: str | os.PathLike | None) -> str | None:
