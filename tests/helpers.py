@@ -49,6 +49,22 @@ def tree_snapshot(path):
   return out
 
 
+def tree_contents(path):
+  """Byte-for-byte state of `path`: a file's bytes, a directory's {relative path: bytes} of
+  every file under it, or None if it is absent."""
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      return f.read()
+  if not os.path.isdir(path):
+    return None
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        out[os.path.relpath(os.path.join(root, name), path)] = f.read()
+  return out
+
+
 # Drops CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER from the bounding set (prctl
 # PR_CAPBSET_DROP), then execs the command: root then obeys permission bits. A non-root user
 # cannot drop them (EPERM) and needs not.

@@ -77,6 +77,8 @@ def _case_args(d) -> dict[str, tuple[list[str], dict | None, str | None]]:
       "missing_config_file": (["--config=experiments/no_such.py:smoke", "--config.seed=1"], None, None),
       "config_syntax_error": ([f"--config={d['syntax_error']}"], None, None),
       "config_without_get_config": ([f"--config={d['no_get_config']}:smoke"], None, None),
+      "config_raises": ([f"--config={d['raising_config']}"], None, None),
+      "config_returns_none": ([f"--config={d['none_config']}", "--config.seed=1"], None, None),
       "empty_workdir": (supervised, None, ""),
       "workdir_is_a_file": (supervised, None, d["a_file"]),
       "workdir_below_a_file": (supervised, None, os.path.join(d["a_file"], "run")),
@@ -109,6 +111,8 @@ EXPECTED = {
     "missing_config_file": r"--config=experiments/no_such\.py: no such file",
     "config_syntax_error": r"--config=.*syntax_error\.py is not valid Python: .*\(line 2\)",
     "config_without_get_config": r"--config=.*no_get_config\.py defines no get_config\(arg=None\)",
+    "config_raises": r"--config=.*raising_config\.py: loading it raised RuntimeError: no GPU here",
+    "config_returns_none": r"--config=.*none_config\.py: get_config\(\) returned None, not an ml_collections",
     "empty_workdir": r"--workdir is empty: give the directory",
     "workdir_is_a_file": r"--workdir=.*a_file is a file, not a directory",
     "workdir_below_a_file": r"--workdir=.*a_file/run is below the file .*a_file, which cannot hold directories",
@@ -149,21 +153,6 @@ def _fake_teacher(workdir: str, *, num_classes: int, finished: bool) -> str:
   return workdir
 
 
-def _contents(path: str):
-  """Byte-for-byte state of `path`: a file's bytes, a directory's {relative path: bytes}, or None."""
-  if os.path.isfile(path):
-    with open(path, "rb") as f:
-      return f.read()
-  if not os.path.isdir(path):
-    return None
-  out = {}
-  for base, _, files in os.walk(path):
-    for name in files:
-      with open(os.path.join(base, name), "rb") as f:
-        out[os.path.relpath(os.path.join(base, name), path)] = f.read()
-  return out
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
   base = tmp_path_factory.mktemp("bad_input")
@@ -179,12 +168,16 @@ def dirs(tmp_path_factory):
       "a_file": str(base / "a_file"),
       "syntax_error": str(base / "syntax_error.py"),
       "no_get_config": str(base / "no_get_config.py"),
+      "raising_config": str(base / "raising_config.py"),
+      "none_config": str(base / "none_config.py"),
   }
   for key in ("empty_teacher", "empty_manual", "empty_tfds", "read_only", "locked"):
     os.makedirs(d[key])
   os.chmod(d["read_only"], 0o555)
   for key, text in (("a_file", "not a workdir\n"), ("syntax_error", "def get_config(arg=None):\n  return (\n"),
-                    ("no_get_config", "import ml_collections\nCONFIG = ml_collections.ConfigDict()\n")):
+                    ("no_get_config", "import ml_collections\nCONFIG = ml_collections.ConfigDict()\n"),
+                    ("raising_config", "def get_config(arg=None):\n  raise RuntimeError('no GPU here')\n"),
+                    ("none_config", "def get_config(arg=None):\n  pass\n")):
     with open(d[key], "w", encoding="utf-8") as f:
       f.write(text)
   config = data.default_data_config("fashion_mnist")
@@ -201,7 +194,7 @@ def cases(dirs):
 
   Returns {'runs': {name: (process, workdir, its contents before)}, ...}."""
   teachers = (dirs["empty_teacher"], dirs["five_class_teacher"], dirs["unfinished_teacher"])
-  before = {t: _contents(t) for t in teachers}
+  before = {t: helpers.tree_contents(t) for t in teachers}
   root_before = sorted(os.listdir(ROOT))
   holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, dirs["locked"]], cwd=ROOT, env=ENV, text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
@@ -209,13 +202,13 @@ def cases(dirs):
 
   def run(name, args, extra_env, workdir):
     workdir = os.path.join(dirs["base"], f"workdir_{name}") if workdir is None else workdir
-    workdir_before = _contents(workdir) if workdir else None
+    workdir_before = helpers.tree_contents(workdir) if workdir else None
     command = [sys.executable, "-m", "kd_jax.main", *args, f"--workdir={workdir}"]
     if name in OBEYING_PERMISSIONS:
       command = helpers.obeying_permissions(command)
     proc = subprocess.run(command, cwd=ROOT, env={**ENV, **(extra_env or {})}, capture_output=True, text=True,
                           timeout=300)
-    return name, (proc, workdir, workdir_before, _contents(workdir) if workdir else None)
+    return name, (proc, workdir, workdir_before, helpers.tree_contents(workdir) if workdir else None)
 
   try:
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
@@ -224,7 +217,7 @@ def cases(dirs):
     holder.stdin.close()
     holder.wait(timeout=60)
   return {"runs": runs, "holder_pid": holder.pid, "root_before": root_before, "root_after": sorted(os.listdir(ROOT)),
-          "teachers_before": before, "teachers_after": {t: _contents(t) for t in teachers}}
+          "teachers_before": before, "teachers_after": {t: helpers.tree_contents(t) for t in teachers}}
 
 
 def _error_line(proc: subprocess.CompletedProcess) -> str:
@@ -297,3 +290,10 @@ def test_download_only_without_a_manual_dir(dirs, tmp_path, monkeypatch, manual_
     loop.train_and_evaluate(config, str(tmp_path / "run"))
   assert attempts == ([] if manual_dir else ["fashion_mnist"])
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_evaluating_an_empty_workdir_is_one_line():
+  from kd_jax.evaluate import evaluate_workdir  # pylint: disable=g-import-not-at-top
+
+  with pytest.raises(ValueError, match="^--workdir is empty: give the workdir of the run to evaluate$"):
+    evaluate_workdir("")

@@ -35,16 +35,6 @@ def config(seed=0):
   return ml_collections.ConfigDict({"seed": seed})
 
 
-def contents(path) -> dict:
-  """{relative path: bytes} of every file under `path`: byte-for-byte comparable."""
-  out = {}
-  for base, _, files in os.walk(path):
-    for name in files:
-      with open(os.path.join(base, name), "rb") as f:
-        out[os.path.relpath(os.path.join(base, name), path)] = f.read()
-  return out
-
-
 def is_locked(workdir) -> bool:
   """Whether another open file description holds the workdir's lock (flock locks are per
   open file description, so this works in the holder's own process too)."""
@@ -84,12 +74,12 @@ def test_a_writable_path_is_accepted(tmp_path):
 ])
 def test_bad_paths_are_refused_writing_nothing(tmp_path, path, message):
   (tmp_path / "a_file").write_text("precious\n")
-  before = contents(tmp_path)
+  before = helpers.tree_contents(tmp_path)
   with pytest.raises(UsageError, match=message):
     workdir_lib.check_path(path.format(file=tmp_path / "a_file", base=tmp_path))
   with pytest.raises(UsageError, match=message):
     workdir_lib.claim(path.format(file=tmp_path / "a_file", base=tmp_path), config())
-  assert contents(tmp_path) == before
+  assert helpers.tree_contents(tmp_path) == before
   assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
@@ -153,10 +143,10 @@ def test_a_different_config_is_refused_byte_for_byte(tmp_path):
   run = tmp_path / "run"
   workdir_lib.claim(str(run), config())
   workdir_lib.release(str(run))
-  before = contents(run)
+  before = helpers.tree_contents(run)
   with pytest.raises(UsageError, match=r"holds a run with a different config \(seed differ\)"):
     workdir_lib.claim(str(run), config(seed=1))
-  assert contents(run) == before
+  assert helpers.tree_contents(run) == before
   assert not is_locked(run)
   workdir_lib.claim(str(run), config(seed=1), resumable=("seed",))  # a key that may change on resume
   workdir_lib.release(str(run))
@@ -166,14 +156,14 @@ def test_a_foreign_directory_is_left_untouched(tmp_path):
   (tmp_path / "notes.txt").write_text("mine\n")
   with pytest.raises(UsageError, match="is not empty and holds no kd_jax run"):
     workdir_lib.claim(str(tmp_path), config())
-  assert contents(tmp_path) == {"notes.txt": b"mine\n"}
+  assert helpers.tree_contents(tmp_path) == {"notes.txt": b"mine\n"}
 
 
 def test_an_unreadable_run_file_is_one_line(tmp_path):
   (tmp_path / "run.json").write_text("{not json")
   with pytest.raises(UsageError, match=r"has an unreadable run.json \(JSONDecodeError: .*\): use a new --workdir"):
     workdir_lib.claim(str(tmp_path), config())
-  assert contents(tmp_path) == {"run.json": b"{not json"}
+  assert helpers.tree_contents(tmp_path) == {"run.json": b"{not json"}
 
 
 def test_a_lock_file_alone_is_an_empty_workdir(tmp_path):
@@ -189,14 +179,14 @@ def test_a_second_run_is_refused_until_the_holder_ends(tmp_path, end):
   run = tmp_path / "run"
   holder = start_holder(run)
   try:
-    before = contents(run)
+    before = helpers.tree_contents(run)
     with pytest.raises(UsageError) as e:
       workdir_lib.claim(str(run), config())
     assert str(e.value) == (
         f"workdir {run} is in use by another run (pid {holder.pid} on host {socket.gethostname()}, which holds "
         f"{run}/run.lock): wait for it to end, or use a new --workdir"
     )
-    assert contents(run) == before
+    assert helpers.tree_contents(run) == before
   finally:
     if end == "SIGKILL":
       holder.send_signal(signal.SIGKILL)

@@ -79,9 +79,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
   if teacher is not None:
     meta["teacher"] = teacher["origin"]
 
-  claim_workdir(workdir, config)
-  if teacher is not None:
+  if teacher is not None:  # read-only: before the claim, so a refusal leaves the lock file alone too
     check_same_teacher(workdir, teacher["origin"])
+  claim_workdir(workdir, config)
   uses_teacher = config.method != "ground_truth"
   distill = config.get("distill", ml_collections.ConfigDict())
   prepare_batch = None
