@@ -5,8 +5,10 @@ wrong data directory, ...) is reported as one line on stderr with exit status 2,
 not as a traceback.
 """
 
+import ast
 import contextlib
 import logging
+import os
 import sys
 
 from absl import app
@@ -26,7 +28,7 @@ def one_line_errors():
 class _QuietLibraries(logging.Filter):
   """Drops the chatter of Orbax and TFDS (every save and read); keeps their errors."""
 
-  NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
+  NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/", "/ml_collections/")
 
   def filter(self, record: logging.LogRecord) -> bool:
     return record.levelno >= logging.ERROR or not any(p in record.pathname for p in self.NOISY)
@@ -61,14 +63,78 @@ def _unknown_config_field(error: Exception, argv) -> str:
   return f"--{' --'.join(culprits)}: the config has no field {key!r}" + (f" ({hint})" if hint else "")
 
 
+def _config_file(argv) -> str | None:
+  """The file of `--config=PATH[:ARGS]` (or `--config PATH`) in `argv`, or None."""
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == "--":
+      break
+    if arg.startswith("--config="):
+      return arg[len("--config="):].split(":", 1)[0]
+    if arg == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":", 1)[0]
+  return None
+
+
+def config_file_problem(path: str) -> str | None:
+  """Why `path` cannot be a config file (missing, unreadable, not Python, no `get_config`),
+  or None. ml_collections reports these only on first use, as tracebacks, or garbled."""
+  if not path:
+    return "--config is empty: give an experiment's config file, e.g. --config=experiments/nin_teacher.py"
+  shown = f"--config={path}"
+  if not os.path.exists(path):
+    return f"{shown}: no such file"
+  if os.path.isdir(path):
+    return f"{shown} is a directory, not a config file"
+  try:
+    with open(path, "rb") as f:
+      tree = ast.parse(f.read(), filename=path)
+  except OSError as e:
+    return f"{shown}: cannot read it ({e.strerror})"
+  except SyntaxError as e:
+    return f"{shown} is not valid Python: {e.msg} (line {e.lineno})"
+  except ValueError as e:  # e.g. null bytes: not a text file
+    return f"{shown} is not valid Python: {e}"
+  defines = any(
+      (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "get_config")
+      or (isinstance(node, ast.Name) and node.id == "get_config" and isinstance(node.ctx, ast.Store))
+      or (isinstance(node, ast.alias) and "get_config" in (node.name, node.asname, "*"))
+      for node in ast.walk(tree)
+  )
+  if not defines:
+    return f"{shown} defines no get_config(arg=None) returning an ml_collections.ConfigDict"
+  return None
+
+
+def loaded_config(config):
+  """The `--config` flag's value, or a one-line `ValueError` if its file did not load."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+
+  try:
+    config.get("experiment")
+  except OSError as e:  # ml_collections reports an unloadable config file only on first use
+    raise ValueError(f"cannot load --config: {str(e).strip().splitlines()[-1].strip()}") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ValueError(f"--config: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict")
+  return config
+
+
 def _parse_flags(argv):
   """absl's flag parsing, each failure reported as one `error: ...` line (exit status 2)."""
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    message = _one_line(str(e))
-  except (AttributeError, KeyError) as e:  # ml_collections: --config.KEY with an unknown KEY
-    message = _unknown_config_field(e, argv)
+  config_file = _config_file(argv)
+  message = config_file_problem(config_file) if config_file is not None else None
+  if message is None:
+    try:
+      return flags.FLAGS(argv)
+    except flags.Error as e:
+      message = _one_line(str(e))
+      if "--config must have a value other than None" in message:
+        message = f"--config={config_file}: get_config() returned None, not an ml_collections.ConfigDict"
+    except (AttributeError, KeyError) as e:  # ml_collections: --config.KEY with an unknown KEY
+      message = _unknown_config_field(e, argv)
+      if "<class 'NoneType'>" in message:  # --config.KEY on a get_config() that returned None
+        message = f"--config={config_file}: get_config() returned None, not an ml_collections.ConfigDict"
+    except Exception as e:  # pylint: disable=broad-except  (the config file raised while loading)
+      message = f"--config={config_file}: loading it raised {type(e).__name__}: {_one_line(str(e))}"
   print(f"error: {message}", file=sys.stderr)
   sys.exit(2)
 

@@ -11,10 +11,13 @@ import os
 
 import ml_collections
 
-DATASETS = ("cifar10", "mnist", "fashion_mnist")
+from kd_jax.config_schema import DATASETS
 
 # Where the Debian package dataset-fashion-mnist puts real Fashion-MNIST IDX files.
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+
+_BOOLEANS = {"1": True, "true": True, "yes": True, "0": False, "false": False, "no": False}
 
 
 def parse_arg(arg: str | None, *, allowed: dict[str, object]) -> dict[str, object]:
@@ -31,11 +34,15 @@ def parse_arg(arg: str | None, *, allowed: dict[str, object]) -> dict[str, objec
         raise ValueError(f"config argument {key!r} needs a value: {key}=...")
       values[key] = True
     elif isinstance(default, bool):
-      values[key] = raw.lower() in ("1", "true", "yes")
-    elif isinstance(default, int):
-      values[key] = int(raw)
-    elif isinstance(default, float):
-      values[key] = float(raw)
+      if raw.lower() not in _BOOLEANS:
+        raise ValueError(f"config argument {key}={raw!r} is not a boolean: use {key}=true or {key}=false")
+      values[key] = _BOOLEANS[raw.lower()]
+    elif isinstance(default, (int, float)):
+      try:
+        values[key] = type(default)(raw)
+      except ValueError:
+        kind = "an integer" if isinstance(default, int) else "a number"
+        raise ValueError(f"config argument {key}={raw!r} is not {kind}") from None
     else:
       values[key] = raw
   return values
@@ -74,6 +81,10 @@ def base_config(*, dataset: str, seed: int) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.eval_every_epochs = 1
+  config.on_nonfinite = "stop"  # a non-finite loss or gradient: 'stop' the run, or 'skip' the update and count it
+  # A teacher must be a finished run (its results.json written); True distils from the
+  # latest checkpoint of an unfinished one.
+  config.allow_unfinished_teacher = False
   return config
 
 

@@ -30,6 +30,8 @@ def evaluate_workdir(workdir: str, *, item=None, data_dir=None, manual_dir=None,
   from kd_jax import checkpoint  # pylint: disable=g-import-not-at-top
   from kd_jax.train import evaluation, mesh  # pylint: disable=g-import-not-at-top
 
+  if not workdir.strip():
+    raise ValueError("--workdir is empty: give the workdir of the run to evaluate")
   meta = checkpoint.read_meta(workdir)
   name = item or meta["main"]
   if name not in meta["models"]:

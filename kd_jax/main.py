@@ -11,7 +11,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from kd_jax import cli  # noqa: E402
+from kd_jax import cli, config_schema, workdir  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -22,13 +22,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
-  config = _CONFIG.value
   with cli.one_line_errors():
-    try:
-      experiment = config.get("experiment")
-    except OSError as e:  # ml_collections reports an unloadable config file only on first use
-      raise ValueError(f"cannot load --config: {str(e).strip().splitlines()[-1].strip()}") from None
-    if experiment in ("amalgamate", "component"):
+    config = cli.loaded_config(_CONFIG.value)
+    # One validation pass before any data, teacher or workdir is touched.
+    config_schema.validate(config)
+    workdir.check_path(_WORKDIR.value)
+    if config.experiment in ("amalgamate", "component"):
       from kd_jax.amalgamation import pipeline  # pylint: disable=g-import-not-at-top
 
       results = pipeline.run(config, _WORKDIR.value)

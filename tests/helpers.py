@@ -47,3 +47,41 @@ def tree_snapshot(path):
       st = os.stat(full)
       out[os.path.relpath(full, path)] = (st.st_size, st.st_mtime_ns)
   return out
+
+
+def tree_contents(path):
+  """Byte-for-byte state of `path`: a file's bytes, a directory's {relative path: bytes} of
+  every file under it, or None if it is absent."""
+  if os.path.isfile(path):
+    with open(path, "rb") as f:
+      return f.read()
+  if not os.path.isdir(path):
+    return None
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      with open(os.path.join(root, name), "rb") as f:
+        out[os.path.relpath(os.path.join(root, name), path)] = f.read()
+  return out
+
+
+# Drops CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH and CAP_FOWNER from the bounding set (prctl
+# PR_CAPBSET_DROP), then execs the command: root then obeys permission bits. A non-root user
+# cannot drop them (EPERM) and needs not.
+_OBEY_PERMISSIONS = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+if os.geteuid() == 0:
+  for capability in (1, 2, 3):
+    if libc.prctl(24, capability, 0, 0, 0) != 0:
+      sys.exit(f"cannot drop capability {capability}: errno {ctypes.get_errno()}")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+
+
+def obeying_permissions(command: list[str]) -> list[str]:
+  """`command` run so that file permission bits apply, also when the tests run as root
+  (root writes anywhere but on read-only file systems, so a chmod alone proves nothing)."""
+  import sys  # pylint: disable=g-import-not-at-top
+
+  return [sys.executable, "-c", _OBEY_PERMISSIONS, *command]

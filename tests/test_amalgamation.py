@@ -463,7 +463,7 @@ def _refused(config, workdir, match):
         ("0+1/2+99", r"teacher 1's classes \[99\] are outside the dataset's 0..9"),
         ("0+1/2+2", "lists a class twice"),
         ("0/1+2", "teacher 0 has the single class 0: each teacher needs at least 2 classes"),
-        ("0+a/2+3", "is not like '0\\+1/2\\+3'"),
+        ("0+a/2+3", "teacher_classes='0\\+a/2\\+3': not like '0\\+1/2\\+3'"),
     ],
 )
 def test_bad_class_sets_are_refused(idx_data, tmp_path, teacher_classes, match):
@@ -476,10 +476,10 @@ def test_bad_class_sets_are_refused(idx_data, tmp_path, teacher_classes, match):
     [
         ({"block_pairs": "0:5"}, "tapped block 5 of teacher 0 does not exist: it has 2 blocks"),
         ({"block_pairs": "3:0"}, "tapped student block 3 does not exist"),
-        ({"block_pairs": "0"}, "block_pairs='0' is not 'auto'"),
+        ({"block_pairs": "0"}, "block_pairs='0': not 'auto'"),
         ({"block_pairs": "0:0/1:1/1:1"}, "pairs for 3 of 2 teachers"),
         ({"teacher_blocks": "8-16/8-16/8"}, "3 nets' widths for 2 nets"),
-        ({"amalgamation.selection": "oracle"}, "unknown selection 'oracle'"),
+        ({"amalgamation.selection": "oracle"}, "amalgamation.selection='oracle': .* must be one of entropy"),
         ({"component.batch_size": 512}, r"teacher 0 \(classes \[0, 1\].*batch_size=512 exceeds"),
         ({"amalgamation.batch_size": 512}, "the amalgamation .*batch_size=512 exceeds"),
     ],
@@ -507,6 +507,8 @@ def save_fake_teacher(workdir, model, *, classes, dataset="mnist"):
       "config": {"data": {"name": dataset}}, "history": [],
   }, force=True)
   ckpts.close()
+  with open(os.path.join(workdir, "results.json"), "w") as f:  # a finished run's mark
+    f.write("{}\n")
   return workdir
 
 
@@ -521,7 +523,13 @@ def fake_teachers(tmp_path_factory):
       "nin": save_fake_teacher(str(root / "nin"), models.NiN(num_classes=10, width=0.25, fc_width=16), classes=None),
       "no_classes": save_fake_teacher(str(root / "no_classes"), convnet(10), classes=None),
       "fashion": save_fake_teacher(str(root / "fashion"), convnet(2), classes=[0, 1], dataset="fashion_mnist"),
+      "unfinished": _unfinished(save_fake_teacher(str(root / "unfinished"), convnet(2), classes=[0, 1])),
   }
+
+
+def _unfinished(workdir):
+  os.remove(os.path.join(workdir, "results.json"))  # killed before its end
+  return workdir
 
 
 @pytest.mark.parametrize(
@@ -533,6 +541,8 @@ def fake_teachers(tmp_path_factory):
         ("no_classes", "records no class subset"),
         ("fashion", "trained on fashion_mnist, not mnist"),
         ("good_overlapping", r"overlap on \[2\]"),
+        ("unfinished", r"^teacher_workdirs: .*unfinished holds an unfinished run \(no results.json.*"
+                       r"set --config.allow_unfinished_teacher=True"),
     ],
 )
 def test_bad_external_teachers_are_refused(idx_data, tmp_path, fake_teachers, first, match):
@@ -564,7 +574,8 @@ def test_main_reports_one_error_line_and_writes_nothing(idx_data, tmp_path):
   )
   assert proc.returncode != 0
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert errors == ["error: teachers' class sets overlap on [1]: they must be disjoint"], proc.stderr[-2000:]
+  assert errors == ["error: --config.teacher_classes='0+1/1+2': teachers' class sets overlap on [1]: they must be "
+                    "disjoint"], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not workdir.exists()
 

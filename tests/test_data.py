@@ -183,25 +183,49 @@ def no_download(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10"])
-def test_no_data_anywhere_raises_data_not_found(tmp_path, no_download, name):
-  (tmp_path / "empty").mkdir()
+@pytest.mark.parametrize("manual", ["empty", None])
+def test_no_data_anywhere_raises_data_not_found(tmp_path, monkeypatch, name, manual):
+  """A manual_dir without the files fails at once; only without one does TFDS download."""
+  attempts = []
+
+  def fail(self, *args, **kwargs):
+    attempts.append(self.name)
+    raise ConnectionError(f"no network for {self.name}")
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, "download_and_prepare", fail)
+  if manual:
+    (tmp_path / manual).mkdir()
   with pytest.raises(data.DataNotFoundError) as e:
     data.get_builder(name, data_dir=tmp_path / "data",
-                     manual_dir=tmp_path / "empty")
+                     manual_dir=manual and tmp_path / manual)
   message = str(e.value)
   assert message.startswith(f"no {name} data: put ")
   assert "--config.data.manual_dir" in message
   assert "--config.data.data_dir" in message
-  assert "ConnectionError" in message
-  assert "which has none of them" in message
+  if manual:
+    assert attempts == []
+    assert "which has none of them" in message
+    assert "Nothing was downloaded: --config.data.manual_dir is set" in message
+  else:
+    assert attempts == [name]
+    assert "(now: unset)" in message
+    assert "Downloading it with TFDS failed: ConnectionError" in message
   expected_file = ("cifar-10-python.tar.gz" if name == "cifar10"
                    else "train-images-idx3-ubyte.gz")
   assert expected_file in message
   assert isinstance(e.value, ValueError)
 
 
+def test_tfds_archive_in_manual_dir_goes_to_tfds(tmp_path, no_download):
+  """cifar-10-binary.tar.gz (TFDS's own file) in manual_dir: TFDS's builder reads it."""
+  (tmp_path / "manual").mkdir()
+  (tmp_path / "manual" / "cifar-10-binary.tar.gz").write_bytes(b"")
+  with pytest.raises(data.DataNotFoundError, match="Preparing it with TFDS failed: ConnectionError"):
+    data.get_builder("cifar10", data_dir=tmp_path / "data", manual_dir=tmp_path / "manual")
+
+
 def test_download_false_fails_at_once_and_says_why(tmp_path):
-  with pytest.raises(data.DataNotFoundError, match=r"which does not exist.*Downloading is off"):
+  with pytest.raises(data.DataNotFoundError, match=r"which does not exist.*Nothing was downloaded"):
     data.get_builder("fashion_mnist", data_dir=tmp_path / "data",
                      manual_dir=tmp_path / "nowhere", download=False)
   cfg = config("mnist", tmp_path / "data")

@@ -11,7 +11,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from kd_jax import checkpoint, data, models, routing
+from kd_jax import checkpoint, config_schema, data, models, routing
+from kd_jax import workdir as workdir_lib
 from kd_jax.amalgamation import step as step_lib
 from kd_jax.train import loop
 from kd_jax.train import mesh as mesh_lib
@@ -24,18 +25,12 @@ CARD = "card"
 
 def parse_classes(text: str) -> list[list[int]]:
   """'0+1/2+3' → [[0, 1], [2, 3]]: one class set per teacher."""
-  try:
-    return [[int(c) for c in group.split("+")] if group.strip() else [] for group in text.split("/")]
-  except ValueError:
-    raise loop.UsageError(f"teacher_classes={text!r} is not like '0+1/2+3' (classes per teacher)") from None
+  return _parsed(config_schema.parse_class_sets, text, name="teacher_classes")
 
 
 def parse_blocks(text: str, count: int, *, name: str) -> list[list[int]]:
   """'32-64-128' (shared) or '32-64/16-32-64' (per net) → block widths per net."""
-  try:
-    specs = [[int(w) for w in group.split("-")] for group in text.split("/")]
-  except ValueError:
-    raise loop.UsageError(f"{name}={text!r} is not like '32-64-128' or '32-64/16-32-64'") from None
+  specs = _parsed(config_schema.parse_widths, text, name=name)
   if len(specs) == 1:
     specs = specs * count
   if len(specs) != count:
@@ -45,14 +40,9 @@ def parse_blocks(text: str, count: int, *, name: str) -> list[list[int]]:
 
 def parse_pairs(text: str, plan_blocks: list[tuple[int, int]]) -> list[tuple[tuple[int, int], ...]]:
   """'auto', or 's:t+s:t' (all teachers) or per teacher separated by '/'."""
-  if text == "auto":
+  groups = _parsed(config_schema.parse_block_pairs, text, name="block_pairs")
+  if groups is None:
     return [step_lib.auto_pairs(s, t) for s, t in plan_blocks]
-  try:
-    groups = [tuple(tuple(int(i) for i in pair.split(":")) for pair in g.split("+")) for g in text.split("/")]
-  except ValueError:
-    raise loop.UsageError(f"block_pairs={text!r} is not 'auto' or like '0:0+2:1'") from None
-  if any(len(pair) != 2 for g in groups for pair in g):
-    raise loop.UsageError(f"block_pairs={text!r} is not 'auto' or like '0:0+2:1' (student:teacher pairs)")
   if len(groups) == 1:
     groups = groups * len(plan_blocks)
   if len(groups) != len(plan_blocks):
@@ -60,24 +50,11 @@ def parse_pairs(text: str, plan_blocks: list[tuple[int, int]]) -> list[tuple[tup
   return groups
 
 
-def check_class_sets(class_sets: list[list[int]], num_classes: int, *, shared: bool = False) -> None:
-  if len(class_sets) < 2:
-    raise loop.UsageError(f"amalgamation needs at least 2 teachers, got {len(class_sets)}")
-  seen = set()
-  for t, classes in enumerate(class_sets):
-    if not classes:
-      raise loop.UsageError(f"teacher {t} has an empty class set")
-    if len(classes) < 2:  # a 1-class net learns nothing from labels and routes by nothing
-      raise loop.UsageError(f"teacher {t} has the single class {classes[0]}: each teacher needs at least 2 classes")
-    outside = [c for c in classes if not 0 <= c < num_classes]
-    if outside:
-      raise loop.UsageError(f"teacher {t}'s classes {outside} are outside the dataset's 0..{num_classes - 1}")
-    if len(set(classes)) != len(classes):
-      raise loop.UsageError(f"teacher {t} lists a class twice: {classes}")
-    overlap = seen & set(classes)
-    if overlap and not shared:
-      raise loop.UsageError(f"teachers' class sets overlap on {sorted(overlap)}: they must be disjoint")
-    seen |= set(classes)
+def _parsed(parse, text: str, *, name: str):
+  try:
+    return parse(text)
+  except config_schema.UsageError as e:
+    raise loop.UsageError(f"{name}={text!r}: {e}") from None
 
 
 def net_config(config, section: str) -> ml_collections.ConfigDict:
@@ -174,6 +151,8 @@ def load_teacher(workdir: str, *, config, external: bool) -> dict:
   classes = entry.get("classes")
   if not classes:
     raise loop.UsageError(f"the teacher in {workdir} records no class subset: train it with experiments/component.py")
+  if external:  # stage 1's own teachers are finished by construction
+    workdir_lib.check_finished(workdir, allowed=config.get("allow_unfinished_teacher", False), field="teacher_workdirs")
   card = load_card(workdir)
   if card is None and config.amalgamation.selection == "teacher_card":
     logging.info("Teacher %s has no card: computing it from its training data.", workdir)

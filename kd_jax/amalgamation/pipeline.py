@@ -25,7 +25,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from kd_jax import checkpoint, data, models, reporting, routing
+from kd_jax import checkpoint, config_schema, data, models, reporting, routing
+from kd_jax import workdir as workdir_lib
 from kd_jax.amalgamation import components
 from kd_jax.amalgamation import step as step_lib
 from kd_jax.train import loop, steps
@@ -56,6 +57,7 @@ def build_plan(config, teachers: list[dict]) -> tuple[step_lib.Plan, list[int]]:
   return plan, union
 
 
+@workdir_lib.released_after
 def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "amalgamation",
                claim: bool = True) -> dict:
   """Stage 2 (or stage 1 of the dual stage): trains the student into `workdir`.
@@ -67,8 +69,6 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
     plan, union = build_plan(config, teachers)
   except ValueError as e:
     raise loop.UsageError(str(e)) from None
-  if cfg.selection not in routing.RULES:
-    raise loop.UsageError(f"unknown selection {cfg.selection!r}; choose one of {', '.join(routing.RULES)}")
   run_config = components.net_config(config, section)
   run_config.amalgamation = copy.deepcopy(cfg)
   run_config.teachers = [t["origin"] for t in teachers]
@@ -222,15 +222,10 @@ def plot_block_losses(workdir: str) -> None:
 
 def teacher_specs(config, num_classes: int) -> list[dict]:
   """What stage 1 must produce: per teacher, an external workdir or classes + widths."""
-  if config.teacher_workdirs:
-    paths = config.teacher_workdirs.split(":")
-    if len(paths) < 2:
-      raise loop.UsageError(f"amalgamation needs at least 2 teachers, got teacher_workdirs={config.teacher_workdirs!r}")
-    if not all(p.strip() for p in paths):
-      raise loop.UsageError(f"teacher_workdirs={config.teacher_workdirs!r} has an empty path: use 'dir0:dir1'")
-    return [{"workdir": p, "external": True} for p in paths]
+  if config.teacher_workdirs:  # checked by config_schema.validate
+    return [{"workdir": p, "external": True} for p in config_schema.parse_teacher_workdirs(config.teacher_workdirs)]
   class_sets = components.parse_classes(config.teacher_classes)
-  components.check_class_sets(class_sets, num_classes)
+  config_schema.check_class_sets(class_sets, num_classes)
   widths = components.parse_blocks(config.teacher_blocks, len(class_sets), name="teacher_blocks")
   return [{"classes": c, "widths": w, "external": False} for c, w in zip(class_sets, widths)]
 
@@ -285,8 +280,11 @@ def export_component(amalgamation_dir: str, out: str, classes) -> None:
   reporting.write_json_atomic(os.path.join(out, "results.json"), {"stage_1": results})
 
 
+@workdir_lib.released_after
 def run(config, workdir: str) -> dict:
   """Runs `experiments/component.py` or the whole `experiments/amalgamate.py` pipeline."""
+  config_schema.validate(config)
+  workdir_lib.check_path(workdir)
   if config.experiment == "component":
     return components.train_component(config, workdir)
   info = data.get_info(config.data)
@@ -299,14 +297,10 @@ def run(config, workdir: str) -> dict:
     baseline = components.component_config(config, classes=union, widths=widths, seed=config.seed)
     baseline.num_epochs = config.amalgamation.epochs
     return components.train_component(baseline, workdir)
-  if config.amalgamation.selection not in routing.RULES:
-    raise loop.UsageError(
-        f"unknown selection {config.amalgamation.selection!r}; choose one of {', '.join(routing.RULES)}"
-    )
   # Everything is checked before the workdir is claimed: bad input writes nothing.
   if any(s["external"] for s in specs):
     teachers = [components.load_teacher(s["workdir"], config=config, external=True) for s in specs]
-    components.check_class_sets([t["classes"] for t in teachers], info.num_classes)
+    config_schema.check_class_sets([t["classes"] for t in teachers], info.num_classes)
     try:
       _, union = build_plan(config, teachers)
     except ValueError as e:
@@ -333,10 +327,6 @@ def validate_plan(config, specs) -> None:
   plans = [("", widths, [s["widths"] for s in specs])]  # (context, student widths, teachers' widths)
   if config.sources_per_task >= 2:  # the dual stage: each component from its sources
     n = config.sources_per_task
-    if config.dual_stage.selection not in routing.RULES:
-      raise loop.UsageError(
-          f"unknown dual_stage.selection {config.dual_stage.selection!r}; choose one of {', '.join(routing.RULES)}"
-      )
     source_widths = components.parse_blocks(config.source_blocks or config.teacher_blocks, n, name="source_blocks")
     plans += [(f"the dual stage of teacher {t} (teacher {t} is the student, its sources the teachers): ", s["widths"],
                source_widths) for t, s in enumerate(specs)]

@@ -2,8 +2,8 @@
 
 Datasets: 'cifar10', 'mnist', 'fashion_mnist'.
 
-Data config fields (an `ml_collections.ConfigDict` from `default_data_config`,
-or any object with these attributes):
+Data config fields (an `ml_collections.ConfigDict` from
+`kd_jax.data.default_data_config`, or any object with these attributes):
 
   name:        one of the dataset names above.
   data_dir:    TFDS data directory, where datasets are (or get) prepared.
@@ -12,7 +12,7 @@ or any object with these attributes):
   preprocess:  'mean_image' | 'mean_image_255' | 'standardize' | 'none'.
   augment:     bool; training batches get pad-4 + random-crop (+ horizontal
                flip for cifar10 only: a flipped digit is another glyph).
-  download (optional): False skips step 3 below (TFDS download), e.g.
+  download (optional): False skips step 4 below (TFDS download), e.g.
                offline, where it fails only after ~3.5 minutes of retries.
   shuffle_buffer (optional): 0 or absent: each training epoch is a uniform
                permutation of the split; N > 0: of each block of N examples
@@ -25,8 +25,12 @@ Where data comes from (`get_builder`), first match wins:
   2. Raw files in `manual_dir`, prepared into `data_dir` by our builder:
      the four MNIST IDX files (`train-images-idx3-ubyte.gz`, ...) for mnist and
      fashion_mnist, `cifar-10-python.tar.gz` for cifar10.
-  3. A normal TFDS download. If it fails: `DataNotFoundError`, which says what
-     to put where.
+  3. TFDS's own archive in `manual_dir` (`cifar-10-binary.tar.gz`), prepared by
+     TFDS's builder, which checks it against its registered checksum.
+     A `manual_dir` that is set but holds none of these files fails at once:
+     the user said where the data is, so nothing is downloaded behind their back.
+  4. Only when no `manual_dir` is set: a normal TFDS download.
+  No data: `DataNotFoundError`, which says what to put where.
 
 Preprocessing (statistics always come from the whole TRAIN split, whatever
 split or class subset is read, so that the same image gets the same input in
@@ -55,7 +59,6 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import numpy as np
 import tensorflow as tf
@@ -92,6 +95,9 @@ class _Source:
   builder_cls: type[tfds.core.GeneratorBasedBuilder]
   manual_files: str  # For error messages: what to put in manual_dir.
   flip: bool  # Whether horizontal flips are a valid augmentation.
+  # Files of TFDS's own builder that it takes from manual_dir instead of downloading
+  # (those it shares with ours, the IDX files, are read by ours).
+  tfds_manual_files: tuple[str, ...] = ()
 
 
 _IDX_FILES_TEXT = (
@@ -100,27 +106,13 @@ _IDX_FILES_TEXT = (
 )
 _SOURCES = {
     "cifar10": _Source("cifar10", builders.Cifar10Python,
-                       formats.CIFAR10_ARCHIVE, flip=True),
+                       formats.CIFAR10_ARCHIVE, flip=True,
+                       tfds_manual_files=("cifar-10-binary.tar.gz",)),
     "mnist": _Source("mnist", builders.IdxMnist, _IDX_FILES_TEXT, flip=False),
     "fashion_mnist": _Source("fashion_mnist", builders.IdxFashionMnist,
                              _IDX_FILES_TEXT, flip=False),
 }
 DATASET_NAMES = tuple(_SOURCES)
-
-
-def default_data_config(name: str = "fashion_mnist") -> Any:
-  """Returns a ConfigDict with every data field and its default."""
-  import ml_collections  # Only needed here; callers may use any object.
-
-  return ml_collections.ConfigDict({
-      "name": name,
-      "data_dir": "~/tensorflow_datasets",
-      "manual_dir": "",
-      "preprocess": "mean_image",
-      "augment": False,
-      "download": True,
-      "shuffle_buffer": 0,
-  })
 
 
 def _expand(path: str | os.PathLike | None) -> str | None:
@@ -162,7 +154,7 @@ def get_builder(
 ) -> tfds.core.DatasetBuilder:
   """Returns a prepared TFDS builder for `name` (see the module docstring).
 
-  `download=False` skips the TFDS download attempt.
+  `download=False` skips the TFDS download attempt; so does a `manual_dir`.
 
   Raises:
     ValueError: unknown name, or malformed files in manual_dir.
@@ -205,17 +197,24 @@ def get_builder(
         f"{why}"
     )
 
-  # 3. TFDS's own download (which also finds its expected files, with their
-  # registered checksums, in manual_dir).
-  if not download:
+  # 3. TFDS's own files in manual_dir, else nothing: never a download when the
+  # user named the directory that holds the data.
+  if manual_dir and not any(
+      os.path.isfile(os.path.join(manual_dir, f))
+      for f in source.tfds_manual_files):
+    raise not_found("Nothing was downloaded: --config.data.manual_dir is set "
+                    "(leave it empty to let TFDS download).")
+  # 4. TFDS's own download.
+  if not manual_dir and not download:
     raise not_found("Downloading is off (--config.data.download=False).")
   try:
     download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
     standard.download_and_prepare(download_config=download_config)
   except Exception as e:  # Network, checksum, disk, ...: all mean "no data".
     first_line = (str(e).strip().splitlines() or [""])[0][:300]
+    action = "Preparing it" if manual_dir else "Downloading it"
     raise not_found(
-        f"Downloading it with TFDS failed: {type(e).__name__}: {first_line}"
+        f"{action} with TFDS failed: {type(e).__name__}: {first_line}"
     ) from e
   return standard
 

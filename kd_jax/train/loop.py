@@ -1,10 +1,13 @@
 """`train_and_evaluate(config, workdir)`: teachers and students, supervised or distilled.
 
 Order of work, so that bad input fails before anything is written:
-  1. check the config (method, dataset, batch size vs devices) and find the data;
-  2. load the teacher from `config.teacher_workdir` (distillation) and check it fits;
-  3. check an existing workdir holds a run of this same config, then resume from its
-     latest checkpoint (state, step, RNG and the epoch history), else start fresh;
+  1. check the config against its schema (`kd_jax.config_schema`) and the workdir's path,
+     then what needs the devices and the data (batch size), and find the data;
+  2. load the teacher from `config.teacher_workdir` (distillation: a finished run) and
+     check it fits;
+  3. lock the workdir and check it holds a run of this same config (`kd_jax.workdir`),
+     then resume from its latest checkpoint (state, step, RNG and the epoch history),
+     else start fresh;
   4. train, with periodic asynchronous checkpoints, metrics and test evaluations (a
      deterministic teacher's logits computed once beforehand, see `caches_teacher_logits`);
   5. write `results.json` and `curves.png`.
@@ -12,7 +15,6 @@ Order of work, so that bad input fails before anything is written:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -21,7 +23,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from kd_jax import checkpoint, data, models, reporting
+from kd_jax import checkpoint, config_schema, data, models, reporting
+from kd_jax import workdir as workdir_lib
+from kd_jax.config_schema import UsageError
 from kd_jax.train import evaluation
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train import steps
@@ -36,16 +40,14 @@ RESUMABLE_CHANGES = (
     "keep_checkpoints",
     "teacher_workdir",
     "distill.cache_teacher_logits",  # the same teacher logits, computed once or every step
+    "allow_unfinished_teacher",  # the teacher's parameters are checked by their fingerprint
 )
 # Keys added to the configs after runs were written without them: a saved config that lacks
 # one had the value given here, so its run still resumes.
-ADDED_KEYS = {"train_split": "train"}
+ADDED_KEYS = {"train_split": "train", "on_nonfinite": "stop", "allow_unfinished_teacher": False}
 
 
-class UsageError(ValueError):
-  """Bad input from the user: reported as one line, nothing written."""
-
-
+@workdir_lib.released_after
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, finalize=None) -> dict:
   """Trains `config.model` by `config.method` into `workdir`; returns the results dict.
 
@@ -54,8 +56,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
   source nets). `finalize(model, state) -> {name: pytree}` adds
   items to the final checkpoint.
   """
-  if config.method not in steps.METHODS:
-    raise UsageError(f"unknown method {config.method!r}; choose one of {', '.join(steps.METHODS)}")
+  config_schema.validate(config)
+  workdir_lib.check_path(workdir)
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh, name="batch_size")
   classes = config.get("classes") or None
@@ -77,9 +79,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
   if teacher is not None:
     meta["teacher"] = teacher["origin"]
 
-  claim_workdir(workdir, config)
-  if teacher is not None:
+  if teacher is not None:  # read-only: before the claim, so a refusal leaves the lock file alone too
     check_same_teacher(workdir, teacher["origin"])
+  claim_workdir(workdir, config)
   uses_teacher = config.method != "ground_truth"
   distill = config.get("distill", ml_collections.ConfigDict())
   prepare_batch = None
@@ -305,13 +307,8 @@ def final_results(config, model, state, teacher, history, mesh, *, classes=None)
 
 
 def load_teacher(config, info) -> dict:
-  """The frozen teacher of `config.teacher_workdir`, checked against this run."""
+  """The frozen teacher of `config.teacher_workdir` (a finished run), checked against this run."""
   workdir = config.teacher_workdir
-  if not workdir:
-    raise UsageError(
-        f"method {config.method!r} needs a trained teacher: set --config.teacher_workdir=DIR "
-        "to the workdir of an experiments/nin_teacher.py run"
-    )
   try:
     meta = checkpoint.read_meta(workdir)
     model, variables = checkpoint.load(workdir)
@@ -326,37 +323,18 @@ def load_teacher(config, info) -> dict:
   teacher_data = meta.get("config", {}).get("data", {}).get("name")
   if teacher_data and teacher_data != config.data.name:
     raise UsageError(f"the teacher in {workdir} was trained on {teacher_data}, not {config.data.name}")
+  workdir_lib.check_finished(workdir, allowed=config.get("allow_unfinished_teacher", False), field="teacher_workdir")
   origin = {"workdir": os.path.abspath(workdir), "fingerprint": checkpoint.fingerprint(variables)}
   return {"model": model, "variables": variables, "origin": origin}
 
 
-RUN_FILE = "run.json"
+RUN_FILE = workdir_lib.RUN_FILE
 
 
 def claim_workdir(workdir: str, config) -> None:
-  """Makes `workdir` this run's, or checks that it already is (then the run resumes).
-
-  A workdir records its config in `run.json` when first claimed. Refused, before
-  anything is written: a non-empty directory that is not a kd_jax run, and a run of a
-  different config (only `RESUMABLE_CHANGES` may differ).
-  """
-  marker = os.path.join(workdir, RUN_FILE)
-  if os.path.exists(marker):
-    with open(marker, encoding="utf-8") as f:
-      saved = {**ADDED_KEYS, **_flatten(json.load(f)["config"])}
-    current = _flatten(config.to_dict())
-    differences = sorted(
-        k for k in saved.keys() | current.keys() if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k)
-    )
-    if differences:
-      raise UsageError(
-          f"workdir {workdir} holds a run with a different config ({', '.join(differences)} differ): "
-          "use a new --workdir, or the same config to resume"
-      )
-    return
-  if os.path.isdir(workdir) and os.listdir(workdir):
-    raise UsageError(f"workdir {workdir} is not empty and holds no kd_jax run: choose a new --workdir")
-  reporting.write_json_atomic(marker, {"config": config.to_dict()})
+  """Locks `workdir` and makes it this run's, or checks that it already is (the run then
+  resumes); only `RESUMABLE_CHANGES` may differ (see `kd_jax.workdir.claim`)."""
+  workdir_lib.claim(workdir, config, resumable=RESUMABLE_CHANGES, added=ADDED_KEYS)
 
 
 def check_same_teacher(workdir: str, origin: dict) -> None:
@@ -377,13 +355,3 @@ def check_same_teacher(workdir: str, origin: dict) -> None:
         f"{saved.get('fingerprint')}), but {origin['workdir']} holds another (fingerprint "
         f"{origin['fingerprint']}): resume with the same teacher, or use a new --workdir"
     )
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flatten(value, f"{prefix}{key}."))
-    else:
-      flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-  return flat

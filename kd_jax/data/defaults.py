@@ -1,0 +1,21 @@
+"""The data config's fields and their defaults (see `kd_jax.data.pipeline` for what each means).
+
+Apart from the pipeline so that building and validating a config needs no TensorFlow.
+"""
+
+from typing import Any
+
+
+def default_data_config(name: str = "fashion_mnist") -> Any:
+  """Returns a ConfigDict with every data field and its default."""
+  import ml_collections  # pylint: disable=g-import-not-at-top  (only here; callers may use any object)
+
+  return ml_collections.ConfigDict({
+      "name": name,
+      "data_dir": "~/tensorflow_datasets",
+      "manual_dir": "",
+      "preprocess": "mean_image",
+      "augment": False,
+      "download": True,
+      "shuffle_buffer": 0,
+  })
