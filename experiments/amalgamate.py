@@ -47,9 +47,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.source_blocks = "32-64-128/16-32-64"  # dual stage: heterogeneous source nets
   config.card_shrinkage = 0.1
 
-  def stage(epochs, learning_rate, batch_size=128):
+  def stage(epochs, learning_rate, batch_size=128, min_steps=0):
+    # min_steps: raise the epochs of a small pool until the stage makes that many steps.
     return ml_collections.ConfigDict(dict(
-        epochs=epochs, learning_rate=learning_rate, batch_size=batch_size, decay_at=0.8, decay_factor=0.1))
+        epochs=epochs, min_steps=min_steps, learning_rate=learning_rate, batch_size=batch_size,
+        decay_at=0.8, decay_factor=0.1))
 
   config.component = stage(epochs=4, learning_rate=1e-3)
 

@@ -249,6 +249,8 @@ def _stage(name: str) -> dict[str, Field]:
   """The fields every training stage of `experiments/amalgamate.py` has."""
   return {
       f"{name}.epochs": _int(f"the {name} stage's number of epochs", low=1),
+      f"{name}.min_steps": _int(f"the fewest optimizer steps of the {name} stage (its epochs are raised "
+                                "to reach them; 0: epochs alone)", low=0),
       f"{name}.learning_rate": _positive(f"the {name} stage's learning rate"),
       f"{name}.batch_size": _int(f"the {name} stage's global batch size", low=1),
       f"{name}.decay_at": _fraction(f"the fraction of the {name} stage after which its learning rate decays"),

@@ -223,3 +223,42 @@ def test_dual_stage(idx_data, tmp_path):
   assert results["union_classes"] == UNION
   assert 0.0 <= results["test_accuracy"] <= 1.0
   assert os.path.exists(os.path.join(workdir, "results.json"))
+
+
+def _examples(idx_data, split, classes):
+  config = amalgamate_config(idx_data)
+  return data.num_batches(config.data, split, batch_size=1, train=True, classes=classes)
+
+
+def test_a_small_pool_trains_every_stage_on_it_for_min_steps(idx_data, tmp_path):
+  """`train_split` reaches the components and the label-free stage, and `min_steps` raises a
+  small pool's epochs until each stage makes that many optimizer steps."""
+  split, batch = "train[:192]", 32
+  config = amalgamate_config(
+      idx_data, train_split=split, steps_per_epoch=0,
+      **{"component.epochs": 1, "component.min_steps": 5, "amalgamation.epochs": 1, "amalgamation.min_steps": 7},
+  )
+  results = pipeline.run(config, str(tmp_path / "run"))
+
+  def expected_steps(classes, min_steps):
+    per_epoch = _examples(idx_data, split, classes) // batch
+    assert 1 <= per_epoch < min_steps  # the floor binds: one epoch of this pool is too short
+    return per_epoch * -(-min_steps // per_epoch)
+
+  for t, classes in enumerate([[0, 1], [2, 3]]):
+    teacher = reporting.load_json(str(tmp_path / "run" / "teachers" / f"teacher_{t}" / "results.json"))
+    assert teacher["config"]["train_split"] == split
+    assert teacher["steps"] == expected_steps(classes, 5)
+  assert results["step"] == expected_steps(UNION, 7)
+  assert results["config"]["train_split"] == split
+
+
+def test_source_shards_split_a_sliced_pool(idx_data):
+  config = amalgamate_config(idx_data, train_split="train[10%:60%]")
+  shards = [pipeline.source_split(i, 2, config) for i in range(2)]
+  start, stop = round(0.1 * 512), round(0.6 * 512)  # the fixture's 512 training images
+  middle = start + (stop - start) // 2
+  assert shards == [f"train[{start}:{middle}]", f"train[{middle}:{stop}]"]
+  whole = _examples(idx_data, "train[10%:60%]", None)
+  assert sum(_examples(idx_data, s, None) for s in shards) == whole
+  assert _examples(idx_data, f"{shards[0]}+{shards[1]}", None) == whole  # disjoint, and no gap

@@ -57,16 +57,26 @@ def _parsed(parse, text: str, *, name: str):
     raise loop.UsageError(f"{name}={text!r}: {e}") from None
 
 
-def net_config(config, section: str) -> ml_collections.ConfigDict:
-  """A training config for one net or stage, from the shared fields and `config[section]`."""
+def net_config(config, section: str, *, classes=None, split: str | None = None) -> ml_collections.ConfigDict:
+  """A training config for one net or stage, from the shared fields and `config[section]`.
+
+  The net trains on `split` (default: the experiment's `train_split`) restricted to
+  `classes`. Its epochs are `config[section].epochs`, raised when needed so that it makes
+  at least `config[section].min_steps` optimizer steps: a schedule in epochs alone
+  under-trains every net on a small pool (3 epochs of 3,300 images are 75 steps).
+  """
   sub = config[section]
   out = ml_collections.ConfigDict()
   out.experiment = f"{config.experiment}/{section}"
   out.seed = config.seed
   out.data = copy.deepcopy(config.data)
   out.batch_size = sub.batch_size
-  out.num_epochs = sub.epochs
+  out.train_split = split or config.get("train_split", "train")
   out.steps_per_epoch = config.steps_per_epoch
+  out.num_epochs = sub.epochs
+  if sub.get("min_steps", 0) > sub.epochs:  # a floor of fewer steps than epochs never binds
+    per_epoch = loop.steps_per_epoch_of(out, classes, out.train_split)
+    out.num_epochs = max(sub.epochs, -(-sub.min_steps // per_epoch))
   out.optim = ml_collections.ConfigDict(
       dict(learning_rate=sub.learning_rate, decay_at=sub.decay_at, decay_factor=sub.decay_factor, weight_decay=0.0)
   )
@@ -76,14 +86,14 @@ def net_config(config, section: str) -> ml_collections.ConfigDict:
   return out
 
 
-def component_config(config, *, classes, widths, seed, split="train") -> ml_collections.ConfigDict:
-  """The config of one component (or source) net trained with labels on `classes`."""
-  out = net_config(config, "component")
+def component_config(config, *, classes, widths, seed, split=None, section="component") -> ml_collections.ConfigDict:
+  """The config of one component (or source) net trained with labels on `classes` of
+  `split` (default: the experiment's `train_split`), on the schedule of `config[section]`."""
+  out = net_config(config, section, classes=classes, split=split)
   out.seed = seed
   out.method = "ground_truth"
   out.teacher_workdir = ""
   out.classes = list(classes)
-  out.train_split = split
   out.model = ml_collections.ConfigDict(
       dict(name="convnet", block_widths=list(widths), convs_per_block=config.convs_per_block, norm="batch")
   )

@@ -69,7 +69,7 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
     plan, union = build_plan(config, teachers)
   except ValueError as e:
     raise loop.UsageError(str(e)) from None
-  run_config = components.net_config(config, section)
+  run_config = components.net_config(config, section, classes=union)
   run_config.amalgamation = copy.deepcopy(cfg)
   run_config.teachers = [t["origin"] for t in teachers]
   if claim:
@@ -77,7 +77,7 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
 
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(run_config.batch_size, mesh)
-  steps_per_epoch = loop.steps_per_epoch_of(run_config, union)
+  steps_per_epoch = loop.steps_per_epoch_of(run_config, union, run_config.train_split)
   tx = steps.make_optimizer(run_config.optim, total_steps=steps_per_epoch * run_config.num_epochs)
   info = data.get_info(config.data, classes=union)
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
@@ -118,7 +118,7 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
   state, meta = loop.fit(
       run_config, workdir, state=state, train_step=step_lib.make_step(plan, cfg, tx), frozen=frozen,
       evaluate=evaluate, meta=meta, mesh=mesh, steps_per_epoch=steps_per_epoch, classes=union,
-      items={f"teacher_{i}": t["variables"] for i, t in enumerate(teachers)},
+      split=run_config.train_split, items={f"teacher_{i}": t["variables"] for i, t in enumerate(teachers)},
       prepare_batch=lambda batch: {"image": batch["image"]},  # labels never reach the step
   )
   results = {
@@ -244,7 +244,7 @@ def build_teacher(config, workdir: str, t: int, spec: dict) -> str:
   sources = []
   for i in range(n):
     src = os.path.join(out, "sources", f"source_{i}")
-    split = source_split(i, n)
+    split = source_split(i, n, config)
     if not os.path.exists(os.path.join(src, "results.json")):
       components.train_component(
           components.component_config(config, classes=spec["classes"], widths=source_widths[i], seed=seed * 100 + i, split=split),
@@ -294,8 +294,9 @@ def run(config, workdir: str) -> dict:
       raise loop.UsageError("supervised=True trains the student on teacher_classes; unset teacher_workdirs")
     union = [c for s in specs for c in s["classes"]]
     widths = components.parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
-    baseline = components.component_config(config, classes=union, widths=widths, seed=config.seed)
-    baseline.num_epochs = config.amalgamation.epochs
+    # The amalgamation's schedule: the same student, the same number of steps.
+    baseline = components.component_config(config, classes=union, widths=widths, seed=config.seed,
+                                            section="amalgamation")
     return components.train_component(baseline, workdir)
   # Everything is checked before the workdir is claimed: bad input writes nothing.
   if any(s["external"] for s in specs):
@@ -344,21 +345,30 @@ def validate_plan(config, specs) -> None:
   for t, spec in enumerate(specs):  # enough training data for one batch of each net
     if config.sources_per_task >= 2:
       for i in range(config.sources_per_task):
-        check_batches(config, "component", spec["classes"], source_split(i, config.sources_per_task),
+        check_batches(config, "component", spec["classes"], source_split(i, config.sources_per_task, config),
                       what=f"source {i} of teacher {t}")
       check_batches(config, "dual_stage", spec["classes"], what=f"the dual stage of teacher {t}")
     else:
       check_batches(config, "component", spec["classes"], what=f"teacher {t}")
 
 
-def check_batches(config, section: str, classes, split: str = "train", *, what: str) -> None:
+def check_batches(config, section: str, classes, split: str | None = None, *, what: str) -> None:
   """Refuses a net whose training data (classes, split) cannot fill one batch."""
+  split = split or config.train_split
   try:
-    loop.steps_per_epoch_of(components.net_config(config, section), classes, split)
+    loop.steps_per_epoch_of(components.net_config(config, section, classes=classes, split=split), classes, split)
   except loop.UsageError as e:
     raise loop.UsageError(f"{what} (classes {list(classes)}, split {split}): {e}") from None
 
 
-def source_split(i: int, n: int) -> str:
-  """Source `i` of `n` trains on the `i`-th of `n` disjoint shards of the training split."""
-  return f"train[{100 * i // n}%:{100 * (i + 1) // n}%]"
+def source_split(i: int, n: int, config) -> str:
+  """Source `i` of `n` trains on the `i`-th of `n` disjoint shards of `config.train_split`."""
+  if config.train_split == "train":
+    return f"train[{100 * i // n}%:{100 * (i + 1) // n}%]"
+  from tensorflow_datasets.core import splits  # pylint: disable=g-import-not-at-top
+
+  size = data.num_batches(config.data, "train", batch_size=1, train=False, process_count=1)
+  train = {"train": splits.SplitInfo(name="train", shard_lengths=[size], num_bytes=0)}
+  (bounds,) = splits.ReadInstruction.from_spec(config.train_split).to_absolute(train)
+  start, stop = bounds.from_ or 0, size if bounds.to is None else bounds.to
+  return f"train[{start + (stop - start) * i // n}:{start + (stop - start) * (i + 1) // n}]"
