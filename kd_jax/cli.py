@@ -16,11 +16,23 @@ from absl import logging as absl_logging
 
 @contextlib.contextmanager
 def one_line_errors():
+  """Bad input → `error: ...`, exit status 2. A run stopped by a fault raises an exception
+  with `label` and `exit_status` (a diverged run: 'error', 3; SIGINT/SIGTERM: 'interrupted',
+  130/143) → one such line with that status. Ctrl-C before training: one line, 130."""
   try:
     yield
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    print("interrupted: SIGINT before training started; nothing to save: run the same command again",
+          file=sys.stderr)
+    sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    if not hasattr(e, "exit_status"):
+      raise
+    print(f"{e.label}: {e}", file=sys.stderr)
+    sys.exit(e.exit_status)
 
 
 class _QuietLibraries(logging.Filter):

@@ -74,6 +74,7 @@ def base_config(*, dataset: str, seed: int) -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.eval_every_epochs = 1
+  config.on_nonfinite = "stop"  # a non-finite loss or gradient: 'stop' the run, or 'skip' the update and count it
   return config
 
 
