@@ -41,6 +41,8 @@ class _QuietLibraries(logging.Filter):
   NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "asyncio" and record.getMessage().startswith("Task exception was never retrieved"):
+      return False  # Orbax's other parallel reads of a damaged checkpoint (see _quiet_abandoned_reads)
     return record.levelno >= logging.ERROR or not any(p in record.pathname for p in self.NOISY)
 
 
@@ -85,9 +87,18 @@ def _parse_flags(argv):
   sys.exit(2)
 
 
+def _quiet_abandoned_reads(unraisable, default=sys.unraisablehook) -> None:
+  """Drops 'Event loop is closed' from Orbax's parallel reads that finish after a restore
+  already failed on a damaged checkpoint (kd_jax.checkpoint reports that in one line)."""
+  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+    return
+  default(unraisable)
+
+
 def run(main) -> None:
   """`app.run(main)` with quiet libraries and one-line errors for bad flags and config arguments."""
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _quiet_abandoned_reads
   try:
     app.run(main, flags_parser=_parse_flags)
   except ValueError as e:  # raised while parsing --config (e.g. a bad config argument)
