@@ -150,45 +150,46 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
   saves the step under way and raises `Interrupted` (a second one exits at once).
   Returns the final `(state, meta)`.
   """
-  on_nonfinite = check_on_nonfinite(config)
-  items = dict(items or {})
-  meta["data"] = data_identity(config.data, split, classes)
-  ckpts = checkpoint.Checkpoints(
-      workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
-  )
-  epoch_sums = None  # the running sums of a resumed mid-epoch checkpoint
-  start = ckpts.latest_step()
-  if start is not None:
-    saved = ckpts.restore_meta(start)
-    check_same_data(workdir, saved.get("data"), meta["data"])
-    ckpts.set_aside_damaged()
-    state = ckpts.restore(start, {"state": state})["state"]
-    meta["history"] = saved.get("history", [])
-    epoch_sums = saved.get("epoch_sums")
-    logging.info("Resumed %s from step %d.", workdir, start)
-
-  total_steps = steps_per_epoch * config.num_epochs
-  step = int(state.step)
-  compiled = mesh_lib.data_parallel_step(train_step, mesh)
-  state = mesh_lib.replicate(state, mesh)
-  frozen = mesh_lib.replicate(frozen, mesh)
-  if jax.process_index() == 0:  # the steps after `step` are logged again below
-    reporting.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), max_step=step)
-  writer = reporting.create_writer(workdir)
-  progress = reporting.progress_bar(total=total_steps, initial=step, description=config.get("experiment", "train"))
-  first_epoch = step // steps_per_epoch
-  if first_epoch < config.num_epochs:
-    full_epoch = data.num_batches(config.data, split, batch_size=config.batch_size, train=True, classes=classes)
-    batches = data.as_numpy(
-        data.make_dataset(
-            config.data, split, batch_size=config.batch_size, train=True, seed=config.seed,
-            epoch=first_epoch, num_epochs=config.num_epochs - first_epoch, classes=classes,
-            with_index=prepare_batch is not None,
-        ).skip(step - first_epoch * steps_per_epoch)
+  # Signals first: from here on, an interrupt saves what there is to save.
+  with _graceful_interrupts() as interrupt:
+    on_nonfinite = check_on_nonfinite(config)
+    items = dict(items or {})
+    meta["data"] = data_identity(config.data, split, classes)
+    ckpts = checkpoint.Checkpoints(
+        workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
     )
-  guard = _NonfiniteGuard(on_nonfinite)
-  try:
-    with _graceful_interrupts() as interrupt:
+    epoch_sums = None  # the running sums of a resumed mid-epoch checkpoint
+    start = ckpts.latest_step()
+    if start is not None:
+      saved = ckpts.restore_meta(start)
+      check_same_data(workdir, saved.get("data"), meta["data"])
+      ckpts.set_aside_damaged()
+      state = ckpts.restore(start, {"state": state})["state"]
+      meta["history"] = saved.get("history", [])
+      epoch_sums = saved.get("epoch_sums")
+      logging.info("Resumed %s from step %d.", workdir, start)
+
+    total_steps = steps_per_epoch * config.num_epochs
+    step = int(state.step)
+    compiled = mesh_lib.data_parallel_step(train_step, mesh)
+    state = mesh_lib.replicate(state, mesh)
+    frozen = mesh_lib.replicate(frozen, mesh)
+    if jax.process_index() == 0:  # the steps after `step` are logged again below
+      reporting.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), max_step=step)
+    writer = reporting.create_writer(workdir)
+    progress = reporting.progress_bar(total=total_steps, initial=step, description=config.get("experiment", "train"))
+    first_epoch = step // steps_per_epoch
+    if first_epoch < config.num_epochs:
+      full_epoch = data.num_batches(config.data, split, batch_size=config.batch_size, train=True, classes=classes)
+      batches = data.as_numpy(
+          data.make_dataset(
+              config.data, split, batch_size=config.batch_size, train=True, seed=config.seed,
+              epoch=first_epoch, num_epochs=config.num_epochs - first_epoch, classes=classes,
+              with_index=prepare_batch is not None,
+          ).skip(step - first_epoch * steps_per_epoch)
+      )
+    guard = _NonfiniteGuard(on_nonfinite)
+    try:
       for epoch in range(first_epoch, config.num_epochs):
         sums, guard.skipped = {}, 0
         if epoch_sums and epoch_sums.get("step") == step:
@@ -234,11 +235,11 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
         ckpts.save(step, {"state": state, **items, **(finalize(state) if last else {})}, meta, force=True)
         if interrupt.signal and epoch + 1 < config.num_epochs:
           raise Interrupted(interrupt.signal, step, total_steps)
-  finally:
-    progress.close()
-    writer.close()
-    ckpts.close()  # waits for the saves under way: the newest good checkpoint is complete
-  return state, meta
+    finally:
+      progress.close()
+      writer.close()
+      ckpts.close()  # waits for the saves under way: the newest good checkpoint is complete
+    return state, meta
 
 
 ON_NONFINITE = ("stop", "skip")
