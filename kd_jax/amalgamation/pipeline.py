@@ -72,7 +72,6 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
   run_config = components.net_config(config, section)
   run_config.amalgamation = copy.deepcopy(cfg)
   run_config.teachers = [t["origin"] for t in teachers]
-  run_config.on_nonfinite = config.get("on_nonfinite", "stop")
   if claim:
     loop.claim_workdir(workdir, run_config)
 
