@@ -4,7 +4,8 @@ Order of work, so that bad input fails before anything is written:
   1. check the config (method, dataset, batch size vs devices) and find the data;
   2. load the teacher from `config.teacher_workdir` (distillation) and check it fits;
   3. check an existing workdir holds a run of this same config, then resume from its
-     latest checkpoint (state, step, RNG and the epoch history), else start fresh;
+     newest intact checkpoint (state, step, RNG, the epoch history and running sums) if it
+     was trained on the same data, else start fresh;
   4. train, with periodic asynchronous checkpoints, metrics and test evaluations (a
      deterministic teacher's logits computed once beforehand, see `caches_teacher_logits`);
   5. write `results.json` and `curves.png`.
@@ -327,7 +328,8 @@ def _graceful_interrupts():
   def handle(signum, frame):
     del frame
     if flag.signal is not None:
-      print(f"interrupted: second {signal.Signals(signum).name}: aborted at once; the newest finished "
+      # On a line of its own: the progress bar may be drawn without a newline.
+      print(f"\ninterrupted: second {signal.Signals(signum).name}: aborted at once; the newest finished "
             "checkpoint is kept: run the same command again to resume", file=sys.stderr, flush=True)
       os._exit(128 + signum)  # pylint: disable=protected-access
     flag.signal = signum
