@@ -11,11 +11,20 @@ checkpoint per step with named items:
 
 `load(workdir)` returns `(model, variables)` of the run's main model, ready for
 `model.apply(variables, x, train=False)`; `load(workdir, item='teacher_0')` a teacher.
+
+Damaged checkpoints (a truncated array file, a missing item, an empty step directory,
+unreadable meta) are skipped with a logged warning naming the step and why: readers
+(`load`, `read_meta`) use the newest intact step; a resumed run also moves the damaged
+newer steps aside to `<step>.damaged` (kept for the user to inspect or delete: Orbax
+ignores them, and would otherwise take the damaged step for the latest and never save
+below it).
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -71,14 +80,38 @@ class Checkpoints:
       )
     self.directory = checkpoint_dir(workdir)
     self.manager = ocp.CheckpointManager(self.directory, options=options)
+    self._intact = None  # (newest intact step or None, {damaged newer step: why})
 
   def latest_step(self) -> int | None:
-    return self.manager.latest_step()
+    """The newest intact step (damaged newer ones are skipped with a warning), or None."""
+    return self._find_intact()[0]
+
+  def damaged_steps(self) -> dict[int, str]:
+    """The steps newer than the newest intact one, and why each cannot be restored."""
+    return dict(self._find_intact()[1])
+
+  def set_aside_damaged(self) -> None:
+    """Renames the damaged steps to `<step>.damaged`, so that saving goes on from the intact one."""
+    for step in self.damaged_steps():
+      path = os.path.join(self.directory, str(step))
+      target = path + ".damaged"
+      n = 1
+      while os.path.exists(target):
+        target, n = f"{path}.damaged.{n}", n + 1
+      os.rename(path, target)
+      logging.warning("Moved the damaged checkpoint %s aside to %s.", path, target)
+    self.manager.reload()
+    self._intact = None
 
   def save(self, step: int, items: Mapping[str, Any], meta: Mapping, *, force: bool = False) -> bool:
-    """Saves `items` (pytrees) and `meta` (JSON) at `step`, in the background."""
+    """Saves `items` (pytrees) and `meta` (JSON) at `step`, in the background.
+
+    `meta` is deep-copied: the caller may change it (e.g. append to its history) while the
+    background save is still writing.
+    """
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
-    args[META] = ocp.args.JsonSave(dict(meta))
+    args[META] = ocp.args.JsonSave(copy.deepcopy(dict(meta)))
+    self._intact = None
     return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
 
   def restore_meta(self, step: int | None = None) -> dict:
@@ -106,6 +139,55 @@ class Checkpoints:
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}: train this run first")
     return step
+
+  def _find_intact(self):
+    if self._intact is None:
+      damaged = {}
+      for step in sorted(self.manager.all_steps(), reverse=True):
+        why = self._damage(step)
+        if why is None:
+          self._intact = (step, damaged)
+          break
+        logging.warning("Skipping the damaged checkpoint at step %d in %s: %s.", step, self.directory, why)
+        damaged[step] = why
+      else:
+        if damaged:
+          listed = "; ".join(f"step {s}: {why}" for s, why in damaged.items())
+          raise CheckpointError(
+              f"no intact checkpoint in {self.directory} ({listed}): move it aside to start afresh"
+          )
+        self._intact = (None, {})
+    return self._intact
+
+  def _damage(self, step: int) -> str | None:
+    """Why the checkpoint at `step` cannot be restored (None: every item restores)."""
+    path = os.path.join(self.directory, str(step))
+    present = sorted(n for n in os.listdir(path) if os.path.isdir(os.path.join(path, n)))
+    if not present:
+      return "the step directory is empty"
+    if META not in present:
+      return "its meta item is missing"
+    try:
+      meta = self.restore_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      return f"its meta item is unreadable ({_gist(e)})"
+    expected = {entry.get("item", "state") for entry in meta.get("models", {}).values()}
+    missing = sorted(expected - set(present))
+    if missing:
+      return f"its item {', '.join(missing)} is missing"
+    for name in present:
+      if name != META:
+        try:
+          self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore()}))
+        except Exception as e:  # pylint: disable=broad-except
+          return f"its item {name} is unreadable ({_gist(e)})"
+    return None
+
+
+def _gist(error: Exception) -> str:
+  """The first line of an error, short enough for a log line."""
+  line = (str(error).strip().splitlines() or [""])[0]
+  return f"{type(error).__name__}: {line[:240]}"
 
 
 def _abstract(tree):

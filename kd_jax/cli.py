@@ -18,11 +18,23 @@ from absl import logging as absl_logging
 
 @contextlib.contextmanager
 def one_line_errors():
+  """Bad input → `error: ...`, exit status 2. A run stopped by a fault raises an exception
+  with `label` and `exit_status` (a diverged run: 'error', 3; SIGINT/SIGTERM: 'interrupted',
+  130/143) → one such line with that status. Ctrl-C before training: one line, 130."""
   try:
     yield
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except KeyboardInterrupt:
+    print("interrupted: SIGINT before training started; nothing to save: run the same command again",
+          file=sys.stderr)
+    sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    if not hasattr(e, "exit_status"):
+      raise
+    print(f"{e.label}: {e}", file=sys.stderr)
+    sys.exit(e.exit_status)
 
 
 class _QuietLibraries(logging.Filter):
@@ -31,6 +43,8 @@ class _QuietLibraries(logging.Filter):
   NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/", "/ml_collections/")
 
   def filter(self, record: logging.LogRecord) -> bool:
+    if record.name == "asyncio" and record.getMessage().startswith("Task exception was never retrieved"):
+      return False  # Orbax's other parallel reads of a damaged checkpoint (see _quiet_abandoned_reads)
     return record.levelno >= logging.ERROR or not any(p in record.pathname for p in self.NOISY)
 
 
@@ -139,9 +153,18 @@ def _parse_flags(argv):
   sys.exit(2)
 
 
+def _quiet_abandoned_reads(unraisable, default=sys.unraisablehook) -> None:
+  """Drops 'Event loop is closed' from Orbax's parallel reads that finish after a restore
+  already failed on a damaged checkpoint (kd_jax.checkpoint reports that in one line)."""
+  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+    return
+  default(unraisable)
+
+
 def run(main) -> None:
   """`app.run(main)` with quiet libraries and one-line errors for bad flags and config arguments."""
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
+  sys.unraisablehook = _quiet_abandoned_reads
   try:
     app.run(main, flags_parser=_parse_flags)
   except ValueError as e:  # raised while parsing --config (e.g. a bad config argument)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import tempfile
@@ -21,7 +22,7 @@ class JsonlWriter(metric_writers.MetricWriter):
 
   def write_scalars(self, step, scalars):
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
-    self._file.write(json.dumps(record) + "\n")
+    self._file.write(json.dumps(strict_json(record), allow_nan=False) + "\n")
 
   def write_summaries(self, step, values, metadata=None):
     pass
@@ -83,7 +84,7 @@ def write_json_atomic(path: str, payload) -> None:
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp", encoding="utf-8") as f:
-    json.dump(payload, f, indent=2, sort_keys=True, default=_json_default)
+    json.dump(strict_json(payload), f, indent=2, sort_keys=True, allow_nan=False)
     f.write("\n")
     tmp = f.name
   os.replace(tmp, path)
@@ -94,10 +95,43 @@ def load_json(path: str):
     return json.load(f)
 
 
-def _json_default(value):
-  if isinstance(value, (np.generic, np.ndarray)):
-    return value.tolist()
-  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+def strict_json(value):
+  """`value` with NumPy scalars and arrays as Python numbers and lists, and NaN/±inf as
+  None: JSON has no such numbers, and a file with bare `NaN` tokens is not JSON."""
+  if isinstance(value, Mapping):
+    return {k: strict_json(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [strict_json(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return strict_json(value.tolist())
+  if isinstance(value, np.generic):
+    return strict_json(value.item())
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def truncate_jsonl(path: str, *, max_step: int) -> None:
+  """Drops the rows of a metrics file logged after `max_step` (and a half-written last
+  line), atomically: a resumed run logs those steps again, and each step appears once."""
+  if not os.path.isfile(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= max_step:
+        kept.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut short by a kill
+  if len(kept) == len(lines) and all(line.endswith("\n") for line in kept):
+    return
+  directory = os.path.dirname(os.path.abspath(path))
+  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp", encoding="utf-8") as f:
+    f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
+    tmp = f.name
+  os.replace(tmp, path)
 
 
 def plot_curves(

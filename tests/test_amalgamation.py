@@ -369,6 +369,24 @@ def test_step_variants_learn_on_a_fixed_batch(variant, entropy_runner):
   assert {"align/teacher_0/block_0", "align/teacher_0/block_1", "align/teacher_1/block_1"} <= set(metrics)
 
 
+def test_a_nonfinite_term_is_named_and_the_state_kept(entropy_runner):
+  """Teacher-side projections scaled by 1e10: their unit-norm penalty (‖w‖² − 1)² ≈ 1e40
+  overflows float32 while the feature and logit terms stay finite."""
+  run = entropy_runner
+  state = make_state(run.plan, run.tx)
+  align = {name: {**sides, "teacher": jax.tree.map(lambda k: k * 1e10, sides["teacher"])}
+           for name, sides in state.params["align"].items()}
+  state = mesh_lib.replicate(state.replace(params={**state.params, "align": align}), run.mesh)
+  new_state, metrics = run(state, {"image": images()})
+  terms = steps.nonfinite_terms(int(metrics["nonfinite"]))
+  assert {"unit_norm_penalty", "loss"} <= set(terms) and not {"feature_loss", "logit_loss"} & set(terms), terms
+  assert np.isinf(float(metrics["unit_norm_penalty"])) and np.isfinite(float(metrics["logit_loss"]))
+  assert int(new_state.step) == 1
+  assert_trees_equal((new_state.params, new_state.opt_state), (state.params, state.opt_state))
+  _, clean = run(run.state(), {"image": images()})
+  assert int(clean["nonfinite"]) == 0
+
+
 def test_unknown_logit_loss():
   with pytest.raises(ValueError, match="unknown logit_loss 'l1'"):
     step_lib.make_step(make_plan(), amalgamation_cfg(logit_loss="l1"), make_tx())

@@ -130,7 +130,8 @@ def test_step_keeps_the_teacher_frozen(tiny_setup):
   assert jax.tree.structure(new_state.params) == jax.tree.structure(s["state"].params)
   assert int(new_state.step) == 1
   assert checkpoint.fingerprint(frozen) == before
-  assert set(metrics) == {"loss", "accuracy", "teacher_agreement"}
+  assert set(metrics) == {"loss", "accuracy", "teacher_agreement", "nonfinite"}
+  assert int(metrics["nonfinite"]) == 0
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.abs(a - b).max(), new_state.params, s["state"].params))
   assert max(float(m) for m in moved) > 0
 
@@ -150,8 +151,53 @@ def test_supervised_step_runs_without_a_teacher(tiny_setup):
   state, metrics = mesh_lib.data_parallel_step(step, mesh, donate_state=False)(
       s["state"], mesh_lib.shard_batch(s["batch"], mesh), {}
   )
-  assert set(metrics) == {"loss", "accuracy"}
+  assert set(metrics) == {"loss", "accuracy", "nonfinite"}
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+
+# ------------------------------------------------------------------- divergence guard
+
+
+def _guarded_step(s, tx, batch):
+  mesh = mesh_lib.make_mesh(jax.devices()[:1])
+  step = steps.make_train_step(student=s["student"], tx=tx, objective=steps.make_objective("ground_truth", DISTILL))
+  state = TrainState.create(variables={"params": s["state"].params}, tx=tx, rng=jax.random.PRNGKey(2))
+  new_state, metrics = mesh_lib.data_parallel_step(step, mesh, donate_state=False)(
+      state, mesh_lib.shard_batch(batch, mesh), {}
+  )
+  return state, new_state, metrics
+
+
+@pytest.mark.parametrize("case,terms", [
+    ("nan_image", ["loss", "gradient", "state"]),  # a NaN input: the loss, gradient and update are NaN
+    ("nan_learning_rate", ["state"]),  # a finite loss and gradient, a NaN update
+])
+def test_a_nonfinite_step_keeps_the_old_state_and_names_what_failed(tiny_setup, case, terms):
+  s = tiny_setup
+  batch = dict(s["batch"])
+  tx = optax.sgd(0.1)
+  if case == "nan_image":
+    batch["image"] = batch["image"].copy()
+    batch["image"][1, 3, 3, 0] = np.nan
+  else:
+    tx = optax.sgd(float("nan"))
+  state, new_state, metrics = _guarded_step(s, tx, batch)
+  assert steps.nonfinite_terms(int(metrics["nonfinite"])) == terms
+  assert int(new_state.step) == 1  # the step is spent (its RNG too), the update is not applied
+  for new, old in zip(jax.tree.leaves((new_state.params, new_state.opt_state)),
+                      jax.tree.leaves((state.params, state.opt_state))):
+    np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
+  # The same step on the clean batch with a sane optimizer moves the parameters.
+  _, moved, clean = _guarded_step(s, optax.sgd(0.1), s["batch"])
+  assert int(clean["nonfinite"]) == 0
+  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(moved.params), jax.tree.leaves(state.params)))
+
+
+def test_nonfinite_terms_decode_the_mask():
+  assert steps.nonfinite_terms(0) == []
+  mask = (1 << steps.NONFINITE_TERMS.index("logit_loss")) | (1 << steps.NONFINITE_TERMS.index("gradient"))
+  assert steps.nonfinite_terms(mask) == ["logit_loss", "gradient"]
 
 
 def test_step_rng_is_folded_with_the_step():

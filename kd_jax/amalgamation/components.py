@@ -83,6 +83,7 @@ def net_config(config, section: str, *, classes=None, split: str | None = None) 
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs"):
     out[key] = config[key]
   out.card_shrinkage = config.get("card_shrinkage", 0.1)  # for the cards computed from this net
+  out.on_nonfinite = config.get("on_nonfinite", "stop")
   return out
 
 

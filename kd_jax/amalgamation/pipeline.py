@@ -128,6 +128,8 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
       "history": meta["history"],
       "config": run_config.to_dict(),
   }
+  if run_config.on_nonfinite == "skip":
+    results["skipped_steps"] = sum(h.get("skipped_steps", 0) for h in meta["history"])
   loop.finish(workdir, results, meta["history"], title=f"amalgamation ({config.data.name})", panels={
       "loss": ["train_loss", "train_feature_loss", "train_logit_loss"],
       "test accuracy": ["test_accuracy", "routing_accuracy"] + [f"student_task_{i}_accuracy" for i in range(len(teachers))],

@@ -20,7 +20,7 @@ from jax import lax
 from kd_jax import losses, models, routing
 from kd_jax.amalgamation import objective
 from kd_jax.train.mesh import AXIS
-from kd_jax.train.steps import for_data_parallel
+from kd_jax.train.steps import for_data_parallel, keep_if_finite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,8 +206,10 @@ def make_step(plan: Plan, cfg, tx: optax.GradientTransformation):
         batch_stats={"student": updates["batch_stats"]} if "batch_stats" in updates else state.batch_stats,
         opt_state=opt_state,
     )
+    terms = {name: metrics[name] for name in ("feature_loss", "logit_loss", "unit_norm_penalty", "loss")}
+    new_state, nonfinite = keep_if_finite(state, new_state, {**terms, "gradient": grads})
     for t in range(len(plan.teachers)):
       metrics[f"routed_to/teacher_{t}"] = jnp.mean(weights[:, t])
-    return new_state, lax.pmean(metrics, AXIS)
+    return new_state, {**lax.pmean(metrics, AXIS), "nonfinite": nonfinite}
 
   return step

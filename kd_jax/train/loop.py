@@ -6,8 +6,8 @@ Order of work, so that bad input fails before anything is written:
   2. load the teacher from `config.teacher_workdir` (distillation: a finished run) and
      check it fits;
   3. lock the workdir and check it holds a run of this same config (`kd_jax.workdir`),
-     then resume from its latest checkpoint (state, step, RNG and the epoch history),
-     else start fresh;
+     then resume from its newest intact checkpoint (state, step, RNG, the epoch history and
+     running sums) if it was trained on the same data, else start fresh;
   4. train, with periodic asynchronous checkpoints, metrics and test evaluations (a
      deterministic teacher's logits computed once beforehand, see `caches_teacher_logits`);
   5. write `results.json` and `curves.png`.
@@ -15,11 +15,16 @@ Order of work, so that bad input fails before anything is written:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
+import sys
+import threading
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -41,6 +46,7 @@ RESUMABLE_CHANGES = (
     "teacher_workdir",
     "distill.cache_teacher_logits",  # the same teacher logits, computed once or every step
     "allow_unfinished_teacher",  # the teacher's parameters are checked by their fingerprint
+    "on_nonfinite",  # the same numbers while every step is finite; 'skip' lets a stopped run go on
 )
 # Keys added to the configs after runs were written without them: a saved config that lacks
 # one had the value given here, so its run still resumes.
@@ -130,73 +136,237 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
         classes=None, split="train", items=None, finalize=None, prepare_batch=None):
   """The training loop shared by every method: resume, train, evaluate, checkpoint.
 
-  Resumes from the latest checkpoint in `workdir` (state, step, RNG, epoch history);
-  saves every `config.checkpoint_every_steps` steps and at each epoch's end, in the
+  Resumes from the newest intact checkpoint in `workdir` (state, step, RNG, epoch history
+  and the running sums of the epoch under way), refusing other data than the run started
+  with; saves every `config.checkpoint_every_steps` steps and at each epoch's end, in the
   background, with `items` (e.g. frozen teachers) beside the state in each checkpoint.
   `finalize(state) -> {name: pytree}` adds items (e.g. a teacher card) to the last
   checkpoint. `split` is the TFDS training split (e.g. 'train[:50%]').
   `prepare_batch(batch) -> batch` makes what the step sees of a host batch (amalgamation:
   no labels; cached teacher logits: looked up by the batch's 'index', which the input
   pipeline adds for it).
+
+  Faults: a non-finite step (see `steps.keep_if_finite`) raises `Diverged` at that step
+  (`config.on_nonfinite='stop'`) or is skipped and counted ('skip'); SIGINT or SIGTERM
+  saves the step under way and raises `Interrupted` (a second one exits at once).
   Returns the final `(state, meta)`.
   """
-  items = dict(items or {})
-  ckpts = checkpoint.Checkpoints(
-      workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
-  )
-  if ckpts.latest_step() is not None:
-    step = ckpts.latest_step()
-    state = ckpts.restore(step, {"state": state})["state"]
-    meta["history"] = ckpts.restore_meta(step).get("history", [])
-    logging.info("Resumed %s from step %d.", workdir, step)
-
-  total_steps = steps_per_epoch * config.num_epochs
-  step = int(state.step)
-  compiled = mesh_lib.data_parallel_step(train_step, mesh)
-  state = mesh_lib.replicate(state, mesh)
-  frozen = mesh_lib.replicate(frozen, mesh)
-  writer = reporting.create_writer(workdir)
-  progress = reporting.progress_bar(total=total_steps, initial=step, description=config.get("experiment", "train"))
-  first_epoch = step // steps_per_epoch
-  if first_epoch < config.num_epochs:
-    full_epoch = data.num_batches(config.data, split, batch_size=config.batch_size, train=True, classes=classes)
-    batches = data.as_numpy(
-        data.make_dataset(
-            config.data, split, batch_size=config.batch_size, train=True, seed=config.seed,
-            epoch=first_epoch, num_epochs=config.num_epochs - first_epoch, classes=classes,
-            with_index=prepare_batch is not None,
-        ).skip(step - first_epoch * steps_per_epoch)
+  # Signals first: from here on, an interrupt saves what there is to save.
+  with _graceful_interrupts() as interrupt:
+    on_nonfinite = config.get("on_nonfinite", "stop")  # checked by config_schema
+    items = dict(items or {})
+    meta["data"] = data_identity(config.data, split, classes)
+    ckpts = checkpoint.Checkpoints(
+        workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
     )
-  for epoch in range(first_epoch, config.num_epochs):
-    sums, count = {}, 0
-    for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
-      batch = next(batches)
-      if prepare_batch is not None:
-        batch = prepare_batch(batch)
-      state, metrics = compiled(state, mesh_lib.shard_batch(batch, mesh), frozen)
-      step += 1
-      sums = metrics if not sums else jax.tree.map(lambda a, b: a + b, sums, metrics)
-      count += 1
-      if step % config.log_every_steps == 0:
-        writer.write_scalars(step, {f"train/{k}": float(v) for k, v in metrics.items()})
-      if step < (epoch + 1) * steps_per_epoch:  # the epoch's last step is saved below
-        ckpts.save(step, {"state": state, **items}, meta)
-      progress.update(1)
-    for _ in range(steps_per_epoch, full_epoch):  # the rest of a shortened epoch
-      next(batches)
-    record = {"epoch": epoch + 1, "step": step}
-    record.update({f"train_{k}": float(v) / max(count, 1) for k, v in sums.items()})
-    if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
-      record.update(evaluate(state))
-    writer.write_scalars(step, epoch_summary(record))
-    meta["history"].append(record)
-    progress.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith("test_")})
-    last = epoch + 1 == config.num_epochs and finalize is not None
-    ckpts.save(step, {"state": state, **items, **(finalize(state) if last else {})}, meta, force=True)
-  progress.close()
-  writer.close()
-  ckpts.close()
-  return state, meta
+    epoch_sums = None  # the running sums of a resumed mid-epoch checkpoint
+    start = ckpts.latest_step()
+    if start is not None:
+      saved = ckpts.restore_meta(start)
+      check_same_data(workdir, saved.get("data"), meta["data"])
+      ckpts.set_aside_damaged()
+      state = ckpts.restore(start, {"state": state})["state"]
+      meta["history"] = saved.get("history", [])
+      epoch_sums = saved.get("epoch_sums")
+      logging.info("Resumed %s from step %d.", workdir, start)
+
+    total_steps = steps_per_epoch * config.num_epochs
+    step = int(state.step)
+    compiled = mesh_lib.data_parallel_step(train_step, mesh)
+    state = mesh_lib.replicate(state, mesh)
+    frozen = mesh_lib.replicate(frozen, mesh)
+    if jax.process_index() == 0:  # the steps after `step` are logged again below
+      reporting.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), max_step=step)
+    writer = reporting.create_writer(workdir)
+    progress = reporting.progress_bar(total=total_steps, initial=step, description=config.get("experiment", "train"))
+    first_epoch = step // steps_per_epoch
+    if first_epoch < config.num_epochs:
+      full_epoch = data.num_batches(config.data, split, batch_size=config.batch_size, train=True, classes=classes)
+      batches = data.as_numpy(
+          data.make_dataset(
+              config.data, split, batch_size=config.batch_size, train=True, seed=config.seed,
+              epoch=first_epoch, num_epochs=config.num_epochs - first_epoch, classes=classes,
+              with_index=prepare_batch is not None,
+          ).skip(step - first_epoch * steps_per_epoch)
+      )
+    guard = _NonfiniteGuard(on_nonfinite)
+    try:
+      for epoch in range(first_epoch, config.num_epochs):
+        sums, guard.skipped = {}, 0
+        if epoch_sums and epoch_sums.get("step") == step:
+          sums = {k: mesh_lib.replicate(np.float32(v), mesh) for k, v in epoch_sums["sums"].items()}
+          guard.skipped = epoch_sums.get("skipped", 0)
+        epoch_end = (epoch + 1) * steps_per_epoch
+        for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
+          batch = next(batches)
+          if prepare_batch is not None:
+            batch = prepare_batch(batch)
+          state, metrics = compiled(state, mesh_lib.shard_batch(batch, mesh), frozen)
+          step += 1
+          nonfinite = metrics.pop("nonfinite")
+          guard.check()  # the previous step's mask: read a step late, so the device keeps busy
+          guard.pending = (step, nonfinite)
+          sums = _accumulate(sums or jax.tree.map(jnp.zeros_like, metrics), metrics, nonfinite)
+          if step % config.log_every_steps == 0:
+            guard.check()
+            writer.write_scalars(step, {f"train/{k}": float(v) for k, v in metrics.items()})
+          if step < epoch_end:  # the epoch's last step is saved below
+            if ckpts.manager.should_save(step) or interrupt.signal:
+              guard.check()  # never save the state of a step that failed
+              meta["epoch_sums"] = guard.epoch_sums(step, sums)
+              ckpts.save(step, {"state": state, **items}, meta, force=bool(interrupt.signal))
+            if interrupt.signal:
+              raise Interrupted(interrupt.signal, step, total_steps)
+          progress.update(1)
+        for _ in range(steps_per_epoch, full_epoch):  # the rest of a shortened epoch
+          next(batches)
+        guard.check()
+        count = steps_per_epoch - guard.skipped
+        record = {"epoch": epoch + 1, "step": step}
+        record.update({f"train_{k}": float(v) / max(count, 1) for k, v in sums.items()})
+        if on_nonfinite == "skip":
+          record["skipped_steps"] = guard.skipped
+        if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
+          record.update(evaluate(state))
+        writer.write_scalars(step, epoch_summary(record))
+        meta["history"].append(record)
+        meta.pop("epoch_sums", None)
+        progress.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith("test_")})
+        last = epoch + 1 == config.num_epochs and finalize is not None
+        ckpts.save(step, {"state": state, **items, **(finalize(state) if last else {})}, meta, force=True)
+        if interrupt.signal and epoch + 1 < config.num_epochs:
+          raise Interrupted(interrupt.signal, step, total_steps)
+    finally:
+      progress.close()
+      writer.close()
+      ckpts.close()  # waits for the saves under way: the newest good checkpoint is complete
+    return state, meta
+
+
+
+
+class Diverged(RuntimeError):
+  """A step gave a non-finite loss, gradient or state (`on_nonfinite='stop'`)."""
+
+  exit_status = 3
+  label = "error"
+
+
+class Interrupted(RuntimeError):
+  """SIGINT or SIGTERM: the step under way was finished and saved."""
+
+  label = "interrupted"
+
+  def __init__(self, signum: int, step: int, total_steps: int):
+    self.exit_status = 128 + signum  # the shell's status for a process ended by the signal
+    super().__init__(
+        f"{signal.Signals(signum).name} after step {step} of {total_steps}; the checkpoint of step {step} "
+        "is saved: run the same command again to resume"
+    )
+
+
+class _NonfiniteGuard:
+  """Reads the steps' `nonfinite` masks, one step late, and stops or counts."""
+
+  def __init__(self, mode: str):
+    self.mode, self.pending, self.skipped = mode, None, 0
+
+  def check(self) -> None:
+    """Acts on the mask of the latest step not checked yet (waits for that step)."""
+    if self.pending is None:
+      return
+    step, mask = self.pending
+    self.pending = None
+    mask = int(mask)
+    if not mask:
+      return
+    terms = steps.nonfinite_terms(mask)
+    if self.mode == "stop":
+      raise Diverged(
+          f"non-finite {', '.join(terms)} at step {step}: the run stopped; its checkpoints hold only "
+          "the finite states before it. Lower optim.learning_rate, or set --config.on_nonfinite=skip "
+          "to skip such steps"
+      )
+    self.skipped += 1
+    logging.warning("Skipped step %d: non-finite %s.", step, ", ".join(terms))
+
+  def epoch_sums(self, step: int, sums) -> dict:
+    """What a mid-epoch checkpoint records so that a resumed epoch's means are exact."""
+    return {"step": step, "skipped": self.skipped, "sums": {k: float(v) for k, v in sums.items()}}
+
+
+@jax.jit
+def _accumulate(sums, metrics, nonfinite):
+  """The epoch's running sums; a skipped (non-finite) step adds nothing."""
+  return jax.tree.map(lambda total, value: total + jnp.where(nonfinite == 0, value, 0), sums, metrics)
+
+
+class _Signal:
+  signal = None
+
+
+@contextlib.contextmanager
+def _graceful_interrupts():
+  """SIGINT/SIGTERM set `.signal` (the loop saves and stops); a second one exits at once.
+
+  A cluster's preemption sends SIGTERM; Ctrl-C sends SIGINT. Outside the main thread
+  (where Python cannot install handlers) signals keep their default behaviour.
+  """
+  flag = _Signal()
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+
+  def handle(signum, frame):
+    del frame
+    if flag.signal is not None:
+      # On a line of its own: the progress bar may be drawn without a newline.
+      print(f"\ninterrupted: second {signal.Signals(signum).name}: aborted at once; the newest finished "
+            "checkpoint is kept: run the same command again to resume", file=sys.stderr, flush=True)
+      os._exit(128 + signum)  # pylint: disable=protected-access
+    flag.signal = signum
+    logging.warning("%s: finishing the step under way and saving a checkpoint (again to abort at once).",
+                    signal.Signals(signum).name)
+
+  previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    yield flag
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+
+
+def data_identity(data_config, split: str, classes=None) -> dict:
+  """What identifies the data a run trains on, recorded in its checkpoints: the TFDS
+  builder and version, the example counts of its training split and of the test split,
+  and a fingerprint of the preprocessing statistics (which depend on every train image).
+  `data_dir` and `manual_dir` are not part of it: a moved copy of the same data is the same."""
+  builder = data.get_builder(
+      data_config.name, data_dir=data_config.get("data_dir"), manual_dir=data_config.get("manual_dir"),
+      download=bool(data_config.get("download", True)),
+  )
+  stats = data.train_stats(builder)
+  return {
+      "builder": builder.name,
+      "version": str(builder.version),
+      "train_examples": data.num_batches(data_config, split, batch_size=1, train=True, classes=classes),
+      "test_examples": data.num_batches(data_config, "test", batch_size=1, train=False, classes=classes),
+      "train_stats": checkpoint.fingerprint({k: stats[k] for k in ("mean_image", "channel_mean", "channel_std")}),
+  }
+
+
+def check_same_data(workdir: str, saved: dict | None, current: dict) -> None:
+  """Refuses to resume on other data than the run started with (runs that predate the
+  record resume unchecked)."""
+  if not saved:
+    return
+  differences = [f"{k} {saved.get(k)} → {current.get(k)}" for k in sorted(saved.keys() | current.keys())
+                 if saved.get(k) != current.get(k)]
+  if differences:
+    raise UsageError(
+        f"workdir {workdir} was trained on other data than data.data_dir/data.manual_dir now hold "
+        f"({'; '.join(differences)}): point them at the data the run started with, or use a new --workdir"
+    )
 
 
 def caches_teacher_logits(config) -> bool:
@@ -294,6 +464,8 @@ def final_results(config, model, state, teacher, history, mesh, *, classes=None)
       "history": history,
       "config": config.to_dict(),
   }
+  if config.get("on_nonfinite") == "skip":
+    results["skipped_steps"] = sum(h.get("skipped_steps", 0) for h in history)
   evaluated = [h for h in history if "test_accuracy" in h]
   if evaluated:
     best = max(evaluated, key=lambda h: h["test_accuracy"])

@@ -25,6 +25,10 @@ from kd_jax.train.state import TrainState
 
 METHODS = ("ground_truth", "logit_regression", "noisy_teacher", "hinton_kd")
 
+# What a step checks for finiteness, one bit each in its `metrics['nonfinite']` mask: the
+# loss terms (the amalgamation step has several), the averaged gradient, the updated state.
+NONFINITE_TERMS = ("loss", "feature_loss", "logit_loss", "unit_norm_penalty", "gradient", "state")
+
 # objective(student_logits, teacher_logits, labels, rng) -> scalar loss.
 Objective = Callable[[jax.Array, jax.Array | None, jax.Array, jax.Array], jax.Array]
 
@@ -114,13 +118,44 @@ def make_train_step(
         batch_stats=updates.get("batch_stats", state.batch_stats),
         opt_state=opt_state,
     )
+    new_state, nonfinite = keep_if_finite(state, new_state, {"loss": loss, "gradient": grads})
     prediction = jnp.argmax(logits, -1)
     metrics = {"loss": loss, "accuracy": jnp.mean(prediction == labels)}
     if teacher_logits is not None:
       metrics["teacher_agreement"] = jnp.mean(prediction == jnp.argmax(teacher_logits, -1))
-    return new_state, lax.pmean(metrics, AXIS)
+    return new_state, {**lax.pmean(metrics, AXIS), "nonfinite": nonfinite}
 
   return step
+
+
+def all_finite(tree) -> jax.Array:
+  """Whether every floating-point value in `tree` is finite (a bool scalar)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def keep_if_finite(state, new_state, terms):
+  """The divergence guard of every step (inside a `shard_map` over the 'data' axis).
+
+  Returns `(state, mask)`: `new_state` when the `terms` (loss terms, the gradient) and
+  `new_state` itself are finite on every device, else the old state with only its step
+  counter advanced (optax.apply_if_finite's rule, by selection rather than `lax.cond`);
+  `mask` is an int32 with bit `NONFINITE_TERMS.index(name)` set for each non-finite term.
+  The loop reads the mask to stop the run ('stop') or to count the skipped step ('skip'):
+  either way no non-finite value ever enters the state, so none is ever saved.
+  """
+  flags = {name: ~all_finite(value) for name, value in {**terms, "state": new_state}.items()}
+  # A loss is this device's own: any device's non-finite value counts.
+  bits = lax.pmax(jnp.stack([flags[name].astype(jnp.int32) for name in flags]), AXIS)
+  mask = sum(bits[i] << NONFINITE_TERMS.index(name) for i, name in enumerate(flags))
+  finite = mask == 0
+  kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
+  return kept.replace(step=new_state.step), mask
+
+
+def nonfinite_terms(mask: int) -> list[str]:
+  """The names of the terms whose bits are set in a step's `nonfinite` mask."""
+  return [name for i, name in enumerate(NONFINITE_TERMS) if int(mask) >> i & 1]
 
 
 def make_optimizer(optim, *, total_steps: int) -> optax.GradientTransformation:
