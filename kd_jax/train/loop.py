@@ -243,8 +243,6 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
     return state, meta
 
 
-
-
 class Diverged(RuntimeError):
   """A step gave a non-finite loss, gradient or state (`on_nonfinite='stop'`)."""
 
