@@ -73,6 +73,7 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
   run_config.amalgamation = copy.deepcopy(cfg)
   run_config.teachers = [t["origin"] for t in teachers]
   if claim:
+    loop.check_resumable(workdir, run_config.data, run_config.train_split, union)
     loop.claim_workdir(workdir, run_config)
 
   mesh = mesh_lib.make_mesh()

@@ -85,8 +85,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
   if teacher is not None:
     meta["teacher"] = teacher["origin"]
 
-  if teacher is not None:  # read-only: before the claim, so a refusal leaves the lock file alone too
+  # Read-only checks of a run to resume: before the claim, so a refusal leaves the lock file alone too.
+  if teacher is not None:
     check_same_teacher(workdir, teacher["origin"])
+  check_resumable(workdir, config.data, split, classes)
   claim_workdir(workdir, config)
   uses_teacher = config.method != "ground_truth"
   distill = config.get("distill", ml_collections.ConfigDict())
@@ -351,6 +353,20 @@ def data_identity(data_config, split: str, classes=None) -> dict:
       "test_examples": data.num_batches(data_config, "test", batch_size=1, train=False, classes=classes),
       "train_stats": checkpoint.fingerprint({k: stats[k] for k in ("mean_image", "channel_mean", "channel_std")}),
   }
+
+
+def check_resumable(workdir: str, data_config, split: str, classes=None) -> None:
+  """Refuses, reading only, a resume that `fit` would refuse: a workdir whose checkpoints
+  are all damaged, or that was trained on other data."""
+  if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
+    return
+  ckpts = checkpoint.Checkpoints(workdir, read_only=True)
+  try:
+    step = ckpts.latest_step()  # CheckpointError if none is intact
+    if step is not None:
+      check_same_data(workdir, ckpts.restore_meta(step).get("data"), data_identity(data_config, split, classes))
+  finally:
+    ckpts.close()
 
 
 def check_same_data(workdir: str, saved: dict | None, current: dict) -> None:
