@@ -278,7 +278,7 @@ def test_registry_contents():
 
 # ---------------------------------------------------------------------------------------------
 # Pooling (kd_jax.models.pooling): the fast forms against Flax's reduce_window pools they
-# replace, on random inputs (no ties), outputs and gradients.
+# replace, on random inputs (no ties), outputs and gradients; the 2×2 pool on ties too.
 
 from kd_jax.models import pooling  # noqa: E402
 
@@ -319,14 +319,17 @@ def test_pooling_matches_flax_on_random_inputs(pool, shape):
   np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol)
 
 
-def test_max_pool_gradient_on_ties_is_split_evenly():
-  # A constant window: reduce_window's gradient goes to one input, ours is split in four;
-  # both pass the whole cotangent through.
-  x = jnp.ones((1, 2, 2, 1))
-  grad = jax.grad(lambda x: pooling.max_pool_2x2(x, padding='VALID').sum())(x)
-  flax_grad = jax.grad(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2)).sum())(x)
-  np.testing.assert_array_equal(grad, np.full((1, 2, 2, 1), 0.25))
-  assert float(flax_grad.sum()) == float(grad.sum()) == 1.0
+@pytest.mark.parametrize('padding', ['SAME', 'VALID'])
+def test_max_pool_2x2_gradient_on_ties_equals_flax(padding):
+  # Windows with 2–4 equal maxima (and the constant regions ReLU and BatchNorm produce):
+  # both give the gradient to the first maximum in row-major order.
+  x = jnp.asarray([[1., 2., 5., 5., 0.], [2., 2., 5., 5., 0.], [3., 3., 0., 0., 7.],
+                   [1., 3., 0., 0., 7.], [4., 4., 4., 4., 4.]])[None, :, :, None]
+  n = 3 if padding == 'SAME' else 2
+  cotangent = jax.random.normal(jax.random.key(4), (1, n, n, 1))
+  fast = functools.partial(pooling.max_pool_2x2, padding=padding)
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding=padding)
+  np.testing.assert_array_equal(value_and_vjp(fast, x, cotangent)[1], value_and_vjp(reference, x, cotangent)[1])
 
 
 def test_max_pool_2x2_rejects_unknown_padding():

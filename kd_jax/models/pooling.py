@@ -6,9 +6,10 @@ LeNet training step the 2×2 max-pool gradient was about a third of the op time.
 compile to plain vectorised elementwise code, forward and backward.
 
 Outputs equal `nn.max_pool` / `nn.avg_pool` with the same window, stride and padding (the
-average up to float rounding: it sums in another order). Max-pool gradients differ only on
-exact ties inside a window, which `select_and_scatter` gives to the first maximum and these
-split evenly (JAX's rule for `max`); after a ReLU, tied zeros get no gradient either way.
+average up to float rounding: it sums in another order). The 2×2 max pool's gradient equals
+reduce_window's, ties included (the first maximum of a window takes it). The 3×3 pools' gradients
+equal theirs up to float rounding, except on exact ties, which the separable max splits
+differently (NiN, with biases and no BatchNorm, rarely has them).
 """
 
 import jax
@@ -31,7 +32,29 @@ def max_pool_2x2(x: jax.Array, *, padding: str) -> jax.Array:
     h, w = h + h % 2, w + w % 2
   else:
     raise ValueError(f"padding must be 'SAME' or 'VALID', got {padding!r}")
-  return jnp.max(x.reshape(b, h // 2, 2, w // 2, 2, c), axis=(2, 4))
+  return _window_max(x.reshape(b, h // 2, 2, w // 2, 2, c))
+
+
+@jax.custom_jvp
+def _window_max(windows: jax.Array) -> jax.Array:
+  """Max of [B, h, 2, w, 2, C] over axes 2 and 4: one 2×2 window per output pixel."""
+  return jnp.max(windows, axis=(2, 4))
+
+
+@_window_max.defjvp
+def _window_max_jvp(primals, tangents):
+  # The derivative follows the first maximum of each window in row-major order, as
+  # reduce_window's does (select_and_scatter), rather than jnp.max's even split among ties.
+  # Ties are common: a ReLU'd region of zeros gives a conv without bias a constant output.
+  (windows,), (tangent,) = primals, tangents
+  out = _window_max(windows)
+  hit = windows == out[:, :, None, :, None, :]
+  h00, h01, h10 = hit[:, :, 0, :, 0], hit[:, :, 0, :, 1], hit[:, :, 1, :, 0]
+  first = jnp.stack([
+      jnp.stack([h00, h01 & ~h00], axis=3),
+      jnp.stack([h10 & ~(h00 | h01), ~(h00 | h01 | h10)], axis=3),
+  ], axis=2)
+  return out, jnp.sum(jnp.where(first, tangent, 0), axis=(2, 4))
 
 
 def _pool3_stride2_axis(x: jax.Array, axis: int, op, fill) -> jax.Array:
