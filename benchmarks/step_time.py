@@ -137,7 +137,7 @@ RATIOS = (
 TARGETS = (
     ("KD step, teacher in it: JAX images/s ÷ PyTorch (2 threads)", "JAX KD / PyTorch KD", True, 1.5),
     ("KD step on cached logits ÷ PyTorch GT step", "JAX KD on cached logits / PyTorch GT", True, 1.3),
-    ("LeNet GT step: JAX ÷ PyTorch", "JAX GT / PyTorch GT", True, 1.3),
+    ("LeNet GT step (this run's width): JAX ÷ PyTorch", "JAX GT / PyTorch GT", True, 1.3),
     ("amalgamation step: before ÷ now", "before_jax_amalgamation / jax_amalgamation", False, 1.5),
     ("KD step (teacher in it): fraction of the fp32 peak", "jax_kd", False, 0.5),
 )
