@@ -71,9 +71,6 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from kd_jax import xla_flags  # noqa: E402  (imports no JAX: the parent never starts a backend)
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
 AMAL_IMAGE_SHAPE = (28, 28, 1)  # the amalgamation benchmarks: Fashion-MNIST in both recipes
 NUM_CLASSES = 10
@@ -225,6 +222,9 @@ def jax_bench(name: str, cfg: dict):
   from kd_jax.train import mesh as mesh_lib
   from kd_jax.train import steps
   from kd_jax.train.state import TrainState
+  import kd_jax
+
+  info_tree = os.path.dirname(os.path.dirname(os.path.abspath(kd_jax.__file__)))
 
   if jax.config.read("jax_disable_most_optimizations"):
     raise SystemExit("jax_disable_most_optimizations is set: refusing to benchmark unoptimised code")
@@ -234,7 +234,7 @@ def jax_bench(name: str, cfg: dict):
     raise SystemExit(f"{name}: expected {expected} devices, got {mesh.size} ({jax.devices()})")
   rng = np.random.default_rng(0)
   n_params = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-  info = {"devices": mesh.size}
+  info = {"devices": mesh.size, "kd_jax_tree": info_tree}
 
   if name == "jax_matmul":
     a = jax.device_put(rng.standard_normal((MATMUL_SIZE, MATMUL_SIZE)).astype(np.float32))
@@ -653,6 +653,9 @@ def main(argv=None) -> None:
   # As the entry points do, before any JAX backend starts (the workers inherit it); the
   # user's own XLA_FLAGS are kept for the twins that run without kd_jax's flags.
   user_xla_flags = os.environ.get("XLA_FLAGS", "")
+  sys.path.insert(0, REPO)  # here, not at the top: a before_ worker must import the old kd_jax
+  from kd_jax import xla_flags  # pylint: disable=g-import-not-at-top  (no JAX import)
+
   xla_flags.configure_cpu()
   started = time.time()
   default = DISTILL_BENCHES if args.recipe == "seed" else BENCHES
@@ -685,6 +688,9 @@ def main(argv=None) -> None:
         w.proc.wait()
         continue
       workers[name], ready[name] = w, reply["ready"]
+      tree = reply["ready"].get("kd_jax_tree")
+      if tree and (tree == REPO) == name.startswith("before_"):  # the twin must run the other code
+        raise RuntimeError(f"{name} imported kd_jax from {tree}")
       log(f"{name}: ready after {time.time() - started:.0f} s; warm step {1e3 * reply['ready']['warm_step_s']:.0f} ms")
 
     chunk = {n: max(args.min_steps, min(200, round(args.chunk_seconds / ready[n]["warm_step_s"])))
