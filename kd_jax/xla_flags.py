@@ -1,8 +1,8 @@
 """XLA flags that make kd_jax's steps faster on the CPU backend, set by the entry points.
 
 XLA's CPU backend hands each convolution to YNNPACK by default; its own convolution emitter is
-faster for these nets, forward and above all for the weight gradients (LeNet training step at
-full width about 1.5× less CPU time; BENCHMARKS.md). To get the same in your own program, set,
+faster for the LeNet and NiN steps (1.35–1.8× in BENCHMARKS.md's before/after run; no
+measurable change on the amalgamation ConvNet). To get the same in your own program, set,
 before JAX starts a backend (before the first computation):
 
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION
