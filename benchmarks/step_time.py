@@ -1,20 +1,28 @@
 #!/usr/bin/env python
 """Step-time benchmarks: the distillation and amalgamation train steps, on the CPU.
 
-  python benchmarks/step_time.py > /tmp/step_time.md      # about 4–6 minutes on 2 cores
+  python benchmarks/step_time.py > /tmp/step_time.md          # the study recipe, all benchmarks
+  python benchmarks/step_time.py --recipe=seed --json s.json  # the seed's full-width CIFAR recipe
 
-Prints Markdown (machine, versions, a table of ms/step, a table of ratios) to stdout and
-progress to stderr. Every benchmark runs in its own worker process, built exactly as
-training builds its step (`kd_jax.train.steps`, `kd_jax.amalgamation.step`, compiled by
-`kd_jax.train.mesh.data_parallel_step`, hyper-parameters read from the experiment configs).
-After compilation and warm-up the workers are timed in rounds, one chunk of steps
-(about `--chunk_seconds`) per worker per round, in a rotated order, so that every
-benchmark sees the same background load; a ratio is computed within each round and its
-median over rounds reported. Each step is timed alone (`jax.block_until_ready`); a
-chunk's value is the median of its steps, the table's the median over rounds, with the
-interquartile range and the extremes of the round values as the spread.
+Prints Markdown (machine, versions, a table of ms/step, a table of ratios, issue 12's targets)
+to stdout and progress to stderr. Every benchmark runs in its own worker process, built exactly
+as training builds its step (`kd_jax.train.steps`, `kd_jax.amalgamation.step`, compiled by
+`kd_jax.train.mesh.data_parallel_step`, hyper-parameters read from the experiment configs), with
+the XLA flags the entry points set (`kd_jax.xla_flags.configure_cpu`). After compilation and
+warm-up the workers are timed in rounds, one chunk of steps (about `--chunk_seconds`) per worker
+per round, in a rotated order, so that every benchmark sees the same background load; a ratio
+is computed within each round and its median over rounds reported. Each step is timed alone
+(`jax.block_until_ready`); a chunk's value is the median of its steps, the table's the median
+over rounds, with the interquartile range as the spread.
 
-Benchmarks (batch 256 for distillation, 128 for amalgamation; 28×28×1 random inputs):
+Recipes (`--recipe`) set the distillation benchmarks' shapes, read from
+`experiments/nin_teacher.py` and `experiments/lenet_student.py` with their dataset argument:
+  study  Fashion-MNIST 28×28×1, LeNet width 0.5, NiN width 0.25 (the default; all benchmarks)
+  seed   CIFAR-10 32×32×3, LeNet width 1.0, NiN width 1.0 with the Caffe head (the distillation
+         benchmarks and the peak probes)
+Both use batch 256 for distillation; the amalgamation benchmarks are 28×28×1, batch 128.
+
+Benchmarks:
   jax_kd            hinton_kd step: LeNet student + frozen NiN teacher (eval mode)
   jax_kd_cached     the same step fed the teacher's logits with the batch, as training
                     does by default (distill.cache_teacher_logits): no teacher in the step
@@ -22,20 +30,30 @@ Benchmarks (batch 256 for distillation, 128 for amalgamation; 28×28×1 random i
   jax_teacher_fwd   the NiN teacher's forward pass alone (what the KD step adds)
   torch_*           the same three in PyTorch, 2 threads (skipped when torch is not
                     installed: torch is a dependency of this benchmark only, never of
-                    kd_jax), and torch_kd_1thread, the KD step on 1 thread
+                    kd_jax), and torch_kd_1thread / torch_gt_1thread on 1 thread
   jax_amalgamation  amalgamation step: ConvNet student + 2 ConvNet teachers,
                     teacher-card routing (cards fitted on random features)
   jax_convnet_gt    ground-truth step of the amalgamation student alone
   jax_amal_teachers both teachers' forward + routing alone
   jax_gt_2dev       jax_gt on 2 forced host devices (shard_map data parallelism)
+  jax_matmul, torch_matmul
+                    the peak probes: a float32 2048² matmul (2n³ FLOPs); per round, the
+                    faster one is the machine's fp32 peak and every step's achieved GFLOP/s
+                    is reported as a fraction of it
+A JAX benchmark prefixed `before_` (e.g. `before_jax_amalgamation`) runs the kd_jax of
+`--before_tree` (a worktree of an older commit), prefixed `noflag_` this code without
+kd_jax's CPU XLA flags; both with the user's XLA_FLAGS only. Their ratios to the plain
+benchmark are the before/after speed-ups.
 
 The 2-device worker runs with XLA_FLAGS=--xla_force_host_platform_device_count=2: on a
 CPU both "devices" share the same cores, so it measures the overhead of the sharded
 path (split batch, gradient all-reduce), not a speed-up.
 
-Besides wall time the table gives CPU time per step and FLOPs per step (XLA's cost
+Besides wall time the table gives images/s, CPU time per step and FLOPs per step (XLA's cost
 analysis; PyTorch's flop counter), hence a throughput per CPU-second that depends less on
-the background load than wall time, and each worker's peak RSS.
+the background load than wall time, and each worker's peak RSS. `--json` writes one object
+per benchmark (name, images_per_s, ms_per_step, cpu_ms_per_step, gflop_per_step,
+fraction_of_peak, ...), the ratios and the targets, and the raw timings.
 """
 
 from __future__ import annotations
@@ -54,8 +72,19 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES_FLAG = "--xla_force_host_platform_device_count"
-IMAGE_SHAPE = (28, 28, 1)  # Fashion-MNIST
+AMAL_IMAGE_SHAPE = (28, 28, 1)  # the amalgamation benchmarks: Fashion-MNIST in both recipes
 NUM_CLASSES = 10
+MATMUL_SIZE = 2048  # the peak probe: a float32 [n, n] @ [n, n]
+# --recipe: the distillation benchmarks' setting. 'study' is the Fashion-MNIST setting of the
+# distillation study's teacher (NiN 0.25); 'seed' the distillation seed's own: full-width NiN
+# (Caffe head) → full-width LeNet on CIFAR-shaped images.
+RECIPES = {
+    "study": dict(dataset="fashion_mnist", image_shape=(28, 28, 1), student_width=0.5, teacher_width=0.25),
+    "seed": dict(dataset="cifar10", image_shape=(32, 32, 3), student_width=1.0, teacher_width=1.0),
+}
+# Twins of the JAX benchmarks: the same step from the code before this work (--before_tree,
+# e.g. a worktree of an older commit) and from this code without kd_jax.xla_flags' CPU flags.
+TWINS = {"before_": "code of --before_tree, XLA flags as the user's", "noflag_": "without kd_jax's CPU XLA flags"}
 
 # name: (framework, devices, description)
 BENCHES = {
@@ -71,7 +100,13 @@ BENCHES = {
     "jax_amal_teachers": ("jax", 1, "2 teachers' forward + routing alone"),
     "jax_gt_2dev": ("jax", 2, "kd_jax ground-truth step (LeNet), 2 host devices"),
     "torch_kd_1thread": ("torch", 1, "PyTorch hinton_kd step, 1 thread"),
+    "torch_gt_1thread": ("torch", 1, "PyTorch ground-truth step, 1 thread"),
+    "jax_matmul": ("jax", 1, f"JAX float32 matmul {MATMUL_SIZE}² (the peak probe)"),
+    "torch_matmul": ("torch", 1, f"PyTorch float32 matmul {MATMUL_SIZE}², 2 threads (the peak probe)"),
 }
+DISTILL_BENCHES = ("jax_kd", "jax_kd_cached", "jax_gt", "jax_teacher_fwd", "torch_kd", "torch_gt",
+                   "torch_teacher_fwd", "torch_kd_1thread", "torch_gt_1thread", "jax_matmul", "torch_matmul")
+
 
 # (label, numerator, denominator, how to read it)
 RATIOS = (
@@ -90,7 +125,33 @@ RATIOS = (
      "teachers' share of the amalgamation step"),
     ("GT step 2 devices / 1 device", "jax_gt_2dev", "jax_gt", "shard_map overhead on shared cores"),
     ("PyTorch KD 1 thread / 2 threads", "torch_kd_1thread", "torch_kd", "< 1: OpenMP suffers from the load"),
+    ("JAX GT / PyTorch GT on 1 thread", "jax_gt", "torch_gt_1thread", "> 1: JAX slower"),
+    ("JAX KD on cached logits / PyTorch GT", "jax_kd_cached", "torch_gt", "> 1: JAX slower (target ≤ 1/1.3)"),
+    ("PyTorch matmul / JAX matmul", "torch_matmul", "jax_matmul", "> 1: PyTorch's matmul slower"),
 )
+# Issue 12's targets: (label, ratio label or benchmark name, invert the ratio, goal). A speed-up
+# is the inverse of a JAX / PyTorch time ratio; the last is the KD step's fraction of the peak.
+TARGETS = (
+    ("KD step, teacher in it: JAX images/s ÷ PyTorch (2 threads)", "JAX KD / PyTorch KD", True, 1.5),
+    ("KD step on cached logits ÷ PyTorch GT step", "JAX KD on cached logits / PyTorch GT", True, 1.3),
+    ("LeNet GT step (this run's width): JAX ÷ PyTorch", "JAX GT / PyTorch GT", True, 1.3),
+    ("amalgamation step: before ÷ now", "before_jax_amalgamation / jax_amalgamation", False, 1.5),
+    ("KD step (teacher in it): fraction of the fp32 peak", "jax_kd", False, 0.5),
+)
+
+
+
+def base_name(name: str) -> str:
+  """The benchmark a twin (`before_jax_kd`, `noflag_jax_kd`) runs."""
+  for prefix in TWINS:
+    if name.startswith(prefix):
+      return name[len(prefix):]
+  return name
+
+
+def describe(name: str) -> str:
+  base = base_name(name)
+  return BENCHES[base][2] + (f" — {TWINS[name[:-len(base)]]}" if base != name else "")
 
 
 def log(*args):
@@ -110,9 +171,12 @@ def settings(args) -> dict:
   parent, so that the workers do not load TensorFlow)."""
   sys.path.insert(0, REPO)
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  recipe = RECIPES[args.recipe]
+  student_width = recipe["student_width"] if args.student_width is None else args.student_width
+  teacher_width = recipe["teacher_width"] if args.teacher_width is None else args.teacher_width
   student = load_config("experiments/lenet_student.py",
-                        f"method=hinton_kd,dataset=fashion_mnist,width={args.student_width}")
-  teacher = load_config("experiments/nin_teacher.py", f"dataset=fashion_mnist,width={args.teacher_width}")
+                        f"method=hinton_kd,dataset={recipe['dataset']},width={student_width}")
+  teacher = load_config("experiments/nin_teacher.py", f"dataset={recipe['dataset']},width={teacher_width}")
   amal = load_config("experiments/amalgamate.py", "dataset=fashion_mnist")
   if amal.block_pairs != "auto":
     raise SystemExit(f"the benchmark builds block_pairs='auto', the config has {amal.block_pairs!r}")
@@ -121,7 +185,10 @@ def settings(args) -> dict:
   if len(teacher_blocks) == 1:
     teacher_blocks *= len(class_sets)
   return {
+      "recipe": args.recipe,
       "distill": {
+          "dataset": recipe["dataset"],
+          "image_shape": list(recipe["image_shape"]),
           "batch_size": args.kd_batch,
           "student": student.model.to_dict(),
           "teacher": teacher.model.to_dict(),
@@ -145,7 +212,7 @@ def settings(args) -> dict:
 
 def jax_bench(name: str, cfg: dict):
   """Returns (run_one_step, info) for a JAX benchmark, compiled and placed like training."""
-  sys.path.insert(0, REPO)
+  sys.path.insert(0, os.environ.get("KD_JAX_TREE", REPO))  # a before_ twin imports the old kd_jax
   import jax
   import ml_collections
   import numpy as np
@@ -155,6 +222,9 @@ def jax_bench(name: str, cfg: dict):
   from kd_jax.train import mesh as mesh_lib
   from kd_jax.train import steps
   from kd_jax.train.state import TrainState
+  import kd_jax
+
+  info_tree = os.path.dirname(os.path.dirname(os.path.abspath(kd_jax.__file__)))
 
   if jax.config.read("jax_disable_most_optimizations"):
     raise SystemExit("jax_disable_most_optimizations is set: refusing to benchmark unoptimised code")
@@ -164,18 +234,24 @@ def jax_bench(name: str, cfg: dict):
     raise SystemExit(f"{name}: expected {expected} devices, got {mesh.size} ({jax.devices()})")
   rng = np.random.default_rng(0)
   n_params = lambda tree: int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-  info = {"devices": mesh.size}
+  info = {"devices": mesh.size, "kd_jax_tree": info_tree}
+
+  if name == "jax_matmul":
+    a = jax.device_put(rng.standard_normal((MATMUL_SIZE, MATMUL_SIZE)).astype(np.float32))
+    matmul = jax.jit(lambda a, b: a @ b)
+    info.update(batch=None, student_params=None, teacher_params=None)
+    return (lambda: jax.block_until_ready(matmul(a, a))), info, lambda: 2.0 * MATMUL_SIZE**3
 
   if name in ("jax_kd", "jax_kd_cached", "jax_gt", "jax_gt_2dev", "jax_teacher_fwd"):
     d = cfg["distill"]
-    batch_size = d["batch_size"]
+    batch_size, image_shape = d["batch_size"], tuple(d["image_shape"])
     mesh_lib.check_batch_size(batch_size, mesh)
     student = models.build({**d["student"], "num_classes": NUM_CLASSES})
     teacher = models.build({**d["teacher"], "num_classes": NUM_CLASSES})
-    dummy = np.zeros((1, *IMAGE_SHAPE), np.float32)
+    dummy = np.zeros((1, *image_shape), np.float32)
     teacher_vars = teacher.init(jax.random.PRNGKey(1), dummy, train=False)
     batch = {
-        "image": rng.standard_normal((batch_size, *IMAGE_SHAPE)).astype(np.float32),
+        "image": rng.standard_normal((batch_size, *image_shape)).astype(np.float32),
         "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
     }
     info.update(batch=batch_size, student_params=None, teacher_params=n_params(teacher_vars))
@@ -221,7 +297,7 @@ def jax_bench(name: str, cfg: dict):
         class_index=tuple(tuple(union.index(c) for c in classes) for classes in a["class_sets"]),
         pairs=tuple(amal_step.auto_pairs(len(student.block_widths), len(t.block_widths)) for t in teachers),
     )
-    dummy = np.zeros((1, *IMAGE_SHAPE), np.float32)
+    dummy = np.zeros((1, *AMAL_IMAGE_SHAPE), np.float32)
     teacher_vars = [t.init(jax.random.PRNGKey(10 + i), dummy, train=False) for i, t in enumerate(teachers)]
     cards = []
     for t, classes in zip(teachers, a["class_sets"]):  # cards fitted on random features
@@ -232,7 +308,7 @@ def jax_bench(name: str, cfg: dict):
     frozen = {"teachers": teacher_vars}
     if amal_cfg.selection == "teacher_card":
       frozen["cards"] = cards
-    images = rng.standard_normal((batch_size, *IMAGE_SHAPE)).astype(np.float32)
+    images = rng.standard_normal((batch_size, *AMAL_IMAGE_SHAPE)).astype(np.float32)
     info.update(batch=batch_size, selection=amal_cfg.selection, routing=amal_cfg.routing,
                 teacher_params=sum(n_params(v["params"]) for v in teacher_vars))
     if name == "jax_amal_teachers":
@@ -249,7 +325,7 @@ def jax_bench(name: str, cfg: dict):
         decay_factor=amal_cfg.decay_factor, weight_decay=0.0)), total_steps=10_000)
     init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
     if name == "jax_amalgamation":
-      variables = amal_step.init_params(plan, init_rng, IMAGE_SHAPE)
+      variables = amal_step.init_params(plan, init_rng, AMAL_IMAGE_SHAPE)
       state = TrainState(
           step=np.zeros((), np.int32), params=variables["params"], batch_stats=variables["batch_stats"],
           opt_state=tx.init(variables["params"]), rng=np.asarray(train_rng, np.uint32))
@@ -297,7 +373,12 @@ def torch_bench(name: str, cfg: dict):
 
   torch.set_num_threads(1 if name.endswith("_1thread") else 2)
   torch.manual_seed(0)
+  if name == "torch_matmul":
+    a = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
+    info = {"batch": None, "threads": torch.get_num_threads(), "student_params": None, "teacher_params": None}
+    return (lambda: a @ a), info, lambda: 2.0 * MATMUL_SIZE**3
   d = cfg["distill"]
+  image_h, image_w, channels = d["image_shape"]
   scaled = lambda features, width: max(1, int(round(features * width)))
 
   class NiN(nn.Module):  # kd_jax.models.NiN, head='gap'
@@ -309,7 +390,7 @@ def torch_bench(name: str, cfg: dict):
         return [nn.Conv2d(cin, cout, k, padding=k // 2), nn.ReLU()]
 
       self.body = nn.Sequential(
-          *conv(IMAGE_SHAPE[2], w(192), 5), *conv(w(192), w(160), 1), *conv(w(160), w(96), 1),
+          *conv(channels, w(192), 5), *conv(w(192), w(160), 1), *conv(w(160), w(96), 1),
           nn.MaxPool2d(3, 2, padding=1), nn.Dropout(dropout),
           *conv(w(96), w(192), 5), *conv(w(192), w(192), 1), *conv(w(192), w(192), 1),
           nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), nn.Dropout(dropout),
@@ -322,8 +403,9 @@ def torch_bench(name: str, cfg: dict):
     def __init__(self, width):
       super().__init__()
       c1, c2, f1 = scaled(64, width), scaled(128, width), scaled(1024, width)
-      self.conv1, self.conv2 = nn.Conv2d(IMAGE_SHAPE[2], c1, 5), nn.Conv2d(c1, c2, 5)
-      self.fc1, self.fc2 = nn.Linear(c2 * 4 * 4, f1), nn.Linear(f1, NUM_CLASSES)
+      self.conv1, self.conv2 = nn.Conv2d(channels, c1, 5), nn.Conv2d(c1, c2, 5)
+      side = lambda n: ((n - 4) // 2 - 4) // 2  # two VALID 5×5 convs, each then a 2×2 pool
+      self.fc1, self.fc2 = nn.Linear(c2 * side(image_h) * side(image_w), f1), nn.Linear(f1, NUM_CLASSES)
 
     def forward(self, x):
       x = F.max_pool2d(F.relu(self.conv1(x)), 2)
@@ -334,7 +416,7 @@ def torch_bench(name: str, cfg: dict):
     raise SystemExit("the PyTorch port covers LeNet(relu_after_conv, no dropout) and NiN(head='gap') only")
   batch_size = d["batch_size"]
   rng = np.random.default_rng(0)
-  x = torch.from_numpy(rng.standard_normal((batch_size, IMAGE_SHAPE[2], *IMAGE_SHAPE[:2])).astype(np.float32))
+  x = torch.from_numpy(rng.standard_normal((batch_size, channels, image_h, image_w)).astype(np.float32))
   y = torch.from_numpy(rng.integers(0, NUM_CLASSES, batch_size).astype(np.int64))
   teacher = NiN(d["teacher"]["width"], d["teacher"]["dropout_rate"]).eval()
   for p in teacher.parameters():
@@ -357,7 +439,7 @@ def torch_bench(name: str, cfg: dict):
 
   student = LeNet(d["student"]["width"]).train()
   info["student_params"] = n_params(student)
-  if name == "torch_gt":
+  if name.startswith("torch_gt"):
     info["teacher_params"] = None
   opt = torch.optim.Adam(student.parameters(), lr=d["optim"]["learning_rate"])
   temperature, alpha = d["distill"]["temperature"], d["distill"]["soft_weight"]
@@ -405,7 +487,7 @@ def worker(name: str, cfg: dict) -> None:
     proto.write(json.dumps(obj) + "\n")
     proto.flush()
 
-  framework = BENCHES[name][0]
+  framework = BENCHES[base_name(name)][0]
   if framework == "torch":
     try:
       import torch  # noqa: F401
@@ -413,7 +495,7 @@ def worker(name: str, cfg: dict) -> None:
       send({"skip": "PyTorch is not installed (pip install torch==2.13.0 to compare)"})
       return
   c0 = time.process_time()
-  one_step, info, count_flops = (torch_bench if framework == "torch" else jax_bench)(name, cfg)
+  one_step, info, count_flops = (torch_bench if framework == "torch" else jax_bench)(base_name(name), cfg)
   one_step()  # compiles (JAX) / allocates (PyTorch)
   info["first_step_cpu_s"] = time.process_time() - c0  # CPU time: the workers start together
   info["flops"] = count_flops() * info.get("devices", 1)  # XLA counts one device's program
@@ -461,13 +543,17 @@ def peak_rss_mb() -> float:
 
 
 class Worker:
-  def __init__(self, name: str, cfg_path: str):
+  def __init__(self, name: str, cfg_path: str, *, user_xla_flags: str, before_tree: str):
     self.name = name
     env = dict(os.environ)
     env.setdefault("JAX_PLATFORMS", "cpu")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     env.pop("JAX_DISABLE_MOST_OPTIMIZATIONS", None)
-    devices = BENCHES[name][1]
+    if base_name(name) != name:  # a twin: the user's XLA flags only, not kd_jax's
+      env["XLA_FLAGS"] = user_xla_flags
+    if name.startswith("before_"):
+      env["KD_JAX_TREE"] = os.path.abspath(before_tree)
+    devices = BENCHES[base_name(name)][1]
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICES_FLAG)]
     if devices > 1:
       flags.append(f"{DEVICES_FLAG}={devices}")
@@ -541,11 +627,19 @@ def main(argv=None) -> None:
                  help="no new round starts after this much time in the timed rounds")
   p.add_argument("--chunk_seconds", type=float, default=1.0, help="approximate time per chunk")
   p.add_argument("--min_steps", type=int, default=2, help="at least this many steps per chunk")
-  p.add_argument("--student_width", type=float, default=0.5, help="LeNet width multiplier")
-  p.add_argument("--teacher_width", type=float, default=0.25, help="NiN width multiplier")
+  p.add_argument("--recipe", choices=sorted(RECIPES), default="study",
+                 help="distillation setting: study (Fashion-MNIST 28×28×1, LeNet 0.5, NiN 0.25; all "
+                      "benchmarks by default) or seed (CIFAR 32×32×3, LeNet 1.0, NiN 1.0 with the Caffe "
+                      "head; the distillation benchmarks and the peak probes by default)")
+  p.add_argument("--student_width", type=float, default=None, help="LeNet width (default: the recipe's)")
+  p.add_argument("--teacher_width", type=float, default=None, help="NiN width (default: the recipe's)")
   p.add_argument("--kd_batch", type=int, default=256)
   p.add_argument("--amal_batch", type=int, default=128)
-  p.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
+  p.add_argument("--only", default="",
+                 help="comma-separated benchmark names; a JAX one prefixed before_ runs the code of "
+                      "--before_tree, prefixed noflag_ runs without kd_jax's CPU XLA flags")
+  p.add_argument("--before_tree", default="", help="a kd_jax checkout (e.g. a worktree of an older commit) "
+                                                   "for the before_ benchmarks")
   p.add_argument("--json", default="", help="also write the raw timings here")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)
   p.add_argument("--settings", default="", help=argparse.SUPPRESS)
@@ -556,11 +650,23 @@ def main(argv=None) -> None:
       worker(args.worker, json.load(f))
     return
 
+  # As the entry points do, before any JAX backend starts (the workers inherit it); the
+  # user's own XLA_FLAGS are kept for the twins that run without kd_jax's flags.
+  user_xla_flags = os.environ.get("XLA_FLAGS", "")
+  sys.path.insert(0, REPO)  # here, not at the top: a before_ worker must import the old kd_jax
+  from kd_jax import xla_flags  # pylint: disable=g-import-not-at-top  (no JAX import)
+
+  xla_flags.configure_cpu()
   started = time.time()
-  names = [n for n in args.only.split(",") if n] or list(BENCHES)
-  unknown = set(names) - set(BENCHES)
+  default = DISTILL_BENCHES if args.recipe == "seed" else BENCHES
+  names = [n for n in args.only.split(",") if n] or list(default)
+  unknown = {n for n in names if base_name(n) not in BENCHES
+             or (base_name(n) != n and BENCHES[base_name(n)][0] != "jax")}
   if unknown:
-    p.error(f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(BENCHES)}")
+    p.error(f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(BENCHES)} "
+            f"(JAX ones also prefixed {' or '.join(TWINS)})")
+  if any(n.startswith("before_") for n in names) and not os.path.isdir(os.path.join(args.before_tree, "kd_jax")):
+    p.error(f"before_ benchmarks need --before_tree, a directory holding kd_jax; got {args.before_tree!r}")
   date = subprocess.run(["date"], capture_output=True, text=True, check=False).stdout.strip()
   load_before, psi_before = loadavg(), cpu_pressure()
   cfg = settings(args)
@@ -573,7 +679,7 @@ def main(argv=None) -> None:
   try:
     log(f"starting {len(names)} workers: {', '.join(names)}")
     for name in names:
-      pending[name] = Worker(name, cfg_path)
+      pending[name] = Worker(name, cfg_path, user_xla_flags=user_xla_flags, before_tree=args.before_tree)
     for name, w in pending.items():
       reply = w.request(None)
       if "skip" in reply:
@@ -582,6 +688,9 @@ def main(argv=None) -> None:
         w.proc.wait()
         continue
       workers[name], ready[name] = w, reply["ready"]
+      tree = reply["ready"].get("kd_jax_tree")
+      if tree and (tree == REPO) == name.startswith("before_"):  # the twin must run the other code
+        raise RuntimeError(f"{name} imported kd_jax from {tree}")
       log(f"{name}: ready after {time.time() - started:.0f} s; warm step {1e3 * reply['ready']['warm_step_s']:.0f} ms")
 
     chunk = {n: max(args.min_steps, min(200, round(args.chunk_seconds / ready[n]["warm_step_s"])))
@@ -625,6 +734,50 @@ def main(argv=None) -> None:
   m = machine()
   d, a = cfg["distill"], cfg["amalgamation"]
   n_rounds = len(next(iter(rounds.values()))) if rounds else 0
+  # The peak: per round, the faster of the two float32 matmul probes (GFLOP/s); each step's
+  # achieved GFLOP/s is divided by the same round's peak, then the median over rounds taken.
+  probes = [n for n in ("jax_matmul", "torch_matmul") if n in rounds]
+  peak = [max(ready[n]["flops"] / rounds[n][r] for n in probes) / 1e9 for r in range(n_rounds)] if probes else []
+  rows, ratio_rows = [], []
+  for name in workers:
+    info, wall_s = ready[name], statistics.median(rounds[name])
+    gflop = info["flops"] / 1e9
+    row = {
+        "name": name, "what": describe(name), "framework": BENCHES[base_name(name)][0], "batch": info["batch"],
+        "images_per_s": info["batch"] / wall_s if info["batch"] else None,
+        "ms_per_step": 1e3 * wall_s, "cpu_ms_per_step": 1e3 * statistics.median(cpu_step[name]),
+        "gflop_per_step": gflop,
+        "gflop_source": "XLA cost analysis" if BENCHES[base_name(name)][0] == "jax" else "torch flop counter",
+        "gflop_per_s": gflop / wall_s,
+        "fraction_of_peak": (statistics.median(gflop / w / pk for w, pk in zip(rounds[name], peak))
+                             if peak else None),
+        "student_params": info.get("student_params"), "teacher_params": info.get("teacher_params"),
+        "rounds": len(rounds[name]), "steps_per_chunk": chunk[name], "start_up_cpu_s": info["first_step_cpu_s"],
+        "peak_rss_mb": rss[name],
+    }
+    row["gflop_per_cpu_s"] = gflop / row["cpu_ms_per_step"] * 1e3
+    rows.append(row)
+  twin_ratios = [(f"{name[:-len(base_name(name))]}{base_name(name)} / {base_name(name)}", name, base_name(name),
+                  "> 1: this code faster" if name.startswith("before_") else "> 1: the CPU flags help")
+                 for name in workers if base_name(name) != name]
+  for label, num, den, reading in (*RATIOS, *twin_ratios):
+    if num in rounds and den in rounds:
+      values = [x / y for x, y in zip(rounds[num], rounds[den])]
+      ratio_rows.append({"name": label, "numerator": num, "denominator": den, "reading": reading,
+                         "median": statistics.median(values), "q25": quantile(values, .25),
+                         "q75": quantile(values, .75), "min": min(values), "max": max(values)})
+  by_name = {r["name"]: r for r in ratio_rows}
+  targets = []
+  for label, key, invert, goal in TARGETS:
+    if key in by_name:
+      value = 1 / by_name[key]["median"] if invert else by_name[key]["median"]
+    elif key in {r["name"] for r in rows}:
+      value = next(r["fraction_of_peak"] for r in rows if r["name"] == key)
+    else:
+      continue
+    if value is not None:
+      targets.append({"name": label, "value": value, "target": goal, "met": value >= goal})
+
   out = ["## Results", ""]
   out.append(f"- Date: {date}; the whole benchmark took {elapsed / 60:.1f} min.")
   out.append(f"- Machine: {m['nproc']} CPUs ({m['cpu']}), {m['ram_gb']:.1f} GiB RAM; "
@@ -637,59 +790,75 @@ def main(argv=None) -> None:
       load += (f"; CPU pressure (PSI some avg10: % of time a runnable task waited for a CPU) "
                f"median {statistics.median(psi):.0f} % ({min(psi):.0f}–{max(psi):.0f})")
     out.append(load + ".")
-  inherited = {k: v for k, v in os.environ.items() if k == "XLA_FLAGS" or k.startswith(("JAX_", "OMP_", "MKL_"))}
+  out.append(f"- XLA flags of the workers: `{os.environ.get('XLA_FLAGS', '')}` (kd_jax.xla_flags.configure_cpu; "
+             f"twins: `{user_xla_flags}`).")
+  inherited = {k: v for k, v in os.environ.items() if k.startswith(("JAX_", "OMP_", "MKL_"))}
   if inherited:
-    out.append("- Environment passed to the workers (besides the device count): "
+    out.append("- Environment passed to the workers: "
                + ", ".join(f"`{k}={v}`" for k, v in sorted(inherited.items())) + ".")
   out.append("- Command: `python benchmarks/step_time.py" + "".join(f" {x}" for x in sys.argv[1:]) + "`")
-  out.append(f"- Distillation: LeNet width {d['student']['width']} student, NiN width {d['teacher']['width']} "
-             f"teacher ({d['teacher']['head']} head, eval mode), batch {d['batch_size']}, 28×28×1, "
+  if args.before_tree:
+    head = subprocess.run(["git", "-C", args.before_tree, "rev-parse", "--short", "HEAD"], capture_output=True,
+                          text=True, check=False).stdout.strip()
+    out.append(f"- `before_*`: the code of `{args.before_tree}` (commit {head or 'unknown'}), the user's XLA flags.")
+  out.append(f"- Distillation (recipe `{cfg['recipe']}`): LeNet width {d['student']['width']} student, NiN width "
+             f"{d['teacher']['width']} teacher ({d['teacher']['head']} head, eval mode), batch {d['batch_size']}, "
+             f"{'×'.join(map(str, d['image_shape']))} ({d['dataset']} shape), "
              f"T = {d['distill']['temperature']}, soft weight {d['distill']['soft_weight']}, Adam. "
              "PyTorch: NCHW float32, eager, `torch.set_num_threads(2)` unless marked 1 thread.")
   out.append(f"- Amalgamation: ConvNet {'-'.join(map(str, a['student_blocks']))} student and "
              f"{len(a['class_sets'])} teachers ({' / '.join('-'.join(map(str, t)) for t in a['teacher_blocks'])}), "
              f"{a['convs_per_block']} conv per block, classes {a['class_sets']}, selection "
-             f"{a['cfg']['selection']}, {a['cfg']['routing']} routing, batch {a['batch_size']}.")
+             f"{a['cfg']['selection']}, {a['cfg']['routing']} routing, batch {a['batch_size']}, 28×28×1.")
   out.append(f"- Rounds: {n_rounds}; in each, every benchmark ran one chunk of steps (about "
              f"{args.chunk_seconds:g} s, at least {args.min_steps} step(s)) in a rotated order. ms/step: median "
-             "over rounds of the chunk's median step, with the interquartile range and the extremes of the "
-             "round values. CPU ms/step: process CPU time (all threads, spinning included) per step. GFLOP/step: "
-             "XLA's cost analysis of the compiled program (× devices) for JAX, "
-             "`torch.utils.flop_counter` (convolutions and matmuls only) for PyTorch; GFLOP per CPU-s "
-             "divides it by CPU ms/step, a throughput less sensitive to the load than wall time. Start-up "
-             "CPU: importing, building, compiling and running the first step, in CPU seconds (the workers "
-             "start together, so wall time would mean little). Peak RSS: the worker process's VmHWM (/proc/self/status).")
+             "over rounds of the chunk's median step, with the interquartile range. images/s: batch / ms/step. "
+             "CPU ms/step: process CPU time (all threads, spinning included) per step. GFLOP/step: XLA's cost "
+             "analysis of the compiled program (× devices) for JAX, `torch.utils.flop_counter` (convolutions "
+             "and matmuls only) for PyTorch, 2n³ for the matmul probes. % of peak: per round, the step's "
+             "GFLOP/s over the faster matmul probe's GFLOP/s in that round, median over rounds. Start-up CPU: "
+             "importing, building, compiling and running the first step, in CPU seconds. Peak RSS: VmHWM.")
+  if peak:
+    out.append(f"- Measured fp32 matmul peak ({' / '.join(probes)}, {MATMUL_SIZE}², faster of the two per round): "
+               f"median {statistics.median(peak):.0f} GFLOP/s, best round {max(peak):.0f}.")
   for name, why in skipped.items():
     out.append(f"- `{name}`: skipped — {why}")
   out.append("")
-  out.append("| benchmark | what | batch | params student / teacher | ms/step | IQR | min–max "
-             "| CPU ms/step | GFLOP/step | GFLOP per CPU-s | steps × rounds | start-up CPU s | peak RSS MB |")
-  out.append("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-  for name in workers:
-    info = ready[name]
-    wall = spread([1e3 * x for x in rounds[name]], "{:.0f}")
-    cpu = statistics.median(cpu_step[name]) * 1e3
-    params = f"{info.get('student_params') or '—'} / {info.get('teacher_params') or '—'}"
+  out.append("| benchmark | what | batch | ms/step | IQR | images/s | CPU ms/step | GFLOP/step | GFLOP/s "
+             "| % of peak | GFLOP per CPU-s | steps × rounds | start-up CPU s | peak RSS MB |")
+  out.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for row in rows:
+    wall = spread([1e3 * x for x in rounds[row["name"]]], "{:.0f}")
+    fmt = lambda v, f: "—" if v is None else f.format(v)
     out.append(
-        f"| `{name}` | {BENCHES[name][2]} | {info['batch']} | {params} | **{wall['median']}** "
-        f"| {wall['iqr']} | {wall['range']} | {cpu:.0f} | {info['flops'] / 1e9:.2f} "
-        f"| {info['flops'] / 1e6 / cpu:.1f} | {chunk[name]} × {len(rounds[name])} "
-        f"| {info['first_step_cpu_s']:.1f} | {rss[name]:.0f} |")
+        f"| `{row['name']}` | {row['what']} | {row['batch'] or '—'} | **{wall['median']}** | {wall['iqr']} "
+        f"| {fmt(row['images_per_s'], '{:.0f}')} | {row['cpu_ms_per_step']:.0f} | {row['gflop_per_step']:.2f} "
+        f"| {row['gflop_per_s']:.1f} | {fmt(row['fraction_of_peak'] and 100 * row['fraction_of_peak'], '{:.0f}')} "
+        f"| {row['gflop_per_cpu_s']:.1f} | {row['steps_per_chunk']} × {row['rounds']} "
+        f"| {row['start_up_cpu_s']:.1f} | {row['peak_rss_mb']:.0f} |")
   out.append("")
-  out.append("Each ratio is taken within a round (its two chunks ran seconds apart, under about the same "
-             "load), then summarised over the rounds.")
+  out.append("Each ratio of step times is taken within a round (its two chunks ran seconds apart, under about "
+             "the same load), then summarised over the rounds.")
   out.append("")
   out.append("| ratio | median | IQR | min–max | reading |")
   out.append("|---|---:|---:|---:|---|")
-  for label, num, den, reading in RATIOS:
-    if num in rounds and den in rounds:
-      r = spread([x / y for x, y in zip(rounds[num], rounds[den])], "{:.2f}")
-      out.append(f"| {label} | **{r['median']}** | {r['iqr']} | {r['range']} | {reading} |")
+  for r in ratio_rows:
+    out.append(f"| {r['name']} | **{r['median']:.2f}** | {r['q25']:.2f}–{r['q75']:.2f} | "
+               f"{r['min']:.2f}–{r['max']:.2f} | {r['reading']} |")
+  if targets:
+    out.append("")
+    out.append("| target (issue 12) | measured | goal | met |")
+    out.append("|---|---:|---:|---|")
+    for t in targets:
+      out.append(f"| {t['name']} | **{t['value']:.2f}** | ≥ {t['target']:.2f} | {'yes' if t['met'] else 'no'} |")
   print("\n".join(out))
   if args.json:
     with open(args.json, "w", encoding="utf-8") as f:
-      json.dump({"settings": cfg, "machine": m, "date": date, "ready": ready, "chunk": chunk,
-                 "round_medians_s": rounds, "steps_s": raw, "cpu_s_per_step": cpu_step, "maxrss_mb": rss,
+      json.dump({"recipe": cfg["recipe"], "benchmarks": rows, "ratios": ratio_rows, "targets": targets,
+                 "peak_gflop_s": {"median": statistics.median(peak) if peak else None, "per_round": peak,
+                                  "probes": probes},
+                 "settings": cfg, "machine": m, "date": date, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                 "ready": ready, "round_medians_s": rounds, "steps_s": raw, "cpu_s_per_step": cpu_step,
                  "loadavg_1min": loads, "cpu_pressure": psi, "psi_before": psi_before,
                  "skipped": skipped}, f, indent=1)
 

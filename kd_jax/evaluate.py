@@ -10,6 +10,7 @@ import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from kd_jax.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (CPU-only speed flags, before JAX starts)
 
 from absl import app, flags  # noqa: E402
 

@@ -7,6 +7,7 @@ an unknown key is an error. Re-running the same command on a workdir resumes it.
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from kd_jax.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (CPU-only speed flags, before JAX starts)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -274,3 +274,89 @@ def test_registry_contents():
   assert models.MODELS == {'nin': NiN, 'lenet': LeNet, 'convnet': ConvNet}
   assert logits_of((1, 2)) == 1 and logits_of(3) == 3
   assert isinstance(build({'name': 'lenet'}), nn.Module)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling (kd_jax.models.pooling): the fast forms against Flax's reduce_window pools they
+# replace, on random inputs (no ties), outputs and gradients; the 2×2 pool on ties too.
+
+from kd_jax.models import pooling  # noqa: E402
+
+FLAX_POOLS = {
+    'max_2x2_same': (functools.partial(pooling.max_pool_2x2, padding='SAME'),
+                     lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')),
+    'max_2x2_valid': (functools.partial(pooling.max_pool_2x2, padding='VALID'),
+                      lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding='VALID')),
+    'max_3x3_s2': (pooling.max_pool_3x3_s2,
+                   lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')),
+    'avg_3x3_s2': (pooling.avg_pool_3x3_s2,
+                   lambda x: nn.avg_pool(x, (3, 3), strides=(2, 2), padding='SAME',
+                                         count_include_pad=False)),
+}
+
+
+def value_and_vjp(pool, x, cotangent):
+  out, vjp = jax.vjp(pool, x)
+  return out, vjp(cotangent)[0]
+
+
+@pytest.mark.parametrize('pool', sorted(FLAX_POOLS))
+@pytest.mark.parametrize('shape', [(3, 28, 28, 4), (2, 7, 7, 3), (2, 9, 10, 2), (1, 3, 2, 1)])
+def test_pooling_matches_flax_on_random_inputs(pool, shape):
+  fast, reference = FLAX_POOLS[pool]
+  x = jax.random.normal(jax.random.key(1), shape)
+  expected = reference(x)
+  cotangent = jax.random.normal(jax.random.key(2), expected.shape)
+  out, grad = jax.jit(value_and_vjp, static_argnums=0)(fast, x, cotangent)
+  want_grad = jax.jit(value_and_vjp, static_argnums=0)(reference, x, cotangent)[1]
+  assert out.shape == expected.shape
+  if pool.startswith('max'):  # a max picks an input: exact
+    np.testing.assert_array_equal(out, expected)
+  else:  # a sum of ≤ 9 terms in another order: float32 rounding
+    np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-6)
+  # Overlapping 3×3 windows add their gradients in another order; 2×2 ones do not overlap.
+  tol = 0 if pool.startswith('max_2x2') else 1e-6
+  np.testing.assert_allclose(grad, want_grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize('padding', ['SAME', 'VALID'])
+def test_max_pool_2x2_gradient_on_ties_equals_flax(padding):
+  # Windows with 2–4 equal maxima (and the constant regions ReLU and BatchNorm produce):
+  # both give the gradient to the first maximum in row-major order.
+  x = jnp.asarray([[1., 2., 5., 5., 0.], [2., 2., 5., 5., 0.], [3., 3., 0., 0., 7.],
+                   [1., 3., 0., 0., 7.], [4., 4., 4., 4., 4.]])[None, :, :, None]
+  n = 3 if padding == 'SAME' else 2
+  cotangent = jax.random.normal(jax.random.key(4), (1, n, n, 1))
+  fast = functools.partial(pooling.max_pool_2x2, padding=padding)
+  reference = lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding=padding)
+  np.testing.assert_array_equal(value_and_vjp(fast, x, cotangent)[1], value_and_vjp(reference, x, cotangent)[1])
+
+
+def test_max_pool_2x2_rejects_unknown_padding():
+  with pytest.raises(ValueError, match='padding'):
+    pooling.max_pool_2x2(jnp.ones((1, 4, 4, 1)), padding='FULL')
+
+
+@pytest.mark.parametrize('module, shape', [
+    (LeNet(num_classes=5, width=0.1), (2, 29, 32, 3)),  # odd sizes: VALID drops a row
+    (NiN(num_classes=5, width=0.05, dropout_rate=0.0), (2, 28, 28, 1)),
+    (ConvNet(num_classes=5, block_widths=(4, 8, 8), convs_per_block=1), (2, 28, 28, 1)),
+])
+def test_models_with_fast_pooling_match_flax_pooling(module, shape, monkeypatch):
+  """Whole models, outputs and parameter gradients, with the new pools and the old ones."""
+  x = jax.random.normal(jax.random.key(3), shape)
+  variables = init(module, x, train=False)
+
+  def loss_and_grad(variables):
+    def loss(params):
+      out, _ = module.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+      return jnp.sum(jnp.sin(logits_of(out)))
+    return jax.value_and_grad(loss)(variables['params'])
+
+  new = jax.jit(loss_and_grad)(variables)
+  monkeypatch.setattr(pooling, 'max_pool_2x2', lambda x, *, padding: nn.max_pool(
+      x, (2, 2), strides=(2, 2), padding=padding))
+  monkeypatch.setattr(pooling, 'max_pool_3x3_s2', FLAX_POOLS['max_3x3_s2'][1])
+  monkeypatch.setattr(pooling, 'avg_pool_3x3_s2', FLAX_POOLS['avg_3x3_s2'][1])
+  old = jax.jit(loss_and_grad)(variables)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, old)

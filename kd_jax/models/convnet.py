@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models import pooling
+
 _NORMS = ('batch', 'none')
 
 
@@ -63,7 +65,7 @@ class ConvNet(nn.Module):
                            axis_name=self.bn_axis_name, name=f'block_{i}_bn_{j}')(x)
         x = nn.relu(x)
       # SAME padding keeps at least one pixel, so even 1×1 inputs survive many blocks.
-      x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+      x = pooling.max_pool_2x2(x, padding='SAME')
       features.append(x)
 
     x = penultimate(features)

@@ -4,6 +4,7 @@ import flax.linen as nn
 import jax
 
 from kd_jax.models.nin import scaled
+from kd_jax.models import pooling
 
 # The seed's student was built for 28×28 / 32×32 inputs; the layers alone would accept 14×14
 # (→ 1×1 after the second pool), but below 28 the net is no longer the seed's student.
@@ -36,9 +37,9 @@ class LeNet(nn.Module):
     act = nn.relu if self.relu_after_conv else (lambda y: y)
 
     x = act(nn.Conv(scaled(64, self.width), (5, 5), padding='VALID', name='conv1')(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = pooling.max_pool_2x2(x, padding='VALID')
     x = act(nn.Conv(scaled(128, self.width), (5, 5), padding='VALID', name='conv2')(x))
-    x = nn.max_pool(x, (2, 2), strides=(2, 2))
+    x = pooling.max_pool_2x2(x, padding='VALID')
 
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(scaled(1024, self.width), name='fc1')(x))

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.models import pooling
+
 _HEADS = ('gap', 'fc')
 
 
@@ -53,14 +55,14 @@ class NiN(nn.Module):
     x = conv(x, 192, 5, 'conv1')
     x = conv(x, 160, 1, 'cccp1')
     x = conv(x, 96, 1, 'cccp2')
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding='SAME')
+    x = pooling.max_pool_3x3_s2(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
     x = conv(x, 192, 5, 'conv2')
     x = conv(x, 192, 1, 'cccp3')
     x = conv(x, 192, 1, 'cccp4')
     # TensorFlow's SAME average pool (the seed's framework) leaves padding out of the average.
-    x = nn.avg_pool(x, (3, 3), strides=(2, 2), padding='SAME', count_include_pad=False)
+    x = pooling.avg_pool_3x3_s2(x)
     x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
 
     x = conv(x, 192, 3, 'conv3')
