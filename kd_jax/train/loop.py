@@ -50,7 +50,8 @@ RESUMABLE_CHANGES = (
 )
 # Keys added to the configs after runs were written without them: a saved config that lacks
 # one had the value given here, so its run still resumes.
-ADDED_KEYS = {"train_split": "train", "on_nonfinite": "stop", "allow_unfinished_teacher": False}
+ADDED_KEYS = {"train_split": "train", "on_nonfinite": "stop", "allow_unfinished_teacher": False,
+              "component.min_steps": 0, "amalgamation.min_steps": 0, "dual_stage.min_steps": 0}
 
 
 @workdir_lib.released_after
