@@ -154,7 +154,8 @@ def _claimed(workdir: str, current: dict, resumable, added: dict) -> bool:
   if os.path.exists(marker):
     try:
       with open(marker, encoding="utf-8") as f:
-        saved = {**added, **flatten(json.load(f)["config"])}
+        # An added key counts only for configs that have it (e.g. amalgamation stages' keys).
+        saved = {**{k: v for k, v in added.items() if k in current}, **flatten(json.load(f)["config"])}
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise UsageError(f"workdir {workdir} has an unreadable {RUN_FILE} ({type(e).__name__}: {e}): "
                        "use a new --workdir") from None

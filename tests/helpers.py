@@ -85,3 +85,21 @@ def obeying_permissions(command: list[str]) -> list[str]:
   import sys  # pylint: disable=g-import-not-at-top
 
   return [sys.executable, "-c", _OBEY_PERMISSIONS, *command]
+
+
+def final_params(workdir: str):
+  """The variables of a run's saved main model, on the host."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from kd_jax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  return jax.device_get(checkpoint.load(workdir)[1])
+
+
+def assert_trees_equal(a, b):
+  """Bit-identical pytrees: the same structure and every leaf equal."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

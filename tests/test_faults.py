@@ -47,16 +47,6 @@ def read_jsonl(path: str) -> list[dict]:
     return [strict_json_load(line) for line in f]
 
 
-def final_params(workdir: str):
-  return jax.device_get(checkpoint.load(workdir)[1])
-
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 def error_lines(stderr: str, prefix: str = "error:") -> list[str]:
   return [line for line in stderr.splitlines() if line.startswith(prefix)]
 
@@ -174,7 +164,7 @@ def reference(scenarios):
   assert run["final"].returncode == 0, run["final"].stderr[-3000:]
   results = strict_json_load(open(os.path.join(run["workdir"], "results.json")).read())
   assert results["steps"] == TOTAL_STEPS and len(results["history"]) == 3
-  return {"params": final_params(run["workdir"]), "results": results,
+  return {"params": helpers.final_params(run["workdir"]), "results": results,
           "metrics": read_jsonl(os.path.join(run["workdir"], "metrics.jsonl"))}
 
 
@@ -200,7 +190,7 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(scenarios, referenc
 
   assert final.returncode == 0, final.stderr[-3000:]
   results = strict_json_load(open(os.path.join(run["workdir"], "results.json")).read())
-  assert_trees_equal(final_params(run["workdir"]), reference["params"])
+  helpers.assert_trees_equal(helpers.final_params(run["workdir"]), reference["params"])
   # Per-epoch train metrics of the resumed epoch are those of the uninterrupted run.
   assert results["history"] == reference["results"]["history"]
   metrics = read_jsonl(os.path.join(run["workdir"], "metrics.jsonl"))
@@ -232,7 +222,7 @@ def test_divergence_stops_the_run_at_that_step(scenarios):
     assert ckpts.latest_step() == 1  # the last good state, never the failed step's
   finally:
     ckpts.close()
-  params = final_params(run["workdir"])
+  params = helpers.final_params(run["workdir"])
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
   for row in read_jsonl(os.path.join(run["workdir"], "metrics.jsonl")):
     assert row["step"] < 2
@@ -249,7 +239,7 @@ def test_divergence_skip_mode_finishes_and_counts(scenarios):
   assert results["skipped_steps"] == TOTAL_STEPS - 1  # every step after the first overflows
   assert results["history"][0]["skipped_steps"] == 31
   assert "Skipped step 2: non-finite loss" in proc.stderr
-  params = final_params(run["workdir"])
+  params = helpers.final_params(run["workdir"])
   assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(params))
   read_jsonl(os.path.join(run["workdir"], "metrics.jsonl"))  # strict JSON too
 
@@ -274,7 +264,7 @@ def finished(dirs):
     step12 = jax.device_get(ckpts.restore(12, {"state": None})["state"]["params"])
   finally:
     ckpts.close()
-  return {"workdir": workdir, "results": results, "params": final_params(workdir), "step12": step12}
+  return {"workdir": workdir, "results": results, "params": helpers.final_params(workdir), "step12": step12}
 
 
 def damage(step_dir: str, kind: str) -> None:
@@ -313,7 +303,7 @@ def test_damaged_latest_checkpoint_falls_back(dirs, finished, kind, tmp_path, ca
 
   caplog.set_level(logging.WARNING)
   _, variables = checkpoint.load(workdir)  # the newest intact checkpoint: step 12
-  assert_trees_equal(jax.device_get(variables["params"]), finished["step12"])
+  helpers.assert_trees_equal(jax.device_get(variables["params"]), finished["step12"])
   assert checkpoint.read_meta(workdir)["history"] == finished["results"]["history"][:1]
   warnings = [r.getMessage() for r in caplog.records if "damaged checkpoint at step 16" in r.getMessage()]
   assert warnings and KINDS[kind] in warnings[0], caplog.text
@@ -323,7 +313,7 @@ def test_damaged_latest_checkpoint_falls_back(dirs, finished, kind, tmp_path, ca
   results = loop.train_and_evaluate(small_config(dirs), workdir)
   assert os.path.isdir(os.path.join(checkpoint.checkpoint_dir(workdir), "16.damaged"))
   assert results["history"] == finished["results"]["history"]
-  assert_trees_equal(final_params(workdir), finished["params"])
+  helpers.assert_trees_equal(helpers.final_params(workdir), finished["params"])
   steps = [m["step"] for m in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in m]
   assert steps == [4, 8, 12, 16]
 

@@ -47,16 +47,6 @@ def experiment_config(name: str, arg: str, dirs, **overrides):
   return helpers.experiment_config(name, arg, manual_dir=dirs["manual"], data_dir=dirs["tfds"], **overrides)
 
 
-def params_of(workdir: str):
-  return jax.device_get(checkpoint.load(workdir)[1])
-
-
-def assert_trees_equal(a, b):
-  assert jax.tree.structure(a) == jax.tree.structure(b)
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
 # ----------------------------------------------------------------------------- fixtures
 
 
@@ -226,7 +216,7 @@ def test_cached_teacher_logits_train_the_same_student(dirs, learned_teacher, met
     )
     assert loop.caches_teacher_logits(config) == cache
     workdir = str(tmp_path / f"cache_{cache}")
-    runs[cache] = (loop.train_and_evaluate(config, workdir), params_of(workdir))
+    runs[cache] = (loop.train_and_evaluate(config, workdir), helpers.final_params(workdir))
   (cached, cached_params), (live, live_params) = runs[True], runs[False]
   for a, b in zip(jax.tree.leaves(cached_params), jax.tree.leaves(live_params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
@@ -283,7 +273,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(dirs, learned_teacher,
       teacher_workdir=learned_teacher, checkpoint_every_steps=3,
   )
   uninterrupted = loop.train_and_evaluate(config, workdir)
-  final = params_of(workdir)
+  final = helpers.final_params(workdir)
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   saved = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
   assert saved[-3:] == [12, 15, 16], saved
@@ -294,7 +284,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(dirs, learned_teacher,
   assert resumed["steps"] == 16
   # Epoch 1 restored, not re-run; epoch 2's means include the steps before the resume.
   assert resumed["history"] == uninterrupted["history"]
-  assert_trees_equal(params_of(workdir), final)
+  helpers.assert_trees_equal(helpers.final_params(workdir), final)
   assert resumed["test_accuracy"] == uninterrupted["test_accuracy"]
   # The rows the first run logged after step 12 were dropped: each step is logged once.
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
@@ -309,11 +299,11 @@ def test_rerun_of_a_finished_run_changes_nothing(dirs, learned_teacher, teacher,
       steps_per_epoch=3, teacher_workdir=learned_teacher,
   )
   first = loop.train_and_evaluate(config, workdir)
-  params = params_of(workdir)
+  params = helpers.final_params(workdir)
   again = loop.train_and_evaluate(config, workdir)
   assert again["steps"] == first["steps"] == 3
   assert again["test_accuracy"] == first["test_accuracy"]
-  assert_trees_equal(params_of(workdir), params)
+  helpers.assert_trees_equal(helpers.final_params(workdir), params)
 
   # teacher_workdir may change on resume (a moved directory), but not the teacher itself.
   before = helpers.tree_snapshot(workdir)
