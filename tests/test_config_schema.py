@@ -2,8 +2,8 @@
 valid, and each bad value is refused in one line naming the field, its value and what is
 allowed, by the library entry points too, before the workdir is touched.
 
-The bad values are checked in-process (the command line maps the same `UsageError` to one
-`error:` line and exit status 2: tests/test_bad_input.py runs a few through it).
+The bad values are checked in-process, through `cli.one_line_errors` as `kd_jax.main` runs
+them (one `error:` line, exit status 2); tests/test_bad_input.py runs a few as real commands.
 """
 
 import math
@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from kd_jax import config_schema
+from kd_jax import cli, config_schema
 from kd_jax.config_schema import SCHEMA, UsageError, validate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -184,18 +184,21 @@ def _entry_point(name):
 
 @pytest.mark.parametrize("experiment, key, value, allowed", BAD_VALUES,
                          ids=[f"{k}={v!r}" for _, k, v, _ in BAD_VALUES])
-def test_bad_value_is_refused_in_one_line_before_anything_is_written(tmp_path, experiment, key, value, allowed):
+def test_bad_value_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, experiment, key, value,
+                                                                     allowed):
   name, arg = experiment
   config = helpers.experiment_config(name, arg, manual_dir=str(tmp_path / "no_data"), data_dir=str(tmp_path / "tfds"),
                                      **({"teacher_workdir": "runs/teacher"} if name == "lenet_student" else {}))
   config = helpers.override(config, **{key: value})
   workdir = tmp_path / "run"
-  with pytest.raises(UsageError) as e:
+  # As kd_jax.main runs it: the library's UsageError becomes one stderr line and exit status 2.
+  with pytest.raises(SystemExit) as exit_info, cli.one_line_errors():
     _entry_point(name)(config, str(workdir))
-  message = str(e.value)
-  assert "\n" not in message
-  assert message.startswith(f"--config.{key}={value!r}: "), message
-  assert allowed in message, message
+  assert exit_info.value.code == 2
+  lines = capsys.readouterr().err.splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(f"error: --config.{key}={value!r}: "), lines[0]
+  assert allowed in lines[0], lines[0]
   assert not workdir.exists() and not (tmp_path / "tfds").exists()
 
 
