@@ -36,7 +36,7 @@ def logits():
   s = 3.0 * jax.random.normal(k1, (8, 10))
   t = 3.0 * jax.random.normal(k2, (8, 10))
   y = jax.random.randint(k3, (8,), 0, 10)
-  return s, t, y, jax.random.PRNGKey(7)
+  return s, t, y, jax.random.split(jax.random.PRNGKey(7), 8)  # one key per example
 
 
 # ------------------------------------------------------------------------- objectives
@@ -50,7 +50,9 @@ def _expected(method, seed, s, t, y, rng):
     return losses.logit_regression(s, t)
   if method == "noisy_teacher":
     noise = seed_compat.seed_noisy_logits if seed else losses.noisy_logits
-    return losses.logit_regression(s, noise(rng, t, noise_ratio=d.noise_ratio, noise_std=d.noise_std))
+    # Each example's noise from its own key, whatever batch (or device shard) it is in.
+    rows = [noise(rng[i], t[i:i + 1], noise_ratio=d.noise_ratio, noise_std=d.noise_std) for i in range(len(t))]
+    return losses.logit_regression(s, jnp.concatenate(rows))
   if seed:
     return seed_compat.seed_kd_loss(s, t, y, temperature=d.temperature, hard_weight=1.0 - d.soft_weight)
   return losses.hinton_kd(s, t, y, temperature=d.temperature, soft_weight=d.soft_weight)

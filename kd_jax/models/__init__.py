@@ -15,11 +15,12 @@ import flax.linen as nn
 
 from kd_jax.models.alignment import BlockAlignment, FeatureAlignment, unit_filter_orthogonal
 from kd_jax.models.convnet import ConvNet, penultimate
+from kd_jax.models.dropout import Dropout
 from kd_jax.models.lenet import LeNet
 from kd_jax.models.nin import NiN
 
 __all__ = [
-    'BlockAlignment', 'ConvNet', 'FeatureAlignment', 'LeNet', 'MODELS', 'NiN', 'build',
+    'BlockAlignment', 'ConvNet', 'Dropout', 'FeatureAlignment', 'LeNet', 'MODELS', 'NiN', 'build',
     'logits_of', 'penultimate', 'returns_features', 'spec_of', 'unit_filter_orthogonal',
 ]
 

@@ -32,13 +32,15 @@ class FeatureAlignment(nn.Module):
 
   Attributes:
     width: output channels.
+    dtype: the compute dtype; the kernel stays float32.
   """
   width: int
+  dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     return nn.Conv(self.width, (1, 1), use_bias=False, kernel_init=unit_filter_orthogonal,
-                   name='conv')(x)
+                   dtype=jnp.dtype(self.dtype), name='conv')(x)
 
 
 class BlockAlignment(nn.Module):
@@ -46,13 +48,15 @@ class BlockAlignment(nn.Module):
 
   Attributes:
     widths: output width of each block's projection.
+    dtype: the compute dtype.
   """
   widths: Sequence[int]
+  dtype: str = 'float32'
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
     if len(features) != len(self.widths):
       raise ValueError(f'BlockAlignment has {len(self.widths)} blocks, got {len(features)} '
                        'feature maps')
-    return tuple(FeatureAlignment(width, name=f'block_{i}')(f)
+    return tuple(FeatureAlignment(width, dtype=self.dtype, name=f'block_{i}')(f)
                  for i, (width, f) in enumerate(zip(self.widths, features)))

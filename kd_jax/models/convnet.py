@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.models import pooling
+from kd_jax.models.dropout import Dropout
 
 _NORMS = ('batch', 'none')
 
@@ -35,6 +36,10 @@ class ConvNet(nn.Module):
       ``'data'``) when the train step runs under ``shard_map`` so batch statistics are averaged
       across devices rather than per shard.
     dropout_rate: dropout on the pooled embedding before the classifier.
+    dtype: the compute dtype ('float32' or 'bfloat16'); parameters and BatchNorm statistics
+      stay float32.
+    dropout_axis_name: the mesh axis the batch is sharded over under ``shard_map`` (see
+      ``models.Dropout``).
   """
   num_classes: int
   block_widths: Sequence[int] = (32, 64, 128)
@@ -42,6 +47,8 @@ class ConvNet(nn.Module):
   norm: str = 'batch'
   bn_axis_name: str | None = None
   dropout_rate: float = 0.0
+  dtype: str = 'float32'
+  dropout_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *,
@@ -53,15 +60,16 @@ class ConvNet(nn.Module):
     if self.norm not in _NORMS:
       raise ValueError(f'unknown ConvNet norm {self.norm!r}; choose one of {list(_NORMS)}')
     batch_norm = self.norm == 'batch'
+    dtype = jnp.dtype(self.dtype)
 
     features = []
     for i, width in enumerate(self.block_widths):
       for j in range(self.convs_per_block):
         # A bias right before BatchNorm is cancelled by its mean subtraction, so drop it.
-        x = nn.Conv(width, (3, 3), padding='SAME', use_bias=not batch_norm,
+        x = nn.Conv(width, (3, 3), padding='SAME', use_bias=not batch_norm, dtype=dtype,
                     name=f'block_{i}_conv_{j}')(x)
         if batch_norm:
-          x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
+          x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype,
                            axis_name=self.bn_axis_name, name=f'block_{i}_bn_{j}')(x)
         x = nn.relu(x)
       # SAME padding keeps at least one pixel, so even 1×1 inputs survive many blocks.
@@ -69,6 +77,6 @@ class ConvNet(nn.Module):
       features.append(x)
 
     x = penultimate(features)
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    logits = nn.Dense(self.num_classes, name='head')(x)
+    x = Dropout(self.dropout_rate, deterministic=not train, axis_name=self.dropout_axis_name)(x)
+    logits = nn.Dense(self.num_classes, dtype=dtype, name='head')(x)
     return logits, tuple(features)

@@ -2,7 +2,9 @@
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
+from kd_jax.models.dropout import Dropout
 from kd_jax.models.nin import scaled
 from kd_jax.models import pooling
 
@@ -21,11 +23,16 @@ class LeNet(nn.Module):
       has no non-linearity until the first dense layer. (The seed also draws conv biases from
       N(0, 0.5²); that is not reproduced: biases start at zero.)
     dropout_rate: dropout before the last dense layer; 0 disables it (the seed has none).
+    dtype: the compute dtype ('float32' or 'bfloat16'); parameters stay float32.
+    dropout_axis_name: the mesh axis the batch is sharded over under ``shard_map``, so that
+      each example's dropout mask depends on its global position (``models.Dropout``).
   """
   num_classes: int = 10
   width: float = 1.0
   relu_after_conv: bool = True
   dropout_rate: float = 0.0
+  dtype: str = 'float32'
+  dropout_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -35,13 +42,14 @@ class LeNet(nn.Module):
       raise ValueError(f'LeNet needs inputs of at least {MIN_INPUT_SIZE}×{MIN_INPUT_SIZE}, '
                        f'got {height}×{width}')
     act = nn.relu if self.relu_after_conv else (lambda y: y)
+    dtype = jnp.dtype(self.dtype)
 
-    x = act(nn.Conv(scaled(64, self.width), (5, 5), padding='VALID', name='conv1')(x))
+    x = act(nn.Conv(scaled(64, self.width), (5, 5), padding='VALID', dtype=dtype, name='conv1')(x))
     x = pooling.max_pool_2x2(x, padding='VALID')
-    x = act(nn.Conv(scaled(128, self.width), (5, 5), padding='VALID', name='conv2')(x))
+    x = act(nn.Conv(scaled(128, self.width), (5, 5), padding='VALID', dtype=dtype, name='conv2')(x))
     x = pooling.max_pool_2x2(x, padding='VALID')
 
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(scaled(1024, self.width), name='fc1')(x))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
-    return nn.Dense(self.num_classes, name='fc2')(x)
+    x = nn.relu(nn.Dense(scaled(1024, self.width), dtype=dtype, name='fc1')(x))
+    x = Dropout(self.dropout_rate, deterministic=not train, axis_name=self.dropout_axis_name)(x)
+    return nn.Dense(self.num_classes, dtype=dtype, name='fc2')(x)

@@ -7,6 +7,13 @@ dict for supervised training). The teacher is a frozen input: it runs inside the
 step (batched with the student), gets no gradient and is never updated. A batch that
 carries `'teacher_logits': [b, C]` (the loop's cache of a deterministic teacher's
 outputs) is distilled from those instead, and the step needs no teacher.
+
+Random numbers (dropout masks, the noisy teacher's noise) are a function of the seed, the
+step and each example's position in the global batch, never of the device that holds it:
+1, 2 or 4 devices train the same run (`kd_jax.models.dropout`).
+
+Mixed precision: a model built with `dtype='bfloat16'` computes in it; parameters and the
+optimizer state stay float32, and logits are cast to float32 before every loss.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import optax
 from jax import lax
 
 from kd_jax import losses, models, seed_compat
+from kd_jax.models.dropout import example_keys
 from kd_jax.train.mesh import AXIS
 from kd_jax.train.state import TrainState
 
@@ -29,7 +37,8 @@ METHODS = ("ground_truth", "logit_regression", "noisy_teacher", "hinton_kd")
 # loss terms (the amalgamation step has several), the averaged gradient, the updated state.
 NONFINITE_TERMS = ("loss", "feature_loss", "logit_loss", "unit_norm_penalty", "gradient", "state")
 
-# objective(student_logits, teacher_logits, labels, rng) -> scalar loss.
+# objective(student_logits, teacher_logits, labels, keys) -> scalar loss; `keys` holds one
+# PRNG key per example (`[B]`), so that an example's noise does not depend on its device.
 Objective = Callable[[jax.Array, jax.Array | None, jax.Array, jax.Array], jax.Array]
 
 
@@ -45,7 +54,9 @@ def make_objective(method: str, distill) -> Objective:
   if method == "noisy_teacher":
     noise = seed_compat.seed_noisy_logits if seed else losses.noisy_logits
     kw = dict(noise_ratio=distill.noise_ratio, noise_std=distill.noise_std)
-    return lambda s, t, y, rng: losses.logit_regression(s, noise(rng, t, **kw))
+    # Each example's noise from its own key: a one-row batch each.
+    per_example = jax.vmap(lambda key, row: noise(key, row[None], **kw)[0])
+    return lambda s, t, y, keys: losses.logit_regression(s, per_example(keys, t))
   if seed:
     return lambda s, t, y, rng: seed_compat.seed_kd_loss(
         s, t, y, temperature=distill.temperature, hard_weight=1.0 - distill.soft_weight
@@ -56,10 +67,10 @@ def make_objective(method: str, distill) -> Objective:
 
 
 def for_data_parallel(model: nn.Module) -> nn.Module:
-  """The same model with BatchNorm statistics averaged over the 'data' axis."""
-  if "bn_axis_name" in getattr(model, "__dataclass_fields__", {}):
-    return model.clone(bn_axis_name=AXIS)
-  return model
+  """The same model with BatchNorm statistics averaged over the 'data' axis and dropout
+  masks drawn by each example's global position (see the module docstring)."""
+  fields = getattr(model, "__dataclass_fields__", {})
+  return model.clone(**{name: AXIS for name in ("bn_axis_name", "dropout_axis_name") if name in fields})
 
 
 def apply_model(model: nn.Module, variables, images, *, train: bool, rng=None) -> jax.Array:
@@ -69,7 +80,7 @@ def apply_model(model: nn.Module, variables, images, *, train: bool, rng=None) -
     out, _ = model.apply(variables, images, train=True, rngs=rngs, mutable=["batch_stats"])
   else:
     out = model.apply(variables, images, train=False)
-  return models.logits_of(out)
+  return models.logits_of(out).astype(jnp.float32)
 
 
 def make_train_step(
@@ -82,12 +93,13 @@ def make_train_step(
 ) -> Callable:
   """Builds the pure step for one method (see the module docstring)."""
   student = for_data_parallel(student)
+  teacher = None if teacher is None else for_data_parallel(teacher)
 
   def step(state: TrainState, batch, frozen):
-    # Each device draws its own dropout/noise: fold the device index into the step key.
-    rng = jax.random.fold_in(state.step_rng(), lax.axis_index(AXIS))
-    dropout_rng, loss_rng, teacher_rng = jax.random.split(rng, 3)
+    # The same key on every device: the models and the noise fold in each example's position.
+    dropout_rng, loss_rng, teacher_rng = jax.random.split(state.step_rng(), 3)
     images, labels = batch["image"], batch["label"]
+    loss_keys = example_keys(loss_rng, images.shape[0], AXIS)
 
     teacher_logits = batch.get("teacher_logits")  # cached by the loop, or computed here
     if teacher_logits is None and teacher is not None:
@@ -102,8 +114,8 @@ def make_train_step(
       out, updates = student.apply(
           variables, images, train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"]
       )
-      logits = models.logits_of(out)
-      return objective(logits, teacher_logits, labels, loss_rng), (logits, updates)
+      logits = models.logits_of(out).astype(jnp.float32)
+      return objective(logits, teacher_logits, labels, loss_keys), (logits, updates)
 
     # Differentiate this device's copy of the parameters ('varying' over the axis). The
     # replicated state's are 'invariant', and shard_map would then sum the shards' gradients
