@@ -12,6 +12,7 @@ _PIPELINE = (
     "DATASET_NAMES",
     "DataNotFoundError",
     "DatasetInfo",
+    "device_preprocess",
     "PREPROCESS_CHOICES",
     "as_numpy",
     "get_builder",
@@ -19,6 +20,7 @@ _PIPELINE = (
     "load_arrays",
     "make_dataset",
     "num_batches",
+    "preprocess_images",
     "train_stats",
 )
 

@@ -175,7 +175,7 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
 
     total_steps = steps_per_epoch * config.num_epochs
     step = int(state.step)
-    compiled = mesh_lib.data_parallel_step(train_step, mesh)
+    compiled = _step_with_sums(train_step, mesh, data.device_preprocess(config.data))
     state = mesh_lib.replicate(state, mesh)
     frozen = mesh_lib.replicate(frozen, mesh)
     if jax.process_index() == 0:  # the steps after `step` are logged again below
@@ -184,45 +184,41 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
     progress = reporting.progress_bar(total=total_steps, initial=step, description=config.get("experiment", "train"))
     first_epoch = step // steps_per_epoch
     if first_epoch < config.num_epochs:
-      full_epoch = data.num_batches(config.data, split, batch_size=config.batch_size, train=True, classes=classes)
-      batches = data.as_numpy(
-          data.make_dataset(
-              config.data, split, batch_size=config.batch_size, train=True, seed=config.seed,
-              epoch=first_epoch, num_epochs=config.num_epochs - first_epoch, classes=classes,
-              with_index=prepare_batch is not None,
-          ).skip(step - first_epoch * steps_per_epoch)
+      batches = mesh_lib.prefetch(
+          _host_batches(config, split, classes, steps_per_epoch, step, prepare_batch), mesh
       )
+    # Checkpoints every `checkpoint_every_steps`, and after the first step of a run that
+    # has none yet (Orbax's initial save): decided here, without asking the manager each step.
+    save_first = start is None
     guard = _NonfiniteGuard(on_nonfinite)
     try:
       for epoch in range(first_epoch, config.num_epochs):
-        sums, guard.skipped = {}, 0
+        guard.skipped = 0
+        sums = None  # zeros of the metrics' shapes, made at the first step
         if epoch_sums and epoch_sums.get("step") == step:
           sums = {k: mesh_lib.replicate(np.float32(v), mesh) for k, v in epoch_sums["sums"].items()}
           guard.skipped = epoch_sums.get("skipped", 0)
         epoch_end = (epoch + 1) * steps_per_epoch
         for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
           batch = next(batches)
-          if prepare_batch is not None:
-            batch = prepare_batch(batch)
-          state, metrics = compiled(state, mesh_lib.shard_batch(batch, mesh), frozen)
+          if sums is None:
+            sums = mesh_lib.replicate(_zero_sums(compiled, state, batch, frozen), mesh)
+          state, metrics, nonfinite, sums = compiled(state, batch, frozen, sums)
           step += 1
-          nonfinite = metrics.pop("nonfinite")
           guard.check()  # the previous step's mask: read a step late, so the device keeps busy
           guard.pending = (step, nonfinite)
-          sums = _accumulate(sums or jax.tree.map(jnp.zeros_like, metrics), metrics, nonfinite)
           if step % config.log_every_steps == 0:
             guard.check()
             writer.write_scalars(step, {f"train/{k}": float(v) for k, v in metrics.items()})
           if step < epoch_end:  # the epoch's last step is saved below
-            if ckpts.manager.should_save(step) or interrupt.signal:
+            if step % config.checkpoint_every_steps == 0 or save_first or interrupt.signal:
               guard.check()  # never save the state of a step that failed
               meta["epoch_sums"] = guard.epoch_sums(step, sums)
               ckpts.save(step, {"state": state, **items}, meta, force=bool(interrupt.signal))
+              save_first = False
             if interrupt.signal:
               raise Interrupted(interrupt.signal, step, total_steps)
           progress.update(1)
-        for _ in range(steps_per_epoch, full_epoch):  # the rest of a shortened epoch
-          next(batches)
         guard.check()
         count = steps_per_epoch - guard.skipped
         record = {"epoch": epoch + 1, "step": step}
@@ -296,10 +292,49 @@ class _NonfiniteGuard:
     return {"step": step, "skipped": self.skipped, "sums": {k: float(v) for k, v in sums.items()}}
 
 
-@jax.jit
-def _accumulate(sums, metrics, nonfinite):
-  """The epoch's running sums; a skipped (non-finite) step adds nothing."""
-  return jax.tree.map(lambda total, value: total + jnp.where(nonfinite == 0, value, 0), sums, metrics)
+def _step_with_sums(train_step, mesh, preprocess):
+  """`train_step` compiled data-parallel with what the loop needs around it, in one program:
+  the images' preprocessing (uint8 in, `preprocess` on the device), and the epoch's running
+  sums of the metrics (a skipped, non-finite step adds nothing), so that no per-step work is
+  left on the host. `(state, batch, frozen, sums) -> (state, metrics, nonfinite, sums)`."""
+  sharded = mesh_lib.sharded_step(train_step, mesh)
+
+  def step(state, batch, frozen, sums):
+    state, metrics = sharded(state, {**batch, "image": preprocess(batch["image"])}, frozen)
+    nonfinite = metrics.pop("nonfinite")
+    if sums is None:  # only traced, by `_zero_sums`
+      sums = jax.tree.map(jnp.zeros_like, metrics)
+    sums = jax.tree.map(lambda total, value: total + jnp.where(nonfinite == 0, value, 0), sums, metrics)
+    return state, metrics, nonfinite, sums
+
+  return jax.jit(step, donate_argnums=(0, 3))
+
+
+def _zero_sums(compiled, state, batch, frozen) -> dict:
+  """Zeros shaped like the metrics of `compiled` (traced, not run)."""
+  metrics = jax.eval_shape(compiled, state, batch, frozen, None)[1]
+  return {k: np.zeros(v.shape, v.dtype) for k, v in metrics.items()}
+
+
+def _host_batches(config, split, classes, steps_per_epoch: int, step: int, prepare_batch):
+  """The training batches from `step` on, as the step takes them: uint8 images (normalised
+  on the device), `prepare_batch` applied, and only the first `steps_per_epoch` batches
+  of each epoch."""
+  first_epoch = step // steps_per_epoch
+  full_epoch = data.num_batches(config.data, split, batch_size=config.batch_size, train=True, classes=classes)
+  batches = data.as_numpy(
+      data.make_dataset(
+          config.data, split, batch_size=config.batch_size, train=True, seed=config.seed,
+          epoch=first_epoch, num_epochs=config.num_epochs - first_epoch, classes=classes,
+          with_index=prepare_batch is not None, raw_images=True,
+      ).skip(step - first_epoch * steps_per_epoch)
+  )
+  for epoch in range(first_epoch, config.num_epochs):
+    for _ in range(max(step - epoch * steps_per_epoch, 0), steps_per_epoch):
+      batch = next(batches)
+      yield batch if prepare_batch is None else prepare_batch(batch)
+    for _ in range(steps_per_epoch, full_epoch):  # the rest of a shortened epoch
+      next(batches)
 
 
 class _Signal:

@@ -8,7 +8,9 @@ recommends for new code (docs/migrate_pmap).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import collections
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
@@ -38,6 +40,25 @@ def shard_batch(batch, mesh: Mesh):
   return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), batch)
 
 
+def prefetch(batches: Iterable, mesh: Mesh, *, depth: int = 2) -> Iterator:
+  """Yields `shard_batch(batch, mesh)` of each host batch, `depth` batches ahead.
+
+  The transfers are asynchronous: while the device runs one step, the next `depth - 1`
+  batches are already on their way, so the step never waits for its input.
+  """
+  batches = iter(batches)
+  queue = collections.deque()
+
+  def enqueue(n: int) -> None:
+    for batch in itertools.islice(batches, n):
+      queue.append(shard_batch(batch, mesh))
+
+  enqueue(depth)
+  while queue:
+    yield queue.popleft()
+    enqueue(1)
+
+
 def replicate(tree, mesh: Mesh):
   return jax.device_put(tree, NamedSharding(mesh, P()))
 
@@ -49,10 +70,10 @@ def data_parallel_step(step_fn: Callable, mesh: Mesh, *, donate_state: bool = Tr
   never change, such as teacher variables) are replicated. `step_fn` must reduce what
   it returns across the axis (`lax.pmean(..., AXIS)`), so outputs are replicated.
   """
-  sharded = jax.shard_map(
-      step_fn,
-      mesh=mesh,
-      in_specs=(P(), P(AXIS), P()),
-      out_specs=(P(), P()),
-  )
-  return jax.jit(sharded, donate_argnums=(0,) if donate_state else ())
+  return jax.jit(sharded_step(step_fn, mesh), donate_argnums=(0,) if donate_state else ())
+
+
+def sharded_step(step_fn: Callable, mesh: Mesh) -> Callable:
+  """`step_fn` under `shard_map`, not yet compiled (for callers that add work around it in
+  one `jax.jit`); see `data_parallel_step`."""
+  return jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(AXIS), P()), out_specs=(P(), P()))
