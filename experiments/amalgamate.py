@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         selection=args["selection"], routing=args["routing"], routing_temperature=1.0,
         logit_loss="kl", temperature=2.0,
         feature_weight=1.0, logit_weight=1.0, unit_norm_weight=0.1, seed_compat=args["seed_compat"],
+        # Compute dtypes of the student (and alignment projections) and of the frozen teachers:
+        # 'bfloat16' computes in it; parameters, optimizer state and every loss stay float32.
+        dtype="float32", teacher_dtype="float32",
     ))
     cfg.update(kw)
     return cfg

@@ -29,7 +29,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 128
   config.num_epochs = args["epochs"]
   config.model = ml_collections.ConfigDict(
-      dict(name="convnet", block_widths=[int(w) for w in args["blocks"].split("-")], convs_per_block=1, norm="batch")
+      dict(name="convnet", block_widths=[int(w) for w in args["blocks"].split("-")], convs_per_block=1, norm="batch",
+           dtype="float32")
   )
   if args["smoke"]:
     configs.apply_smoke(config)

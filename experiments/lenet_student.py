@@ -28,7 +28,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.teacher_workdir = ""
   # relu_after_conv=False is the seed's LeNet (no ReLU after its convolutions).
   config.model = ml_collections.ConfigDict(
-      dict(name="lenet", width=args["width"], relu_after_conv=True, dropout_rate=0.0)
+      # dtype: 'bfloat16' computes in it (parameters and optimizer state stay float32).
+      dict(name="lenet", width=args["width"], relu_after_conv=True, dropout_rate=0.0, dtype="float32")
   )
   config.distill = ml_collections.ConfigDict(
       dict(
@@ -43,6 +44,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           # Without teacher dropout and augmentation the teacher's logits depend on the image
           # alone: compute them once per run, not in every step (same numbers, faster steps).
           cache_teacher_logits=True,
+          # The frozen teacher's compute dtype, independent of the student's ('bfloat16': faster
+          # on hardware that has it; its logits are cast to float32 before the loss).
+          teacher_dtype="float32",
           seed_compat=False,
       )
   )

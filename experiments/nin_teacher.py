@@ -22,7 +22,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.method = "ground_truth"
   config.teacher_workdir = ""
   config.model = ml_collections.ConfigDict(
-      dict(name="nin", width=args["width"], head=args["head"], dropout_rate=0.5)
+      # dtype: 'bfloat16' computes in it (parameters and optimizer state stay float32).
+      dict(name="nin", width=args["width"], head=args["head"], dropout_rate=0.5, dtype="float32")
   )
   config.num_epochs = args["epochs"]
   if args["smoke"]:

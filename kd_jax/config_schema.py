@@ -38,6 +38,8 @@ SELECTIONS = ("entropy", "max_softmax", "energy", "teacher_card")
 ROUTINGS = ("hard", "soft")
 LOGIT_LOSSES = ("kl", "l2")
 ON_NONFINITE = ("stop", "skip")
+DTYPES = ("float32", "bfloat16")
+MATMUL_PRECISIONS = ("default", "high", "highest")
 NIN_HEADS = ("gap", "fc")
 CONVNET_NORMS = ("batch", "none")
 MAX_SEED = 2**31 - 1  # the pipeline derives teachers' seeds as seed * 1000 + t: keep them in int64
@@ -272,6 +274,8 @@ def _amalgamation(name: str) -> dict[str, Field]:
       f"{name}.logit_weight": Field(f"{name}'s weight of the logit term", float, low=0),
       f"{name}.unit_norm_weight": Field(f"{name}'s weight of the unit-norm penalty", float, low=0),
       f"{name}.seed_compat": _flag(f"whether {name} uses the seed's recipe instead of the paper's"),
+      f"{name}.dtype": _choice(f"{name}'s compute dtype of the student and alignment projections", DTYPES),
+      f"{name}.teacher_dtype": _choice(f"{name}'s compute dtype of the frozen teachers", DTYPES),
   }
 
 
@@ -294,6 +298,8 @@ SCHEMA: dict[str, Field] = {
     "on_nonfinite": _choice("what a non-finite loss or gradient does (stop the run, or skip the update)",
                             ON_NONFINITE),
     "allow_unfinished_teacher": _flag("whether a teacher without results.json (an unfinished run) is used"),
+    "matmul_precision": _choice("the float32 matmul precision ('default': JAX's; 'highest': no TF32 on GPUs)",
+                                MATMUL_PRECISIONS),
     # Data (kd_jax/data/pipeline.py: default_data_config, kd_jax/configs.py: data_config).
     "data.name": _choice("the dataset", DATASETS),
     "data.data_dir": _text("the TFDS data directory ('' for TFDS's default)"),
@@ -313,12 +319,14 @@ SCHEMA: dict[str, Field] = {
     "model.block_widths": Field("the ConvNet's block widths", list, low=1),
     "model.convs_per_block": _int("the ConvNet's convolutions per block", low=1),
     "model.norm": _choice("the ConvNet's normalisation", CONVNET_NORMS),
+    "model.dtype": _choice("the model's compute dtype (parameters stay float32)", DTYPES),
     "distill.temperature": _positive("Hinton KD's softmax temperature"),
     "distill.soft_weight": _fraction("Hinton KD's weight of the soft (teacher) term"),
     "distill.noise_ratio": _fraction("the noisy teacher's fraction of perturbed samples"),
     "distill.noise_std": Field("the noisy teacher's noise standard deviation", float, low=0),
     "distill.teacher_dropout": _flag("whether the teacher's dropout stays on while distilling"),
     "distill.cache_teacher_logits": _flag("whether a deterministic teacher's logits are computed once"),
+    "distill.teacher_dtype": _choice("the frozen teacher's compute dtype", DTYPES),
     "distill.seed_compat": _flag("whether distillation uses the seed's formulas instead of the papers'"),
     "classes": Field("the classes a component net is trained on", list, low=0, check=_check_classes),
     "card_shrinkage": _fraction("the teacher cards' covariance shrinkage"),

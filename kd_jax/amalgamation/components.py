@@ -84,6 +84,7 @@ def net_config(config, section: str, *, classes=None, split: str | None = None) 
     out[key] = config[key]
   out.card_shrinkage = config.get("card_shrinkage", 0.1)  # for the cards computed from this net
   out.on_nonfinite = config.get("on_nonfinite", "stop")
+  out.matmul_precision = config.get("matmul_precision", "default")
   return out
 
 

@@ -5,6 +5,11 @@
 `make_step` returns the pure `step(state, batch, frozen) -> (state, metrics)` that
 `kd_jax.train.mesh.data_parallel_step` compiles. The step reads `batch['image']`
 only: labels never reach it.
+
+Mixed precision: `cfg.dtype` is the compute dtype of the student and the alignment
+projections, `cfg.teacher_dtype` the frozen teachers'; parameters, optimizer state and
+every loss stay float32 (logits and projected features are cast before the losses).
+Evaluation runs the float32 plan (`Evaluator` in the pipeline).
 """
 
 from __future__ import annotations
@@ -118,14 +123,20 @@ def init_params(plan: Plan, rng, image_shape: Sequence[int]) -> dict:
   }
 
 
+def with_dtypes(plan: Plan, *, dtype: str = "float32", teacher_dtype: str = "float32") -> Plan:
+  """The same plan computing in `dtype` (student) and `teacher_dtype` (teachers)."""
+  return dataclasses.replace(plan, student=plan.student.clone(dtype=dtype),
+                             teachers=tuple(t.clone(dtype=teacher_dtype) for t in plan.teachers))
+
+
 def teacher_outputs(plan: Plan, teacher_variables: Sequence, images):
-  """Logits, block features and penultimate features of every frozen teacher."""
+  """Logits (float32), block features and penultimate features of every frozen teacher."""
   logits, features = [], []
   for teacher, variables in zip(plan.teachers, teacher_variables):
     z, feats = teacher.apply(variables, images, train=False)
-    logits.append(lax.stop_gradient(z))
+    logits.append(lax.stop_gradient(z.astype(jnp.float32)))
     features.append(tuple(lax.stop_gradient(f) for f in feats))
-  return logits, features, [models.penultimate(f) for f in features]
+  return logits, features, [models.penultimate(f).astype(jnp.float32) for f in features]
 
 
 def routing_weights(cfg, logits, penultimate, frozen) -> jax.Array:
@@ -148,8 +159,10 @@ def make_step(plan: Plan, cfg, tx: optax.GradientTransformation):
   """
   if cfg.logit_loss not in objective.LOGIT_LOSSES:
     raise ValueError(f"unknown logit_loss {cfg.logit_loss!r}; choose one of {objective.LOGIT_LOSSES}")
+  dtype = cfg.get("dtype", "float32")
+  plan = with_dtypes(plan, dtype=dtype, teacher_dtype=cfg.get("teacher_dtype", "float32"))
   student = for_data_parallel(plan.student)
-  aligners = [plan.aligners(t) for t in range(len(plan.teachers))]
+  aligners = [tuple(a.clone(dtype=dtype) for a in plan.aligners(t)) for t in range(len(plan.teachers))]
 
   def step(state, batch, frozen):
     images = batch["image"]
@@ -163,11 +176,13 @@ def make_step(plan: Plan, cfg, tx: optax.GradientTransformation):
           train=True,
           mutable=["batch_stats"],
       )
+      s_logits = s_logits.astype(jnp.float32)
       metrics, feature_loss, kernels = {}, 0.0, []
       for t, (s_side, t_side) in enumerate(aligners):
         p = params["align"][f"teacher_{t}"]
         s_proj = s_side.apply({"params": p["student"]}, [s_feats[s] for s, _ in plan.pairs[t]])
         t_proj = t_side.apply({"params": p["teacher"]}, [t_feats[t][b] for _, b in plan.pairs[t]])
+        s_proj, t_proj = ([f.astype(jnp.float32) for f in proj] for proj in (s_proj, t_proj))
         per_block = [
             losses.block_alignment_loss([objective.resize_like(s, r)], [r]) for s, r in zip(s_proj, t_proj)
         ]

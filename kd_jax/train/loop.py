@@ -51,7 +51,10 @@ RESUMABLE_CHANGES = (
 # Keys added to the configs after runs were written without them: a saved config that lacks
 # one had the value given here, so its run still resumes.
 ADDED_KEYS = {"train_split": "train", "on_nonfinite": "stop", "allow_unfinished_teacher": False,
-              "component.min_steps": 0, "amalgamation.min_steps": 0, "dual_stage.min_steps": 0}
+              "component.min_steps": 0, "amalgamation.min_steps": 0, "dual_stage.min_steps": 0,
+              "matmul_precision": "default", "model.dtype": "float32", "distill.teacher_dtype": "float32",
+              **{f"{stage}.{key}": "float32" for stage in ("amalgamation", "dual_stage")
+                 for key in ("dtype", "teacher_dtype")}}
 
 
 @workdir_lib.released_after
@@ -65,6 +68,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
   """
   config_schema.validate(config)
   workdir_lib.check_path(workdir)
+  with matmul_precision(config):
+    return _train_and_evaluate(config, workdir, finalize)
+
+
+def _train_and_evaluate(config, workdir, finalize):
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh, name="batch_size")
   classes = config.get("classes") or None
@@ -93,6 +101,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, final
   claim_workdir(workdir, config)
   uses_teacher = config.method != "ground_truth"
   distill = config.get("distill", ml_collections.ConfigDict())
+  if teacher is not None and distill.get("teacher_dtype"):
+    teacher["model"] = teacher["model"].clone(dtype=distill.teacher_dtype)
   prepare_batch = None
   if uses_teacher and caches_teacher_logits(config):
     prepare_batch = with_teacher_logits(teacher_logits_table(config, teacher, mesh, split, classes))
@@ -155,7 +165,7 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
   Returns the final `(state, meta)`.
   """
   # Signals first: from here on, an interrupt saves what there is to save.
-  with _graceful_interrupts() as interrupt:
+  with _graceful_interrupts() as interrupt, matmul_precision(config):
     on_nonfinite = config.get("on_nonfinite", "stop")  # checked by config_schema
     items = dict(items or {})
     meta["data"] = data_identity(config.data, split, classes)
@@ -240,6 +250,13 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
       writer.close()
       ckpts.close()  # waits for the saves under way: the newest good checkpoint is complete
     return state, meta
+
+
+def matmul_precision(config):
+  """`jax.default_matmul_precision` of `config.matmul_precision` ('default': JAX's own, as set
+  by the user, e.g. JAX_DEFAULT_MATMUL_PRECISION)."""
+  precision = config.get("matmul_precision", "default")
+  return contextlib.nullcontext() if precision == "default" else jax.default_matmul_precision(precision)
 
 
 class Diverged(RuntimeError):
