@@ -36,6 +36,20 @@ Benchmarks:
   jax_convnet_gt    ground-truth step of the amalgamation student alone
   jax_amal_teachers both teachers' forward + routing alone
   jax_gt_2dev       jax_gt on 2 forced host devices (shard_map data parallelism)
+  jax_gt_loop, jax_amalgamation_loop
+                    the training loop around jax_gt / jax_amalgamation, step after step as
+                    `kd_jax.train.loop.fit` runs it: the tf.data pipeline on the dataset
+                    (Fashion-MNIST, uint8), the 2-deep on-device prefetch, the step with its
+                    on-device preprocessing and metric sums, the divergence guard read a step
+                    late, the log and checkpoint intervals (the writes themselves are not run).
+                    An iteration does not wait for its own step (the loop does not), so its
+                    time is the loop's steady-state time per step; the bare rows time each
+                    step alone on pre-placed random data. Needs the dataset (the study
+                    recipe's Fashion-MNIST: /usr/share/datasets/fashion-mnist here)
+  jax_gt_bf16, jax_amalgamation_bf16
+                    jax_gt / jax_amalgamation computing in bfloat16 (`model.dtype`,
+                    `amalgamation.dtype` and `teacher_dtype`): parameters, optimizer state and
+                    losses float32. This CPU has no bfloat16 arithmetic: XLA emulates it
   jax_matmul, torch_matmul
                     the peak probes: a float32 2048² matmul (2n³ FLOPs); per round, the
                     faster one is the machine's fp32 peak and every step's achieved GFLOP/s
@@ -99,6 +113,10 @@ BENCHES = {
     "jax_convnet_gt": ("jax", 1, "ground-truth step of the amalgamation student alone"),
     "jax_amal_teachers": ("jax", 1, "2 teachers' forward + routing alone"),
     "jax_gt_2dev": ("jax", 2, "kd_jax ground-truth step (LeNet), 2 host devices"),
+    "jax_gt_loop": ("jax", 1, "the training loop around jax_gt (data, prefetch, step, bookkeeping)"),
+    "jax_amalgamation_loop": ("jax", 1, "the training loop around jax_amalgamation"),
+    "jax_gt_bf16": ("jax", 1, "jax_gt computing in bfloat16"),
+    "jax_amalgamation_bf16": ("jax", 1, "jax_amalgamation computing in bfloat16 (student and teachers)"),
     "torch_kd_1thread": ("torch", 1, "PyTorch hinton_kd step, 1 thread"),
     "torch_gt_1thread": ("torch", 1, "PyTorch ground-truth step, 1 thread"),
     "jax_matmul": ("jax", 1, f"JAX float32 matmul {MATMUL_SIZE}² (the peak probe)"),
@@ -124,6 +142,12 @@ RATIOS = (
     ("teachers fwd + routing / amalgamation step", "jax_amal_teachers", "jax_amalgamation",
      "teachers' share of the amalgamation step"),
     ("GT step 2 devices / 1 device", "jax_gt_2dev", "jax_gt", "shard_map overhead on shared cores"),
+    ("GT loop / GT step (LeNet)", "jax_gt_loop", "jax_gt", "≤ 1.11: the loop keeps ≥ 0.9× the bare step's rate"),
+    ("amalgamation loop / amalgamation step", "jax_amalgamation_loop", "jax_amalgamation",
+     "≤ 1.11: the loop keeps ≥ 0.9× the bare step's rate"),
+    ("GT step bfloat16 / float32", "jax_gt_bf16", "jax_gt", "> 1: bfloat16 slower (no bf16 hardware here)"),
+    ("amalgamation step bfloat16 / float32", "jax_amalgamation_bf16", "jax_amalgamation",
+     "> 1: bfloat16 slower (no bf16 hardware here)"),
     ("PyTorch KD 1 thread / 2 threads", "torch_kd_1thread", "torch_kd", "< 1: OpenMP suffers from the load"),
     ("JAX GT / PyTorch GT on 1 thread", "jax_gt", "torch_gt_1thread", "> 1: JAX slower"),
     ("JAX KD on cached logits / PyTorch GT", "jax_kd_cached", "torch_gt", "> 1: JAX slower (target ≤ 1/1.3)"),
@@ -137,6 +161,9 @@ TARGETS = (
     ("LeNet GT step (this run's width): JAX ÷ PyTorch", "JAX GT / PyTorch GT", True, 1.3),
     ("amalgamation step: before ÷ now", "before_jax_amalgamation / jax_amalgamation", False, 1.5),
     ("KD step (teacher in it): fraction of the fp32 peak", "jax_kd", False, 0.5),
+    ("LeNet GT: whole loop's steps/s ÷ bare step's (issue 11)", "GT loop / GT step (LeNet)", True, 0.9),
+    ("amalgamation: whole loop's steps/s ÷ bare step's (issue 11)", "amalgamation loop / amalgamation step",
+     True, 0.9),
 )
 
 
@@ -194,6 +221,7 @@ def settings(args) -> dict:
           "teacher": teacher.model.to_dict(),
           "distill": student.distill.to_dict(),
           "optim": student.optim.to_dict(),
+          "data": student.data.to_dict(),
       },
       "amalgamation": {
           "batch_size": args.amal_batch,
@@ -203,6 +231,7 @@ def settings(args) -> dict:
           "teacher_blocks": teacher_blocks,
           "convs_per_block": amal.convs_per_block,
           "card_shrinkage": amal.card_shrinkage,
+          "data": amal.data.to_dict(),
       },
   }
 
@@ -212,6 +241,8 @@ def settings(args) -> dict:
 
 def jax_bench(name: str, cfg: dict):
   """Returns (run_one_step, info) for a JAX benchmark, compiled and placed like training."""
+  loop_bench, bf16 = name.endswith("_loop"), name.endswith("_bf16")
+  name = name.removesuffix("_loop").removesuffix("_bf16")  # the step they run
   sys.path.insert(0, os.environ.get("KD_JAX_TREE", REPO))  # a before_ twin imports the old kd_jax
   import jax
   import ml_collections
@@ -246,7 +277,7 @@ def jax_bench(name: str, cfg: dict):
     d = cfg["distill"]
     batch_size, image_shape = d["batch_size"], tuple(d["image_shape"])
     mesh_lib.check_batch_size(batch_size, mesh)
-    student = models.build({**d["student"], "num_classes": NUM_CLASSES})
+    student = models.build({**d["student"], "num_classes": NUM_CLASSES, **({"dtype": "bfloat16"} if bf16 else {})})
     teacher = models.build({**d["teacher"], "num_classes": NUM_CLASSES})
     dummy = np.zeros((1, *image_shape), np.float32)
     teacher_vars = teacher.init(jax.random.PRNGKey(1), dummy, train=False)
@@ -284,6 +315,8 @@ def jax_bench(name: str, cfg: dict):
     batch_size = a["batch_size"]
     mesh_lib.check_batch_size(batch_size, mesh)
     amal_cfg = ml_collections.ConfigDict(a["cfg"])
+    if bf16:
+      amal_cfg.update(dict(dtype="bfloat16", teacher_dtype="bfloat16"))
     # kd_jax.amalgamation.pipeline.build_plan, without its data imports.
     union = list(dict.fromkeys(c for classes in a["class_sets"] for c in classes))
     teachers = tuple(
@@ -340,6 +373,9 @@ def jax_bench(name: str, cfg: dict):
       info["teacher_params"] = None
     info["student_params"] = n_params(state.params["student"] if name == "jax_amalgamation" else state.params)
 
+  if loop_bench:
+    return whole_loop(cfg["amalgamation" if name == "jax_amalgamation" else "distill"], step_fn, state, frozen,
+                      mesh, info, labels=name != "jax_amalgamation")
   compiled = mesh_lib.data_parallel_step(step_fn, mesh)
   box = {"state": mesh_lib.replicate(state, mesh)}
   frozen = mesh_lib.replicate(frozen, mesh)
@@ -350,6 +386,55 @@ def jax_bench(name: str, cfg: dict):
     jax.block_until_ready((box["state"], metrics))
 
   return one_step, info, lambda: xla_flops(compiled, box["state"], batch, frozen)
+
+
+def whole_loop(cfg: dict, step_fn, state, frozen, mesh, info, *, labels: bool):
+  """One iteration of `kd_jax.train.loop.fit`'s inner loop per call, built from its own
+  pieces: host batches (tf.data, uint8), the on-device prefetch, the step compiled with its
+  preprocessing and metric sums, the divergence guard a step late, the log and checkpoint
+  intervals. Logged metrics are pulled to the host as the loop does; nothing is written."""
+  import jax
+  import ml_collections
+
+  from kd_jax import data
+  from kd_jax.train import loop
+  from kd_jax.train import mesh as mesh_lib
+
+  classes = list(dict.fromkeys(c for cs in cfg["class_sets"] for c in cs)) if "class_sets" in cfg else None
+  config = ml_collections.ConfigDict(dict(data=cfg["data"], batch_size=cfg["batch_size"], seed=0, num_epochs=10_000,
+                                          steps_per_epoch=0, log_every_steps=50, checkpoint_every_steps=500))
+  steps_per_epoch = loop.steps_per_epoch_of(config, classes)
+  prepare = None if labels else (lambda batch: {"image": batch["image"]})
+  batches = mesh_lib.prefetch(loop._host_batches(config, "train", classes, steps_per_epoch, 0, prepare), mesh)
+  compiled = loop._step_with_sums(step_fn, mesh, data.device_preprocess(config.data))
+  frozen = mesh_lib.replicate(frozen, mesh)
+  box = {"state": mesh_lib.replicate(state, mesh), "step": 0, "sums": None}
+  guard = loop._NonfiniteGuard("stop")
+
+  def one_step():
+    batch = next(batches)
+    if box["sums"] is None:
+      box["sums"] = mesh_lib.replicate(loop._zero_sums(compiled, box["state"], batch, frozen), mesh)
+    box["state"], metrics, nonfinite, box["sums"] = compiled(box["state"], batch, frozen, box["sums"])
+    box["step"] = step = box["step"] + 1
+    guard.check()
+    guard.pending = (step, nonfinite)
+    if step % config.log_every_steps == 0:
+      guard.check()
+      box["logged"] = {k: float(v) for k, v in metrics.items()}
+    if step % config.checkpoint_every_steps == 0:
+      guard.check()
+    box["last"] = metrics
+
+  one_step.settle = lambda: jax.block_until_ready(box["state"])
+
+  def flops():
+    jax.block_until_ready(box["state"])
+    batch = next(batches)
+    return xla_flops(compiled, box["state"], batch, frozen, box["sums"])
+
+  info["dataset"] = cfg["data"]["name"]
+  return one_step, info, flops
 
 
 def xla_flops(jitted, *args) -> float:
@@ -516,6 +601,7 @@ def worker(name: str, cfg: dict) -> None:
         t = time.perf_counter()
         one_step()
         walls.append(time.perf_counter() - t)
+      getattr(one_step, "settle", lambda: None)()  # a loop's last step: done before the next chunk
       send({"wall": walls, "cpu": time.process_time() - c0})
     elif cmd[0] == "quit":
       break

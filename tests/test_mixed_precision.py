@@ -113,9 +113,12 @@ def test_bfloat16_amalgamation_is_finite_and_near_float32(idx_data, tmp_path):  
   """The smoke amalgamation in float32, then again from its trained components with the
   student and the teachers in bfloat16: finite, within ACCURACY_TOLERANCE."""
   base = str(tmp_path / "float32")
-  full = pipeline.run(amalgamate_config(idx_data), base)
+  # Enough steps for the smoke nets to learn (the smoke run makes 6 per component).
+  steps = {"component.min_steps": 30, "component.learning_rate": 3e-3, "amalgamation.min_steps": 30,
+           "amalgamation.learning_rate": 3e-3}
+  full = pipeline.run(amalgamate_config(idx_data, **steps), base)
   teachers = ":".join(os.path.join(base, "teachers", f"teacher_{t}") for t in range(2))
-  half = pipeline.run(amalgamate_config(idx_data, teacher_workdirs=teachers, **{
+  half = pipeline.run(amalgamate_config(idx_data, teacher_workdirs=teachers, **steps, **{
       "amalgamation.dtype": "bfloat16", "amalgamation.teacher_dtype": "bfloat16"}), str(tmp_path / "bfloat16"))
   for record in half["history"]:
     assert all(np.isfinite(v) for k, v in record.items() if k.startswith(("train_", "test_")))
