@@ -39,9 +39,9 @@ def test_an_examples_mask_depends_on_its_position_only():
   np.testing.assert_array_equal(_apply(Dropout(1.0, deterministic=False), x, key), 0.0)
 
 
-def test_shards_draw_the_masks_of_their_global_positions():
-  """Under shard_map with axis_name, device d's rows get the masks of rows d·b…: here one
-  device holds the whole batch, and a shifted offset is checked through example_keys."""
+def test_example_keys_fold_in_positions_and_shard_map_keeps_the_masks():
+  """`example_keys` is `fold_in(key, i)` per row; under `shard_map` with `axis_name` the
+  layer draws the masks it draws unsharded (one device here; 2 and 4 in the test below)."""
   key = jax.random.key(5)
   keys = example_keys(key, 4, None)
   for i in range(4):
