@@ -48,9 +48,9 @@ def make_objective(method: str, distill) -> Objective:
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
   seed = bool(distill.get("seed_compat", False))
   if method == "ground_truth":
-    return lambda s, t, y, rng: losses.cross_entropy(s, y)
+    return lambda s, t, y, keys: losses.cross_entropy(s, y)
   if method == "logit_regression":
-    return lambda s, t, y, rng: losses.logit_regression(s, t)
+    return lambda s, t, y, keys: losses.logit_regression(s, t)
   if method == "noisy_teacher":
     noise = seed_compat.seed_noisy_logits if seed else losses.noisy_logits
     kw = dict(noise_ratio=distill.noise_ratio, noise_std=distill.noise_std)
@@ -58,10 +58,10 @@ def make_objective(method: str, distill) -> Objective:
     per_example = jax.vmap(lambda key, row: noise(key, row[None], **kw)[0])
     return lambda s, t, y, keys: losses.logit_regression(s, per_example(keys, t))
   if seed:
-    return lambda s, t, y, rng: seed_compat.seed_kd_loss(
+    return lambda s, t, y, keys: seed_compat.seed_kd_loss(
         s, t, y, temperature=distill.temperature, hard_weight=1.0 - distill.soft_weight
     )
-  return lambda s, t, y, rng: losses.hinton_kd(
+  return lambda s, t, y, keys: losses.hinton_kd(
       s, t, y, temperature=distill.temperature, soft_weight=distill.soft_weight
   )
 
