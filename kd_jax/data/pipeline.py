@@ -48,7 +48,9 @@ kd_jax_train_stats.npz` (one file per dataset and version).
 
 Batches are dicts of numpy/tf arrays: 'image' float32 [B, H, W, C] and
 'label' int32 [B], plus 'mask' bool [B] when the last partial batch is padded
-(evaluation's default): padded rows have mask False, label 0, image 0.
+(evaluation's default): padded rows have mask False, label 0, image 0. With
+`raw_images=True` (the training loop and evaluation) 'image' stays uint8 and
+`device_preprocess(data_config)` preprocesses it on the device, bit-identically.
 """
 
 from __future__ import annotations
