@@ -1,4 +1,8 @@
-"""Test-set predictions of one or several models in a single pass over the data."""
+"""Test-set predictions of one or several models in a single pass over the data.
+
+With several processes, each feeds its rows of every global batch and gets back every
+row (`mesh.to_host`): every process scores the whole split, in stored order.
+"""
 
 from __future__ import annotations
 
@@ -34,12 +38,30 @@ class Predictor:
   """Jitted `logits = model(x)` in eval mode, its variables placed once on the mesh."""
 
   def __init__(self, model: nn.Module, variables, mesh):
-    self._mesh = mesh
+    self.mesh = mesh
     self._variables = mesh_lib.replicate(variables, mesh)
     self._fn = _eval_fn(model)
 
-  def __call__(self, images) -> np.ndarray:
-    return np.asarray(self._fn(self._variables, mesh_lib.shard_batch(images, self._mesh)))
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """Logits of a global batch (`mesh.shard_batch`), sharded like it."""
+    return self._fn(self._variables, images)
+
+
+def map_split(fn, data_config, split: str, *, batch_size: int, mesh, classes=None, max_batches=None):
+  """Labels `[N]` and `fn(images)` (a pytree of arrays with a leading batch axis) over every
+  example of `split` once (or its first `max_batches` global batches), in stored order, on
+  every process; `images` is a global batch on `mesh`."""
+  ds = data.make_dataset(data_config, split, batch_size=batch_size, train=False, seed=0, classes=classes)
+  labels, outputs = [], []
+  for i, batch in enumerate(data.as_numpy(ds)):
+    if i == max_batches:
+      break
+    out = fn(mesh_lib.shard_batch(batch["image"], mesh))
+    whole = mesh_lib.to_host({"label": batch["label"], "mask": batch["mask"], "out": out})
+    keep = whole["mask"].astype(bool)
+    labels.append(whole["label"][keep])
+    outputs.append(jax.tree.map(lambda z, keep=keep: z[keep], whole["out"]))
+  return np.concatenate(labels), jax.tree.map(lambda *z: np.concatenate(z), *outputs)
 
 
 def predict(
@@ -51,14 +73,9 @@ def predict(
     classes=None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Labels `[N]` and each predictor's logits `[N, C]` over every example of `split` once."""
-  ds = data.make_dataset(data_config, split, batch_size=batch_size, train=False, seed=0, classes=classes)
-  labels, logits = [], {name: [] for name in predictors}
-  for batch in data.as_numpy(ds):
-    keep = batch["mask"].astype(bool)
-    labels.append(batch["label"][keep])
-    for name, predictor in predictors.items():
-      logits[name].append(predictor(batch["image"])[keep])
-  return np.concatenate(labels), {name: np.concatenate(v) for name, v in logits.items()}
+  mesh = next(iter(predictors.values())).mesh
+  return map_split(lambda images: {name: p(images) for name, p in predictors.items()}, data_config, split,
+                   batch_size=batch_size, mesh=mesh, classes=classes)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
