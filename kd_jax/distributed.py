@@ -43,6 +43,9 @@ def initialize_from_flags() -> None:
   import jax  # pylint: disable=g-import-not-at-top
 
   jax.distributed.initialize(**kwargs)
+  # Start the backend now, when every process is at the same point: it exchanges device
+  # topologies with the others, with a time limit.
+  jax.devices()
 
 
 def settings(coordinator: str | None, num_processes: int | None, process_id: int | None, *, environ) -> dict | None:
@@ -57,8 +60,8 @@ def settings(coordinator: str | None, num_processes: int | None, process_id: int
   if num_processes is not None and num_processes < 1:
     raise UsageError(f"--num_processes={num_processes}: give the number of processes, at least 1")
   if process_id is not None and (process_id < 0 or (num_processes is not None and process_id >= num_processes)):
-    bound = f"[0, {num_processes})" if num_processes is not None else "0 or more"
-    raise UsageError(f"--process_id={process_id}: must be in {bound}")
+    bound = f"in [0, {num_processes})" if num_processes is not None else "0 or more"
+    raise UsageError(f"--process_id={process_id}: must be {bound}, one id per process")
   if coordinator is not None and (":" not in coordinator or not coordinator.rsplit(":", 1)[1].isdigit()):
     raise UsageError(f"--coordinator_address={coordinator}: give HOST:PORT of process 0, e.g. 10.0.0.1:1234")
   if coordinator is None and num_processes is None and process_id is None:
