@@ -105,6 +105,22 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def primary_first(fn, *, what: str):
+  """`fn()` on process 0, then on the others (e.g. preparing a data set on first use: one
+  writer, then readers). If it fails on process 0, the others fail too, in one line."""
+  if is_primary():
+    try:
+      result = fn()
+    except Exception:
+      agree(False)
+      raise
+    agree(True)
+    return result
+  if not agree(True):
+    raise UsageError(f"process 0 failed {what} (its error line says why)")
+  return fn()
+
+
 def agree(ok: bool) -> bool:
   """Process 0's `ok`, on every process (a single-process job: `ok`)."""
   import jax  # pylint: disable=g-import-not-at-top

@@ -31,6 +31,9 @@ def main(argv):
     # One validation pass before any data, teacher or workdir is touched.
     config_schema.validate(config)
     workdir.check_path(_WORKDIR.value)
+    from kd_jax import data  # pylint: disable=g-import-not-at-top
+
+    distributed.primary_first(lambda: data.get_info(config.data), what="to find or prepare the data")
     if config.experiment in ("amalgamate", "component"):
       from kd_jax.amalgamation import pipeline  # pylint: disable=g-import-not-at-top
 

@@ -29,9 +29,9 @@ import fake_data  # noqa: E402  pylint: disable=g-import-not-at-top
 import helpers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = helpers.ROOT
-TIMEOUT = 420  # seconds, for any one process (the machine is shared and loaded)
+TIMEOUT = 900  # seconds, for any one process (generous: the machine is shared and loaded)
 STUDENT = "experiments/lenet_student.py:dataset=fashion_mnist,smoke,method={method}"
-AMALGAMATE = "experiments/amalgamate.py:smoke"
+AMALGAMATE = "experiments/amalgamate.py:dataset=fashion_mnist,smoke"  # one data set, prepared once
 
 
 def env(devices: int) -> dict:
@@ -39,10 +39,19 @@ def env(devices: int) -> dict:
               PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
+_PORTS = set()
+
+
 def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
+  """A loopback port free now and not given to another job of this module (a coordinator
+  binds its port only once its process has started, seconds later)."""
+  while True:
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      port = s.getsockname()[1]
+    if port not in _PORTS:
+      _PORTS.add(port)
+      return port
 
 
 class Job:
