@@ -86,6 +86,14 @@ class Checkpoints:
           cleanup_tmp_directories=True,  # a killed save leaves a tmp dir, never a step
       )
     self.directory = checkpoint_dir(workdir)
+    if not read_only:
+      # Made before the manager, seen by every process: Orbax makes it only where it is missing,
+      # with a barrier, which a process that finds it made already would skip.
+      from kd_jax import distributed  # pylint: disable=g-import-not-at-top
+
+      if distributed.is_primary():
+        os.makedirs(self.directory, exist_ok=True)
+      distributed.barrier("checkpoint directory")
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._intact = None  # (newest intact step or None, {damaged newer step: why})
 

@@ -90,7 +90,7 @@ class Job:
   def check(self) -> list[subprocess.CompletedProcess]:
     outputs = self.wait()
     assert all(out.returncode == 0 for out in outputs), "\n".join(
-        f"process {i} (exit {out.returncode}) of {out.args}:\n{out.stderr[-2500:]}" for i, out in enumerate(outputs))
+        f"process {i} (exit {out.returncode}) of {out.args}:\n{out.stderr[-6000:]}" for i, out in enumerate(outputs))
     return outputs
 
 
