@@ -16,7 +16,6 @@ With none of them the process is a job of its own, exactly as without this modul
 
 from __future__ import annotations
 
-import itertools
 import os
 
 from absl import flags
@@ -97,19 +96,6 @@ def is_primary() -> bool:
   return jax.process_index() == 0
 
 
-# Waits on the runtime's coordination service (its barriers and key-value store, which Orbax
-# uses too), not on device collectives: gloo's time out after seconds, and process 0 may take
-# minutes, e.g. preparing a data set the others then read.
-_WAIT_MS = 24 * 3600 * 1000
-_calls = itertools.count()  # every process makes the same calls in the same order
-
-
-def _client():
-  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-
-  return jax_distributed.global_state.client
-
-
 def _process_count() -> int:
   import jax  # pylint: disable=g-import-not-at-top
 
@@ -120,7 +106,9 @@ def barrier(name: str) -> None:
   """Waits until every process reaches `name` (a no-op in a single-process job): where one
   process must see a file another writes."""
   if _process_count() > 1:
-    _client().wait_at_barrier(f"kd_jax/{name}/{next(_calls)}", _WAIT_MS)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    multihost_utils.sync_global_devices(name)
 
 
 def primary_first(fn, *, what: str):
@@ -143,8 +131,7 @@ def agree(ok: bool) -> bool:
   """Process 0's `ok`, on every process (a single-process job: `ok`)."""
   if _process_count() == 1:
     return ok
-  key = f"kd_jax/agree/{next(_calls)}"
-  if is_primary():
-    _client().key_value_set(key, "1" if ok else "0")
-    return ok
-  return _client().blocking_key_value_get(key, _WAIT_MS) == "1"
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  return bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
