@@ -9,9 +9,8 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 
-from kd_jax import checkpoint, config_schema, data, models, routing
+from kd_jax import checkpoint, config_schema, models, routing
 from kd_jax import workdir as workdir_lib
 from kd_jax.amalgamation import step as step_lib
 from kd_jax.train import evaluation, loop
