@@ -12,6 +12,12 @@ checkpoint per step with named items:
 `load(workdir)` returns `(model, variables)` of the run's main model, ready for
 `model.apply(variables, x, train=False)`; `load(workdir, item='teacher_0')` a teacher.
 
+With several processes, every process takes part in each save and restore (Orbax
+coordinates them; process 0 writes the meta and commits the step). Restores land where
+the caller says: a training state on the mesh's devices (`restore(..., sharding=)`), a
+model to evaluate or a frozen teacher on the host as NumPy (`load`), never on one
+device of one process.
+
 Damaged checkpoints (a truncated array file, a missing item, an empty step directory,
 unreadable meta) are skipped with a logged warning naming the step and why: readers
 (`load`, `read_meta`) use the newest intact step; a resumed run also moves the damaged
@@ -32,6 +38,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from kd_jax import models
@@ -79,6 +86,14 @@ class Checkpoints:
           cleanup_tmp_directories=True,  # a killed save leaves a tmp dir, never a step
       )
     self.directory = checkpoint_dir(workdir)
+    if not read_only:
+      # Made before the manager, seen by every process: Orbax makes it only where it is missing,
+      # with a barrier, which a process that finds it made already would skip.
+      from kd_jax import distributed  # pylint: disable=g-import-not-at-top
+
+      if distributed.is_primary():
+        os.makedirs(self.directory, exist_ok=True)
+      distributed.barrier("checkpoint directory")
     self.manager = ocp.CheckpointManager(self.directory, options=options)
     self._intact = None  # (newest intact step or None, {damaged newer step: why})
 
@@ -91,8 +106,11 @@ class Checkpoints:
     return dict(self._find_intact()[1])
 
   def set_aside_damaged(self) -> None:
-    """Renames the damaged steps to `<step>.damaged`, so that saving goes on from the intact one."""
-    for step in self.damaged_steps():
+    """Renames the damaged steps to `<step>.damaged`, so that saving goes on from the intact one
+    (process 0 renames; every process then sees the same steps)."""
+    from kd_jax import distributed  # pylint: disable=g-import-not-at-top
+
+    for step in self.damaged_steps() if distributed.is_primary() else ():
       path = os.path.join(self.directory, str(step))
       target = path + ".damaged"
       n = 1
@@ -100,6 +118,7 @@ class Checkpoints:
         target, n = f"{path}.damaged.{n}", n + 1
       os.rename(path, target)
       logging.warning("Moved the damaged checkpoint %s aside to %s.", path, target)
+    distributed.barrier("set_aside_damaged")
     self.manager.reload()
     self._intact = None
 
@@ -118,14 +137,22 @@ class Checkpoints:
     step = self._step(step)
     return dict(self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
 
-  def restore(self, step: int | None, targets: Mapping[str, Any]) -> dict:
-    """Restores named items; a target is an abstract pytree (structure kept) or None (raw)."""
+  def restore(self, step: int | None, targets: Mapping[str, Any], *, sharding=None) -> dict:
+    """Restores named items. A target is a pytree whose structure, shapes and dtypes are
+    kept, its arrays placed with `sharding` (e.g. replicated on the mesh); None restores the
+    item as saved, as NumPy arrays on the host."""
     step = self._step(step)
     args = {
-        name: ocp.args.StandardRestore(None if target is None else _abstract(target))
+        name: ocp.args.StandardRestore(self._host_target(step, name) if target is None else _abstract(target, sharding))
         for name, target in targets.items()
     }
     return dict(self.manager.restore(step, args=ocp.args.Composite(**args)))
+
+  def _host_target(self, step: int, name: str):
+    """NumPy arrays of the saved shapes and dtypes: Orbax restores into NumPy what it is
+    given NumPy for (host memory is the same on any number of processes and devices)."""
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / name).tree
+    return jax.tree.map(lambda m: np.zeros(m.shape, m.dtype) if hasattr(m, "dtype") else m, saved)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -178,7 +205,7 @@ class Checkpoints:
     for name in present:
       if name != META:
         try:
-          self.manager.restore(step, args=ocp.args.Composite(**{name: ocp.args.StandardRestore()}))
+          self.restore(step, {name: None})
         except Exception as e:  # pylint: disable=broad-except
           return f"its item {name} is unreadable ({_gist(e)})"
     return None
@@ -190,8 +217,11 @@ def _gist(error: Exception) -> str:
   return f"{type(error).__name__}: {line[:240]}"
 
 
-def _abstract(tree):
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+def _abstract(tree, sharding=None):
+  def abstract(x):
+    return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype,
+                                sharding=sharding)
+  return jax.tree.map(abstract, tree)
 
 
 def _open(workdir: str) -> Checkpoints:
@@ -212,6 +242,8 @@ def read_meta(workdir: str) -> dict:
 
 def load(workdir: str, item: str | None = None):
   """Returns `(model, variables)` of the latest checkpoint's main model, or of `item`.
+
+  The variables are NumPy arrays on the host.
 
   Args:
     workdir: a run's workdir (the directory given to `--workdir`).

@@ -14,7 +14,7 @@ from kd_jax.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (
 
 from absl import app, flags  # noqa: E402
 
-from kd_jax import cli  # noqa: E402
+from kd_jax import cli, distributed  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir.")
 _ITEM = flags.DEFINE_string("item", None, "Model to evaluate (default: the run's main model).")
@@ -72,6 +72,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   with cli.one_line_errors():
+    distributed.initialize_from_flags()  # before anything starts JAX's backend
     metrics = evaluate_workdir(
         _WORKDIR.value,
         item=_ITEM.value,
@@ -79,7 +80,8 @@ def main(argv):
         manual_dir=_MANUAL_DIR.value,
         batch_size=_BATCH_SIZE.value,
     )
-  print(json.dumps(metrics, indent=2))
+  if distributed.is_primary():
+    print(json.dumps(metrics, indent=2))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 Any config field can be overridden with `--config.KEY=VALUE`; the config is locked, so
 an unknown key is an error. Re-running the same command on a workdir resumes it.
+Several processes (hosts) run it together with `--coordinator_address`, `--num_processes`
+and `--process_id`, or under a cluster launcher (`kd_jax.distributed`).
 """
 
 import os
@@ -12,7 +14,7 @@ from kd_jax.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from kd_jax import cli, config_schema, workdir  # noqa: E402
+from kd_jax import cli, config_schema, distributed, workdir  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
@@ -24,10 +26,14 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
   with cli.one_line_errors():
+    distributed.initialize_from_flags()  # before anything starts JAX's backend
     config = cli.loaded_config(_CONFIG.value)
     # One validation pass before any data, teacher or workdir is touched.
     config_schema.validate(config)
     workdir.check_path(_WORKDIR.value)
+    from kd_jax import data  # pylint: disable=g-import-not-at-top
+
+    distributed.primary_first(lambda: data.get_info(config.data), what="to find or prepare the data")
     if config.experiment in ("amalgamate", "component"):
       from kd_jax.amalgamation import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -36,7 +42,8 @@ def main(argv):
       from kd_jax.train import loop  # pylint: disable=g-import-not-at-top
 
       results = loop.train_and_evaluate(config, _WORKDIR.value)
-  print(f"test_accuracy={results['test_accuracy']:.4f}  results: {os.path.join(_WORKDIR.value, 'results.json')}")
+  if distributed.is_primary():
+    print(f"test_accuracy={results['test_accuracy']:.4f}  results: {os.path.join(_WORKDIR.value, 'results.json')}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ run ends or its process exits, however it exits: the kernel drops the lock with 
 descriptor, also after SIGKILL. The file names the holder's pid and host, for the one-line
 refusal of a second run. flock is reliable on local file systems; on NFS it depends on the
 server (Linux emulates it with POSIX byte-range locks).
+
+In a multi-process run, process 0 locks and claims; the others wait for its verdict, then
+check that they see its claim (all processes need the workdir on one shared file system).
 """
 
 from __future__ import annotations
@@ -80,15 +83,29 @@ def claim(workdir: str, config, *, resumable=(), added=None) -> None:
   keys in `resumable` may differ; `added` gives keys added to the configs later the value
   that runs written without them had), and a workdir locked by a run still going.
   """
+  from kd_jax import distributed  # pylint: disable=g-import-not-at-top  (JAX: only once checks passed)
+
   check_path(workdir)
   current, added = flatten(config), added or {}
-  _claimed(workdir, current, resumable, added)  # refused before the lock: nothing written
-  lock(workdir)
-  # Check again under the lock: another run may have claimed the workdir in the meantime.
-  if not _claimed(workdir, current, resumable, added):
-    from kd_jax import reporting  # pylint: disable=g-import-not-at-top  (JAX: only once checks passed)
+  if not distributed.is_primary():
+    if not distributed.agree(True):
+      raise UsageError(f"process 0 refused the workdir {workdir} (its error line says why)")
+    if not _claimed(workdir, current, resumable, added):
+      raise UsageError(f"workdir {workdir}: this process does not see the {RUN_FILE} process 0 wrote there: give "
+                       "every process the same workdir on a file system they share")
+    return
+  try:
+    _claimed(workdir, current, resumable, added)  # refused before the lock: nothing written
+    lock(workdir)
+    # Check again under the lock: another run may have claimed the workdir in the meantime.
+    if not _claimed(workdir, current, resumable, added):
+      from kd_jax import reporting  # pylint: disable=g-import-not-at-top
 
-    reporting.write_json_atomic(os.path.join(workdir, RUN_FILE), {"config": config.to_dict()})
+      reporting.write_json_atomic(os.path.join(workdir, RUN_FILE), {"config": config.to_dict()})
+  except UsageError:
+    distributed.agree(False)
+    raise
+  distributed.agree(True)
 
 
 def lock(workdir: str) -> None:

@@ -428,23 +428,32 @@ def test_eval_covers_every_example_once_with_mask(mnist_cfg):
   assert not np.concatenate([b["image"] for b in out])[~mask].any()
 
 
-def test_processes_split_the_data_and_step_together(mnist_cfg):
-  def run(split, train, process_index):
-    ds = data.make_dataset(mnist_cfg, split, batch_size=12, train=train, seed=0,
-                           process_index=process_index, process_count=2)
+def test_processes_take_their_rows_of_the_one_process_batches(mnist_cfg):
+  """P processes' batches, side by side, are exactly one process's: the same global
+  order (shuffle, augmentation, padding), each process its contiguous rows."""
+  def run(split, train, process_index, process_count, **kwargs):
+    ds = data.make_dataset(mnist_cfg, split, batch_size=12, train=train, seed=3, num_epochs=2,
+                           process_index=process_index, process_count=process_count, with_index=True, **kwargs)
     return batches(ds)
 
-  evals = [run("test", False, p) for p in range(2)]
-  assert len(evals[0]) == len(evals[1])
-  seen = np.concatenate([example_ids(b["image"], TEST_FIRST)[b["mask"]]
-                         for out in evals for b in out])
-  np.testing.assert_array_equal(np.sort(seen), np.arange(NUM_TEST))
-  assert all(b["image"].shape[0] == 6 for out in evals for b in out)
-
-  trains = [run("train[:27]", True, p) for p in range(2)]  # 14 + 13 examples.
-  assert len(trains[0]) == len(trains[1]) == 13 // 6
-  ids = [np.concatenate([example_ids(b["image"], TRAIN_FIRST) for b in out]) for out in trains]
-  assert not set(ids[0]) & set(ids[1])
+  augmented = config("mnist", mnist_cfg.data_dir, augment=True)
+  for cfg, split, train in ((mnist_cfg, "test", False), (augmented, "train[:27]", True), (mnist_cfg, "train", True)):
+    whole = batches(data.make_dataset(cfg, split, batch_size=12, train=train, seed=3, num_epochs=2,
+                                      process_index=0, process_count=1, with_index=True))
+    for count in (2, 3):
+      parts = [batches(data.make_dataset(cfg, split, batch_size=12, train=train, seed=3, num_epochs=2,
+                                         process_index=p, process_count=count, with_index=True))
+               for p in range(count)]
+      assert all(len(part) == len(whole) for part in parts), (split, count)
+      for b, one in enumerate(whole):
+        for key, value in one.items():
+          stacked = np.concatenate([part[b][key] for part in parts])
+          np.testing.assert_array_equal(stacked, value, err_msg=f"{split} {count} {b} {key}")
+  # 27 examples, batch 12: 2 full training batches per epoch; 20 test examples: 2 batches.
+  assert len(run("train[:27]", True, 1, 2)) == 2 * 2
+  assert len(run("test", False, 1, 2)) == 2 * 2
+  with pytest.raises(ValueError, match="divisible"):
+    run("test", False, 0, 5)
 
 
 # ----------------------------------------------------------------------------

@@ -9,12 +9,11 @@ import os
 
 import jax
 import ml_collections
-import numpy as np
 
-from kd_jax import checkpoint, config_schema, data, models, routing
+from kd_jax import checkpoint, config_schema, models, routing
 from kd_jax import workdir as workdir_lib
 from kd_jax.amalgamation import step as step_lib
-from kd_jax.train import loop
+from kd_jax.train import evaluation, loop
 from kd_jax.train import mesh as mesh_lib
 
 CARD = "card"
@@ -110,14 +109,10 @@ def compute_card(config, model, variables, *, classes, split="train") -> routing
   mesh = mesh_lib.make_mesh()
   fn = jax.jit(lambda v, x: models.penultimate(model.apply(v, x, train=False)[1]))
   variables = mesh_lib.replicate(variables, mesh)
-  features, labels = [], []
-  ds = data.make_dataset(config.data, split, batch_size=config.batch_size, train=False, classes=classes)
-  for batch in data.as_numpy(ds):
-    keep = batch["mask"].astype(bool)
-    features.append(np.asarray(fn(variables, mesh_lib.shard_batch(batch["image"], mesh)))[keep])
-    labels.append(batch["label"][keep])
+  labels, features = evaluation.map_split(lambda images: fn(variables, images), config.data, split,
+                                          batch_size=config.batch_size, mesh=mesh, classes=classes)
   return routing.fit_teacher_card(
-      np.concatenate(features), np.concatenate(labels), num_classes=len(classes),
+      features, labels, num_classes=len(classes),
       shrinkage=config.get("card_shrinkage", 0.1),
   )
 

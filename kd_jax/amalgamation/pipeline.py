@@ -25,11 +25,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from kd_jax import checkpoint, config_schema, data, models, reporting, routing
+from kd_jax import checkpoint, config_schema, data, distributed, models, reporting, routing
 from kd_jax import workdir as workdir_lib
 from kd_jax.amalgamation import components
 from kd_jax.amalgamation import step as step_lib
-from kd_jax.train import loop, steps
+from kd_jax.train import evaluation, loop, steps
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train.state import TrainState
 
@@ -143,14 +143,10 @@ def energy_stats(run_config, plan, frozen, union, mesh, max_batches: int = 50):
   """Per-teacher mean/std of logsumexp logits over (part of) the unlabelled pool."""
   fn = jax.jit(lambda tv, x: step_lib.teacher_outputs(plan, tv, x)[0])
   teacher_vars = mesh_lib.replicate(frozen["teachers"], mesh)
-  ds = data.make_dataset(run_config.data, "train", batch_size=run_config.batch_size, train=False, classes=union)
-  pooled = []
-  for i, batch in enumerate(data.as_numpy(ds)):
-    if i == max_batches:
-      break
-    keep = batch["mask"].astype(bool)
-    pooled.append([np.asarray(z)[keep] for z in fn(teacher_vars, mesh_lib.shard_batch(batch["image"], mesh))])
-  return routing.fit_energy_stats([np.concatenate(z) for z in zip(*pooled)])
+  _, logits = evaluation.map_split(lambda images: fn(teacher_vars, images), run_config.data, "train",
+                                   batch_size=run_config.batch_size, mesh=mesh, classes=union,
+                                   max_batches=max_batches)
+  return routing.fit_energy_stats(logits)
 
 
 class Evaluator:
@@ -175,17 +171,9 @@ class Evaluator:
     owns = np.zeros((len(plan.teachers), len(union)), bool)
     for t, index in enumerate(plan.class_index):
       owns[t, list(index)] = True
-    ds = data.make_dataset(run_config.data, "test", batch_size=run_config.batch_size, train=False, classes=union)
-    labels, student, teachers, weights = [], [], [[] for _ in plan.teachers], []
-    for batch in data.as_numpy(ds):
-      keep = batch["mask"].astype(bool)
-      s, ts, w = self._predict(student_vars, self.frozen, mesh_lib.shard_batch(batch["image"], self.mesh))
-      labels.append(batch["label"][keep])
-      student.append(np.asarray(s)[keep])
-      weights.append(np.asarray(w)[keep])
-      for t, z in enumerate(ts):
-        teachers[t].append(np.asarray(z)[keep])
-    labels, student, weights = np.concatenate(labels), np.concatenate(student), np.concatenate(weights)
+    labels, (student, teachers, weights) = evaluation.map_split(
+        lambda images: self._predict(student_vars, self.frozen, images), run_config.data, "test",
+        batch_size=run_config.batch_size, mesh=self.mesh, classes=union)
     prediction = student.argmax(-1)
     metrics = {
         "test_accuracy": float(np.mean(prediction == labels)),
@@ -193,7 +181,7 @@ class Evaluator:
     }
     for t, index in enumerate(plan.class_index):
       mine = owns[t, labels]
-      own_logits = np.concatenate(teachers[t])[mine]
+      own_logits = teachers[t][mine]
       metrics[f"teacher_{t}_accuracy"] = float(np.mean(np.asarray(index)[own_logits.argmax(-1)] == labels[mine]))
       metrics[f"student_task_{t}_accuracy"] = float(np.mean(prediction[mine] == labels[mine]))
     return metrics
@@ -201,7 +189,7 @@ class Evaluator:
 
 def plot_block_losses(workdir: str) -> None:
   """`block_losses.png`: per-block alignment loss over training (the seed's figure)."""
-  if jax.process_index() != 0:
+  if not distributed.is_primary():
     return
   import json  # pylint: disable=g-import-not-at-top
 
@@ -265,7 +253,8 @@ def build_teacher(config, workdir: str, t: int, spec: dict) -> str:
 
 
 def export_component(amalgamation_dir: str, out: str, classes) -> None:
-  """Turns a stage-1 amalgamated student into a component teacher checkpoint (with card)."""
+  """Turns a stage-1 amalgamated student into a component teacher checkpoint (with card):
+  every process computes the card and saves; process 0 writes results.json."""
   ckpts = checkpoint.Checkpoints(out)
   if ckpts.latest_step() is None:  # else it was exported before an interruption
     model, variables = checkpoint.load(amalgamation_dir)
@@ -279,8 +268,10 @@ def export_component(amalgamation_dir: str, out: str, classes) -> None:
         "config": meta["config"], "history": [],
     }, force=True)
   ckpts.close()
-  results = reporting.load_json(os.path.join(amalgamation_dir, "results.json"))
-  reporting.write_json_atomic(os.path.join(out, "results.json"), {"stage_1": results})
+  if distributed.is_primary():
+    results = reporting.load_json(os.path.join(amalgamation_dir, "results.json"))
+    reporting.write_json_atomic(os.path.join(out, "results.json"), {"stage_1": results})
+  distributed.barrier("component exported")
 
 
 @workdir_lib.released_after
@@ -370,7 +361,7 @@ def source_split(i: int, n: int, config) -> str:
     return f"train[{100 * i // n}%:{100 * (i + 1) // n}%]"
   from tensorflow_datasets.core import splits  # pylint: disable=g-import-not-at-top
 
-  size = data.num_batches(config.data, "train", batch_size=1, train=False, process_count=1)
+  size = data.num_batches(config.data, "train", batch_size=1, train=False)
   train = {"train": splits.SplitInfo(name="train", shard_lengths=[size], num_bytes=0)}
   (bounds,) = splits.ReadInstruction.from_spec(config.train_split).to_absolute(train)
   start, stop = bounds.from_ or 0, size if bounds.to is None else bounds.to

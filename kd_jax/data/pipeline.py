@@ -467,17 +467,6 @@ def _processes(process_index, process_count) -> tuple[int, int]:
   return process_index, process_count
 
 
-def _process_splits(split: str, process_count: int) -> list[str]:
-  """Every process's share of `split` (sizes differ by at most one)."""
-  if process_count == 1:
-    return [split]
-  return [
-      tfds.split_for_jax_process(split, process_index=i,
-                                 process_count=process_count)
-      for i in range(process_count)
-  ]
-
-
 def _local_batch_size(batch_size: int, process_count: int) -> int:
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(
@@ -495,23 +484,18 @@ def num_batches(
     train: bool,
     classes: Sequence[int] | None = None,
     drop_remainder: bool | None = None,
-    process_count: int | None = None,
 ) -> int:
-  """Batches per epoch that `make_dataset` yields, the same on every process.
+  """Global batches per epoch that `make_dataset` yields (on every process).
 
-  With drop_remainder: the fewest full batches any process has; without: the
-  most batches (last one padded) any process needs.
+  With drop_remainder: the full batches; without: every batch, the last one padded.
   """
-  _, process_count = _processes(0, process_count)
+  if batch_size <= 0:
+    raise ValueError(f"batch_size {batch_size} must be positive.")
   builder = _builder(data_config)
   classes = _check_classes(classes, builder.info.features["label"].num_classes)
-  local = _local_batch_size(batch_size, process_count)
   drop = train if drop_remainder is None else drop_remainder
-  counts = [_count(builder, s, classes)
-            for s in _process_splits(split, process_count)]
-  if drop:
-    return min(counts) // local
-  return -(-max(counts) // local)
+  count = _count(builder, split, classes)
+  return count // batch_size if drop else -(-count // batch_size)
 
 
 def make_dataset(
@@ -530,13 +514,19 @@ def make_dataset(
     with_index: bool = False,
     raw_images: bool = False,
 ) -> tf.data.Dataset:
-  """Returns this process's batches of `split`, for `num_epochs` epochs.
+  """Returns this process's rows of the global batches of `split`, for `num_epochs` epochs.
+
+  The order is one permutation of the whole split per epoch (or stored order), cut into
+  global batches of `batch_size`; process p of P takes rows [p*b, (p+1)*b) of each, b =
+  batch_size/P. Every process reads the whole split (the datasets here are small), so P
+  processes feed their devices exactly the rows one process would: the numbers do not
+  depend on how the devices are spread over processes.
 
   Args:
     data_config: see the module docstring.
     split: a TFDS split, e.g. 'train', 'test', 'train[:90%]'.
     batch_size: GLOBAL batch size; each process gets batch_size/process_count
-      rows per batch, from its own share of the split.
+      rows of each batch.
     train: shuffle (and augment if data_config.augment); else stored order.
     seed: base seed of shuffling and augmentation.
     epoch: first epoch. Epoch e's order and augmentation depend only on
@@ -551,9 +541,9 @@ def make_dataset(
       the last batch is padded to full size and every batch has a 'mask' key,
       so an epoch covers every example exactly once at a fixed shape.
     process_index, process_count: default to JAX's (overridable for tests).
-    with_index: add 'index', each example's position in this process's share
-      of the split in stored order (what `train=False` yields), the same in
-      every epoch: it keys per-example data such as cached teacher logits.
+    with_index: add 'index', each example's position in the split in stored
+      order (what `train=False` yields), the same in every epoch and process: it
+      keys per-example data such as cached teacher logits.
     raw_images: uint8 images (augmented, not preprocessed), for the device to
       preprocess with `device_preprocess(data_config)`: a quarter of the bytes.
 
@@ -581,21 +571,24 @@ def make_dataset(
   augment = train and bool(getattr(data_config, "augment", False))
   block = int(getattr(data_config, "shuffle_buffer", 0) or _FULL_SHUFFLE)
 
-  # Every process reads its own share. With several processes, all must run
-  # the same number of steps: cut to the shortest share (drop_remainder) or pad
-  # to the longest (evaluation), which needs the shares' sizes.
-  shares = _process_splits(split, process_count)
+  # Decoded uint8 images are small (<= 150 MB for CIFAR-10): cache them, then
+  # shuffle, augment and convert per epoch. The index numbers examples within
+  # the split: it keys each example's augmentation randomness.
+  base = _read(builder, split, classes).enumerate()
+  base = base.map(lambda i, ex: {**ex, "index": i}).cache()
+  # With several processes each takes its rows of every global batch; all must make the
+  # same number of steps, which the whole split's count gives.
   steps = None
   if process_count > 1:
     steps = num_batches(data_config, split, batch_size=batch_size, train=train,
-                        classes=classes, drop_remainder=drop,
-                        process_count=process_count)
+                        classes=classes, drop_remainder=drop)
 
-  # Decoded uint8 images are small (<= 150 MB for CIFAR-10): cache them, then
-  # shuffle, augment and convert per epoch. The index numbers examples within
-  # this process's share: it keys each example's augmentation randomness.
-  base = _read(builder, shares[process_index], classes).enumerate()
-  base = base.map(lambda i, ex: {**ex, "index": i}).cache()
+  def local_rows(ds):
+    if process_count == 1:
+      return ds
+    ds = ds.enumerate().filter(
+        lambda i, ex: (i % batch_size) // local == process_index)
+    return ds.map(lambda i, ex: ex)
 
   root_rng = tf.constant([0, seed], tf.int64)
 
@@ -613,14 +606,14 @@ def make_dataset(
     epoch_rng = tf.random.experimental.stateless_fold_in(root_rng, e)
     shuffle_rng = tf.random.experimental.stateless_fold_in(epoch_rng, 0)
     aug_rng = tf.random.experimental.stateless_fold_in(epoch_rng, 1)
-    ds = _permute(base, shuffle_rng, block) if train else base
+    ds = local_rows(_permute(base, shuffle_rng, block) if train else base)
     ds = ds.map(lambda ex: example_fn(ex, aug_rng),
                 num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local, drop_remainder=drop)
     if not drop:
       ds = ds.map(functools.partial(_pad_batch, batch_size=local))
       if steps is not None:
-        # Whole padding batches for processes with a shorter share.
+        # A whole padding batch for a process with no rows in the last batch.
         ds = ds.concatenate(_padding_batches(ds.element_spec)).take(steps)
     elif steps is not None:
       ds = ds.take(steps)

@@ -1,4 +1,8 @@
-"""Test-set predictions of one or several models in a single pass over the data."""
+"""Test-set predictions of one or several models in a single pass over the data.
+
+With several processes, each feeds its rows of every global batch and gets back every
+row (`mesh.to_host`): every process scores the whole split, in stored order.
+"""
 
 from __future__ import annotations
 
@@ -34,19 +38,13 @@ class Predictor:
   """Jitted `logits = model(x)` in eval mode, its variables placed once on the mesh."""
 
   def __init__(self, model: nn.Module, variables, mesh):
-    self._mesh = mesh
+    self.mesh = mesh
     self._variables = mesh_lib.replicate(variables, mesh)
     self._fn = _eval_fn(model)
 
-  @property
-  def mesh(self):
-    return self._mesh
-
-  def __call__(self, images) -> np.ndarray:
-    return np.asarray(self.on_device(mesh_lib.shard_batch(images, self._mesh)))
-
-  def on_device(self, images: jax.Array) -> jax.Array:
-    """Logits of images already on the mesh, left there (dispatched, not waited for)."""
+  def __call__(self, images: jax.Array) -> jax.Array:
+    """Logits of a global batch already on the mesh (`mesh.shard_batch`), sharded like it and
+    left there (dispatched, not waited for)."""
     return self._fn(self._variables, images)
 
 
@@ -57,6 +55,31 @@ def _jitted_preprocess():
   return jax.jit(data.preprocess_images)
 
 
+def map_split(fn, data_config, split: str, *, batch_size: int, mesh, classes=None, max_batches=None):
+  """Labels `[N]` and `fn(images)` (a pytree of arrays with a leading batch axis) over every
+  example of `split` once (or its first `max_batches` global batches), in stored order, on
+  every process; `images` is a global batch on `mesh`, preprocessed there.
+
+  Images cross to the device as uint8; the outputs stay on the device until the pass is
+  over, so the host queues batch after batch without waiting for any.
+  """
+  ds = data.make_dataset(data_config, split, batch_size=batch_size, train=False, seed=0, classes=classes,
+                         raw_images=True)
+  preprocess = data.device_preprocess(data_config)
+  labels, masks, outputs = [], [], []
+  for i, batch in enumerate(data.as_numpy(ds)):
+    if i == max_batches:
+      break
+    images = _jitted_preprocess()(mesh_lib.shard_batch(batch["image"], mesh), **preprocess.keywords)
+    outputs.append(fn(images))
+    labels.append(batch["label"])
+    masks.append(batch["mask"])
+  # Per batch: a host array's rows are gathered in process order within its global batch.
+  whole = mesh_lib.to_host({"label": labels, "mask": masks, "out": outputs})
+  keep = np.concatenate(whole["mask"]).astype(bool)
+  return np.concatenate(whole["label"])[keep], jax.tree.map(lambda *z: np.concatenate(z)[keep], *whole["out"])
+
+
 def predict(
     data_config,
     split: str,
@@ -65,25 +88,10 @@ def predict(
     batch_size: int,
     classes=None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-  """Labels `[N]` and each predictor's logits `[N, C]` over every example of `split` once.
-
-  Images cross to the device as uint8 and are preprocessed there, once for all predictors
-  (which share a mesh); logits stay on the device until the pass is over, so the host
-  queues batch after batch without waiting for any.
-  """
-  ds = data.make_dataset(data_config, split, batch_size=batch_size, train=False, seed=0, classes=classes,
-                         raw_images=True)
-  preprocess = data.device_preprocess(data_config)
+  """Labels `[N]` and each predictor's logits `[N, C]` over every example of `split` once."""
   mesh = next(iter(predictors.values())).mesh
-  masks, labels, logits = [], [], {name: [] for name in predictors}
-  for batch in data.as_numpy(ds):
-    masks.append(batch["mask"].astype(bool))
-    labels.append(batch["label"])
-    images = _jitted_preprocess()(mesh_lib.shard_batch(batch["image"], mesh), **preprocess.keywords)
-    for name, predictor in predictors.items():
-      logits[name].append(predictor.on_device(images))
-  keep = np.concatenate(masks)
-  return np.concatenate(labels)[keep], {name: np.concatenate(jax.device_get(v))[keep] for name, v in logits.items()}
+  return map_split(lambda images: {name: p(images) for name, p in predictors.items()}, data_config, split,
+                   batch_size=batch_size, mesh=mesh, classes=classes)
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

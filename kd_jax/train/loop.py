@@ -28,7 +28,10 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from kd_jax import checkpoint, config_schema, data, models, reporting
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from kd_jax import checkpoint, config_schema, data, distributed, models, reporting
 from kd_jax import workdir as workdir_lib
 from kd_jax.config_schema import UsageError
 from kd_jax.train import evaluation
@@ -169,6 +172,7 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
     on_nonfinite = config.get("on_nonfinite", "stop")  # checked by config_schema
     items = dict(items or {})
     meta["data"] = data_identity(config.data, split, classes)
+    meta["devices"] = jax.device_count()
     ckpts = checkpoint.Checkpoints(
         workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
     )
@@ -177,8 +181,9 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
     if start is not None:
       saved = ckpts.restore_meta(start)
       check_same_data(workdir, saved.get("data"), meta["data"])
+      check_same_devices(workdir, saved.get("devices"))
       ckpts.set_aside_damaged()
-      state = ckpts.restore(start, {"state": state})["state"]
+      state = ckpts.restore(start, {"state": state}, sharding=NamedSharding(mesh, P()))["state"]
       meta["history"] = saved.get("history", [])
       epoch_sums = saved.get("epoch_sums")
       logging.info("Resumed %s from step %d.", workdir, start)
@@ -188,7 +193,7 @@ def fit(config, workdir, *, state, train_step, frozen, evaluate, meta, mesh, ste
     compiled = _step_with_sums(train_step, mesh, data.device_preprocess(config.data))
     state = mesh_lib.replicate(state, mesh)
     frozen = mesh_lib.replicate(frozen, mesh)
-    if jax.process_index() == 0:  # the steps after `step` are logged again below
+    if distributed.is_primary():  # the steps after `step` are logged again below
       reporting.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), max_step=step)
     writer = reporting.create_writer(workdir)
     progress = reporting.progress_bar(total=total_steps, initial=step, description=config.get("experiment", "train"))
@@ -417,9 +422,22 @@ def check_resumable(workdir: str, data_config, split: str, classes=None) -> None
   try:
     step = ckpts.latest_step()  # CheckpointError if none is intact
     if step is not None:
-      check_same_data(workdir, ckpts.restore_meta(step).get("data"), data_identity(data_config, split, classes))
+      saved = ckpts.restore_meta(step)
+      check_same_data(workdir, saved.get("data"), data_identity(data_config, split, classes))
+      check_same_devices(workdir, saved.get("devices"))
   finally:
     ckpts.close()
+
+
+def check_same_devices(workdir: str, saved: int | None) -> None:
+  """Refuses to resume on another number of devices: each device's share of the batch,
+  hence BatchNorm's batch statistics, would change. The processes they are spread over
+  may change (the data order does not depend on them, `kd_jax.data.make_dataset`)."""
+  if saved is not None and saved != jax.device_count():
+    raise UsageError(
+        f"workdir {workdir} was trained on {saved} devices, this run has {jax.device_count()}: resume it on "
+        f"{saved} devices (in any number of processes), or use a new --workdir"
+    )
 
 
 def check_same_data(workdir: str, saved: dict | None, current: dict) -> None:
@@ -450,8 +468,8 @@ def caches_teacher_logits(config) -> bool:
 
 
 def teacher_logits_table(config, teacher, mesh, split, classes) -> np.ndarray:
-  """The eval-mode teacher's logits `[N, C]` of this process's training examples, in
-  stored order: row i belongs to the example whose 'index' is i."""
+  """The eval-mode teacher's logits `[N, C]` of every training example, in stored order,
+  on every process: row i belongs to the example whose 'index' is i."""
   start = time.time()
   predictor = evaluation.Predictor(teacher["model"], teacher["variables"], mesh)
   _, logits = evaluation.predict(
@@ -486,16 +504,17 @@ def epoch_summary(record: dict) -> dict:
 
 
 def finish(workdir: str, results: dict, history, *, title: str, panels=None) -> None:
-  """Writes `results.json` and `curves.png` (primary process only)."""
-  if jax.process_index() != 0:
-    return
-  reporting.write_json_atomic(os.path.join(workdir, "results.json"), results)
-  reporting.plot_curves(
-      os.path.join(workdir, "curves.png"),
-      history,
-      panels=panels or {"loss": ["train_loss", "test_loss"], "accuracy": ["train_accuracy", "test_accuracy"]},
-      title=title,
-  )
+  """Writes `results.json` and `curves.png` (process 0; the others wait for them: a finished
+  run is one whose results.json exists)."""
+  if distributed.is_primary():
+    reporting.write_json_atomic(os.path.join(workdir, "results.json"), results)
+    reporting.plot_curves(
+        os.path.join(workdir, "curves.png"),
+        history,
+        panels=panels or {"loss": ["train_loss", "test_loss"], "accuracy": ["train_accuracy", "test_accuracy"]},
+        title=title,
+    )
+  distributed.barrier("results written")
 
 
 def steps_per_epoch_of(config, classes=None, split="train") -> int:

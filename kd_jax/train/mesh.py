@@ -4,6 +4,12 @@ Each device holds a replica of the state and its shard of the global batch; the
 step averages gradients with `lax.pmean`. It is written with `jax.shard_map` under
 `jax.jit`, which is what `jax.pmap` itself is built on since JAX 0.10 and what JAX
 recommends for new code (docs/migrate_pmap).
+
+The mesh spans every process's devices (process p's are the p-th contiguous block of
+`jax.devices()`). A batch is a global array built from each process's rows
+(`kd_jax.data` gives process p rows [p*b, (p+1)*b) of every global batch), so the devices
+hold the same rows whether they belong to 1 process or to N; state, teachers and
+restored checkpoints are replicated global arrays; `to_host` brings outputs back whole.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -35,9 +42,10 @@ def check_batch_size(batch_size: int, mesh: Mesh, *, name: str = "batch_size") -
 
 
 def shard_batch(batch, mesh: Mesh):
-  """Places a host batch (pytree of arrays, leading batch axis) across the 'data' axis."""
+  """The global batch of which `batch` (pytree of host arrays, leading batch axis) is this
+  process's rows, split across the 'data' axis."""
   sharding = NamedSharding(mesh, P(AXIS))
-  return jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), batch)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
 
 
 def prefetch(batches: Iterable, mesh: Mesh, *, depth: int = 2) -> Iterator:
@@ -60,7 +68,28 @@ def prefetch(batches: Iterable, mesh: Mesh, *, depth: int = 2) -> Iterator:
 
 
 def replicate(tree, mesh: Mesh):
-  return jax.device_put(tree, NamedSharding(mesh, P()))
+  """`tree` (the same values on every process) as arrays replicated on every device."""
+  sharding = NamedSharding(mesh, P())
+  if jax.process_count() == 1:
+    return jax.device_put(tree, sharding)
+
+  def place(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)  # already global: at most a resharding
+    # Each process places its own copy: no cross-process transfer (and no check that the
+    # copies agree, which `device_put` of host data does).
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+  return jax.tree.map(place, tree)
+
+
+def to_host(tree):
+  """Every leaf whole, as NumPy, on every process: a global array's full value (e.g. a
+  batch-sharded output: all rows, in global order); a host array (this process's rows
+  of a batch) concatenated with the other processes' rows, in process order."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, tree)
+  return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def data_parallel_step(step_fn: Callable, mesh: Mesh, *, donate_state: bool = True) -> Callable:
