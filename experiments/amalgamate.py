@@ -65,6 +65,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         selection=args["selection"], routing=args["routing"], routing_temperature=1.0,
         logit_loss="kl", temperature=2.0,
         feature_weight=1.0, logit_weight=1.0, unit_norm_weight=0.1, seed_compat=args["seed_compat"],
+        # Self-training: the student's own task probabilities join the routing, ramped in
+        # between these fractions of the stage (kd_jax/amalgamation/objective.py).
+        self_training=0.0, self_training_start=0.3, self_training_end=0.6,
     ))
     cfg.update(kw)
     return cfg
@@ -72,7 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.amalgamation = amalgamation()
   # Stage 1 of the dual stage: sources share one task; the paper picks the least
   # ambiguous source per sample (entropy), which is sound when they share classes.
-  config.dual_stage = amalgamation(selection="entropy", routing="hard")
+  config.dual_stage = amalgamation(selection="entropy", routing="hard", self_training=0.0)
   if args["seed_compat"]:
     config.amalgamation.update(dict(logit_loss="l2", selection="entropy", routing="hard",
                                     feature_weight=1.0, logit_weight=1.0, unit_norm_weight=1.0))

@@ -9,6 +9,12 @@ resumes):
   supervised_s<seed>  the baseline: the same student trained with labels on the union.
 Then the routing accuracy of every rule on those teachers (experiments/routing_study.py)
 and a Markdown table (mean ± sample std over seeds) in WORKDIR_ROOT/study.md.
+
+`--teachers=DIR` amalgamates already-trained components instead (`DIR/teacher_<t>`, with
+`{seed}` in DIR replaced by the seed; e.g. the `teachers/` of an earlier study's card run),
+so that variants of stage 2 compare on the same teachers without training them again.
+`--config` adds `--config.KEY=VALUE` overrides to both amalgamated runs (a variant);
+`--runs` picks which of card, entropy, supervised to run.
 """
 
 import argparse
@@ -54,7 +60,15 @@ def main():
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--data_dir", default="")
   parser.add_argument("--manual_dir", default="")
+  parser.add_argument("--teachers", default="", help="DIR with teacher_<t> subdirectories; {seed} is replaced")
+  parser.add_argument("--config", action="append", default=[], help="KEY=VALUE for both amalgamated runs")
+  parser.add_argument("--runs", default=",".join(RUNS))
   args = parser.parse_args()
+  runs = args.runs.split(",")
+  if not set(runs) <= set(RUNS):
+    parser.error(f"--runs must name some of {','.join(RUNS)}")
+  variant = [f"--config.{kv}" for kv in args.config]
+  n_teachers = len(args.teacher_classes.split("/"))
   root = os.path.abspath(args.workdir_root)
   # The runs are subprocesses started in the repository: paths are taken from the caller's directory.
   data = [f"--config.data.{k}={os.path.abspath(os.path.expanduser(v))}"
@@ -62,19 +76,24 @@ def main():
   base = f"dataset={args.dataset},teacher_classes={args.teacher_classes}"
   results = {run: [] for run in RUNS}
   for seed in (int(s) for s in args.seeds.split(",")):
-    card = train(root, f"card_s{seed}", f"{base},seed={seed}", [], data)
+    given = [os.path.abspath(os.path.join(args.teachers.replace("{seed}", str(seed)), f"teacher_{t}"))
+             for t in range(n_teachers)] if args.teachers else None
+    card = None
+    if "card" in runs or not given:  # the card run trains the seed's teachers when none are given
+      reuse = [f"--config.teacher_workdirs={':'.join(given)}"] if given else []
+      card = train(root, f"card_s{seed}", f"{base},seed={seed}", reuse + variant, data)
     results["card"].append(card)
-    if card:
-      teachers = ":".join(t["workdir"] for t in card["teachers"])
+    teachers = given or ([t["workdir"] for t in card["teachers"]] if card else None)
+    if "entropy" in runs and teachers:
       results["entropy"].append(train(
           root, f"entropy_s{seed}", f"{base},seed={seed},selection=entropy",
-          [f"--config.teacher_workdirs={teachers}"], data))
-    results["supervised"].append(train(root, f"supervised_s{seed}", f"{base},seed={seed},supervised", [], data))
+          [f"--config.teacher_workdirs={':'.join(teachers)}", *variant], data))
+    if "supervised" in runs:
+      results["supervised"].append(train(root, f"supervised_s{seed}", f"{base},seed={seed},supervised", [], data))
 
   def column(run, key):
     return [r.get(key) if r else None for r in results[run]]
 
-  n_teachers = len(args.teacher_classes.split("/"))
   lines = [
       f"| student ({args.dataset}, classes {args.teacher_classes}) | test accuracy | routing accuracy | "
       + " | ".join(f"teacher {t} on its classes" for t in range(n_teachers)) + " |",

@@ -272,6 +272,10 @@ def _amalgamation(name: str) -> dict[str, Field]:
       f"{name}.logit_weight": Field(f"{name}'s weight of the logit term", float, low=0),
       f"{name}.unit_norm_weight": Field(f"{name}'s weight of the unit-norm penalty", float, low=0),
       f"{name}.seed_compat": _flag(f"whether {name} uses the seed's recipe instead of the paper's"),
+      f"{name}.self_training": _fraction(f"{name}'s weight of the student's own task probabilities in the "
+                                         "routing (0: off)"),
+      f"{name}.self_training_start": _fraction(f"the fraction of {name} where the self-training ramp starts"),
+      f"{name}.self_training_end": _fraction(f"the fraction of {name} where the self-training ramp ends"),
   }
 
 
@@ -375,3 +379,11 @@ def validate(config) -> None:
         f"--config.method={method!r} needs a trained teacher: set --config.teacher_workdir=DIR "
         "to the workdir of an experiments/nin_teacher.py run"
     )
+  for stage in ("amalgamation", "dual_stage"):
+    start, end = values.get(f"{stage}.self_training_start"), values.get(f"{stage}.self_training_end")
+    if start is not None and end is not None and start > end:
+      raise UsageError(f"--config.{stage}.self_training_start={start!r} is after --config.{stage}.self_training_end="
+                       f"{end!r}: the ramp must start before it ends")
+  if values.get("sources_per_task", 0) >= 2 and values.get("dual_stage.self_training"):
+    raise UsageError("--config.dual_stage.self_training must be 0: the dual stage's sources share their task's "
+                     "classes, so the student has no task of its own to prefer")

@@ -51,7 +51,10 @@ RESUMABLE_CHANGES = (
 # Keys added to the configs after runs were written without them: a saved config that lacks
 # one had the value given here, so its run still resumes.
 ADDED_KEYS = {"train_split": "train", "on_nonfinite": "stop", "allow_unfinished_teacher": False,
-              "component.min_steps": 0, "amalgamation.min_steps": 0, "dual_stage.min_steps": 0}
+              "component.min_steps": 0, "amalgamation.min_steps": 0, "dual_stage.min_steps": 0,
+              **{f"{stage}.{key}": value for stage in ("amalgamation", "dual_stage")
+                 for key, value in (("self_training", 0.0), ("self_training_start", 0.3),
+                                    ("self_training_end", 0.6))}}
 
 
 @workdir_lib.released_after
