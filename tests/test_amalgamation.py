@@ -583,6 +583,9 @@ def test_bad_class_sets_are_refused(idx_data, tmp_path, teacher_classes, match):
         ({"amalgamation.selection": "oracle"}, "amalgamation.selection='oracle': .* must be one of entropy"),
         ({"component.batch_size": 512}, r"teacher 0 \(classes \[0, 1\].*batch_size=512 exceeds"),
         ({"amalgamation.batch_size": 512}, "the amalgamation .*batch_size=512 exceeds"),
+        ({"amalgamation.self_training": 1.5}, r"amalgamation.self_training=1.5: .* must be a finite number in \[0, 1\]"),
+        ({"amalgamation.self_training_start": 0.7, "amalgamation.self_training_end": 0.4},
+         "self_training_start=0.7 is after .*self_training_end=0.4"),
     ],
 )
 def test_bad_plans_are_refused(idx_data, tmp_path, overrides, match):
@@ -594,6 +597,8 @@ def test_bad_dual_stage_is_refused(idx_data, tmp_path):
   config = amalgamate_config(idx_data, "smoke,dual_stage", source_blocks="8-16/8-16-32", block_pairs="2:2",
                              teacher_blocks="8-16-32", student_blocks="8-16-32")
   _refused(config, str(tmp_path / "w"), r"dual stage of teacher 0 \(.*\): tapped block 2 of teacher 0 does not exist")
+  config = amalgamate_config(idx_data, "smoke,dual_stage", **{"dual_stage.self_training": 0.5})
+  _refused(config, str(tmp_path / "w"), "dual_stage.self_training must be 0: the dual stage's sources share")
   config = amalgamate_config(idx_data, "smoke,dual_stage", **{"component.batch_size": 64})
   _refused(config, str(tmp_path / "w"), r"source 0 of teacher 0 \(classes \[0, 1\], split train\[0%:50%\]\)")
 
