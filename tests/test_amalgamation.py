@@ -288,6 +288,11 @@ def frozen_for(cfg, plan, teacher_vars):
   if cfg.selection == "energy":
     logits, _, _ = step_lib.teacher_outputs(plan, teacher_vars, images(32, seed=7))
     frozen["energy_stats"] = routing.fit_energy_stats(logits)
+  if cfg.selection == "pool_lda":
+    _, feats, _ = step_lib.teacher_outputs(plan, teacher_vars, images(64, seed=7))
+    initial = np.random.default_rng(6).integers(0, plan.num_classes, 64)
+    frozen["pool_router"] = routing.fit_pool_router([step_lib.pooled_blocks(f) for f in feats], initial,
+                                                    plan.class_index)
   return frozen
 
 
@@ -374,6 +379,7 @@ VARIANTS = {
     "max_softmax": dict(selection="max_softmax"),
     "energy": dict(selection="energy"),
     "teacher_card": dict(selection="teacher_card"),
+    "pool_lda": dict(selection="pool_lda"),
     "soft_routing": dict(selection="entropy", routing="soft", routing_temperature=0.5),
     "l2": dict(selection="max_softmax", logit_loss="l2"),
     "seed_compat": dict(selection="entropy", logit_loss="l2", seed_compat=True, unit_norm_weight=1.0),

@@ -88,10 +88,12 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
       opt_state=tx.init(variables["params"]), rng=np.asarray(rng_train, np.uint32),
   )
   frozen = {"teachers": [t["variables"] for t in teachers]}
-  if cfg.selection == "teacher_card":
+  if cfg.selection in ("teacher_card", "pool_lda"):
     frozen["cards"] = [t["card"] for t in teachers]
   if cfg.selection == "energy":
     frozen["energy_stats"] = energy_stats(run_config, plan, frozen, union, mesh)
+  if cfg.selection == "pool_lda":
+    frozen["pool_router"] = pool_router(run_config, plan, frozen, union, mesh)
 
   meta = {
       "kind": "amalgamation",
@@ -140,18 +142,42 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
   return results
 
 
-def energy_stats(run_config, plan, frozen, union, mesh, max_batches: int = 50):
-  """Per-teacher mean/std of logsumexp logits over (part of) the unlabelled pool."""
-  fn = jax.jit(lambda tv, x: step_lib.teacher_outputs(plan, tv, x)[0])
+def pool_outputs(run_config, plan, frozen, union, mesh, max_batches: int | None = None):
+  """Every teacher's logits, penultimate and pooled block features over (the first batches
+  of) the unlabelled pool (`train_split`, images only): three lists of `[N, ·]` arrays."""
+
+  def outputs(teacher_vars, images):
+    logits, feats, penultimate = step_lib.teacher_outputs(plan, teacher_vars, images)
+    return logits, penultimate, [step_lib.pooled_blocks(f) for f in feats]
+
+  fn = jax.jit(outputs)
   teacher_vars = mesh_lib.replicate(frozen["teachers"], mesh)
-  ds = data.make_dataset(run_config.data, "train", batch_size=run_config.batch_size, train=False, classes=union)
-  pooled = []
+  ds = data.make_dataset(run_config.data, run_config.train_split, batch_size=run_config.batch_size, train=False,
+                         classes=union)
+  batches = []
   for i, batch in enumerate(data.as_numpy(ds)):
     if i == max_batches:
       break
     keep = batch["mask"].astype(bool)
-    pooled.append([np.asarray(z)[keep] for z in fn(teacher_vars, mesh_lib.shard_batch(batch["image"], mesh))])
-  return routing.fit_energy_stats([np.concatenate(z) for z in zip(*pooled)])
+    batches.append([[np.asarray(a)[keep] for a in out]
+                    for out in fn(teacher_vars, mesh_lib.shard_batch(batch["image"], mesh))])
+  # [output][teacher] → the pool's rows concatenated.
+  return [[np.concatenate(rows) for rows in zip(*per_batch)] for per_batch in zip(*batches)]
+
+
+def energy_stats(run_config, plan, frozen, union, mesh, max_batches: int = 50):
+  """Per-teacher mean/std of logsumexp logits over (part of) the unlabelled pool."""
+  return routing.fit_energy_stats(pool_outputs(run_config, plan, frozen, union, mesh, max_batches)[0])
+
+
+def pool_router(run_config, plan, frozen, union, mesh) -> routing.PoolRouter:
+  """`selection=pool_lda`: the discriminant of the union's classes on all teachers'
+  features, fitted on the whole unlabelled pool, started from teacher-card routing and
+  the routed teacher's prediction (`routing.fit_pool_router`)."""
+  logits, penultimate, blocks = pool_outputs(run_config, plan, frozen, union, mesh)
+  routed = np.asarray(routing.teacher_card_scores(penultimate, frozen["cards"])).argmax(-1)
+  own = np.stack([np.asarray(index)[z.argmax(-1)] for z, index in zip(logits, plan.class_index)], -1)
+  return routing.fit_pool_router(blocks, own[np.arange(len(routed)), routed], plan.class_index)
 
 
 class Evaluator:
@@ -164,8 +190,8 @@ class Evaluator:
 
     def predict(student_vars, frozen, images):
       s_logits, _ = plan.student.apply(student_vars, images, train=False)
-      t_logits, _, t_pen = step_lib.teacher_outputs(plan, frozen["teachers"], images)
-      return s_logits, t_logits, step_lib.routing_weights(cfg, t_logits, t_pen, frozen)
+      t_logits, t_feats, t_pen = step_lib.teacher_outputs(plan, frozen["teachers"], images)
+      return s_logits, t_logits, step_lib.routing_weights(cfg, t_logits, t_pen, frozen, blocks=t_feats)
 
     self._predict = jax.jit(predict)
 

@@ -128,14 +128,26 @@ def teacher_outputs(plan: Plan, teacher_variables: Sequence, images):
   return logits, features, [models.penultimate(f) for f in features]
 
 
-def routing_weights(cfg, logits, penultimate, frozen) -> jax.Array:
-  """`[B, T]` routing weights of the configured selection rule (no gradient)."""
+def pooled_blocks(features) -> jax.Array:
+  """Every block's output, globally average-pooled and concatenated, `[B, Σ_k C_k]`: what
+  `selection=pool_lda` reads of a teacher (on Fashion-MNIST 0–3 all blocks route better
+  than the last one alone; README)."""
+  return jnp.concatenate([jnp.mean(f, axis=(1, 2)) for f in features], axis=-1)
+
+
+def routing_weights(cfg, logits, penultimate, frozen, *, blocks=None) -> jax.Array:
+  """`[B, T]` routing weights of the configured selection rule (no gradient).
+
+  `blocks`: per teacher, its block features (needed by `pool_lda`)."""
+  if cfg.selection == "pool_lda":
+    penultimate = [pooled_blocks(f) for f in blocks]
   scores = routing.teacher_scores(
       cfg.selection,
       logits=logits,
       features=penultimate,
       cards=frozen.get("cards"),
       energy_stats=frozen.get("energy_stats"),
+      pool_router=frozen.get("pool_router"),
   )
   return lax.stop_gradient(routing.route(scores, mode=cfg.routing, temperature=cfg.routing_temperature))
 
@@ -162,7 +174,7 @@ def make_step(plan: Plan, cfg, tx: optax.GradientTransformation, *, total_steps:
   def step(state, batch, frozen):
     images = batch["image"]
     t_logits, t_feats, t_penultimate = teacher_outputs(plan, frozen["teachers"], images)
-    routed = routing_weights(cfg, t_logits, t_penultimate, frozen)
+    routed = routing_weights(cfg, t_logits, t_penultimate, frozen, blocks=t_feats)
 
     def loss_fn(params):
       (s_logits, s_feats), updates = student.apply(
