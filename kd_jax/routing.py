@@ -63,6 +63,7 @@ __all__ = [
     "fit_energy_stats",
     "teacher_card_scores",
     "PoolRouter",
+    "card_routed_classes",
     "fit_pool_router",
     "pool_router_scores",
     "teacher_scores",
@@ -518,6 +519,15 @@ def fit_pool_router(features: Sequence[Any], initial: Any, class_index: Sequence
     task[list(index), t] = 1.0
   return PoolRouter(weight=jnp.asarray(weight, jnp.float32), bias=jnp.asarray(bias, jnp.float32),
                     task=jnp.asarray(task))
+
+
+def card_routed_classes(logits: Sequence[Any], features: Sequence[Any], cards: Sequence[TeacherCard],
+                        class_index: Sequence[Sequence[int]]) -> np.ndarray:
+  """Where :func:`fit_pool_router` starts: per sample, the union class that the teacher chosen
+  by teacher-card routing predicts (``[N]`` integers; teachers' outputs only, no labels)."""
+  routed = np.asarray(teacher_card_scores(features, cards)).argmax(-1)
+  own = np.stack([np.asarray(index)[np.asarray(z).argmax(-1)] for z, index in zip(logits, class_index)], -1)
+  return own[np.arange(len(routed)), routed]
 
 
 def pool_router_scores(features: Sequence[jax.Array], router: PoolRouter) -> jax.Array:

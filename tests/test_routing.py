@@ -255,6 +255,19 @@ def test_pool_router_self_training_corrects_noisy_starts():
     assert float(np.mean(routed == owner[labels])) > start + 0.05, rounds
 
 
+def test_card_routed_classes_take_the_card_routed_teachers_prediction():
+  feats, labels = _data(seed=11, n=200)
+  cards = [R.fit_teacher_card(feats[labels == c], np.zeros(int(np.sum(labels == c)), int), num_classes=1)
+           for c in (0, 1)]
+  logits = [np.random.default_rng(t).normal(size=(200, 2)) for t in range(2)]
+  class_index = ((3, 0), (1, 2))
+  got = R.card_routed_classes(logits, [feats, feats], cards, class_index)
+  routed = np.asarray(R.teacher_card_scores([feats, feats], cards)).argmax(-1)
+  want = [class_index[t][int(np.argmax(logits[t][i]))] for i, t in enumerate(routed)]
+  np.testing.assert_array_equal(got, want)
+  assert set(routed) == {0, 1}
+
+
 def test_value_errors():
   feats, labels = _data(seed=10)
   with pytest.raises(ValueError, match="unknown routing rule.*entropy.*teacher_card"):

@@ -175,9 +175,8 @@ def pool_router(run_config, plan, frozen, union, mesh) -> routing.PoolRouter:
   features, fitted on the whole unlabelled pool, started from teacher-card routing and
   the routed teacher's prediction (`routing.fit_pool_router`)."""
   logits, penultimate, blocks = pool_outputs(run_config, plan, frozen, union, mesh)
-  routed = np.asarray(routing.teacher_card_scores(penultimate, frozen["cards"])).argmax(-1)
-  own = np.stack([np.asarray(index)[z.argmax(-1)] for z, index in zip(logits, plan.class_index)], -1)
-  return routing.fit_pool_router(blocks, own[np.arange(len(routed)), routed], plan.class_index)
+  start = routing.card_routed_classes(logits, penultimate, frozen["cards"], plan.class_index)
+  return routing.fit_pool_router(blocks, start, plan.class_index)
 
 
 class Evaluator:
