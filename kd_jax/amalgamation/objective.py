@@ -21,7 +21,7 @@ pairs (Shen et al. 2019, eq. 4), the unit-norm penalty on the teacher-side proje
 Self-training (`self_training = α_max > 0`): once the student has learnt from the routed
 teachers, its own task probabilities `q_bt = Σ_{c ∈ classes_t} softmax(s_b)_c` join the
 routing, `w'_bt = (1 − α) w_bt + α q_bt`, with `α` ramped from 0 to `α_max` between two
-fractions of training (`self_training_ramp`). The student generalises past routing errors
+fractions of training (`self_training_start`, `self_training_end`). The student generalises past routing errors
 (it ends above its routing accuracy); the mixture lets it overrule a router it disagrees
 with confidently on the images of the pool. No labels: only the student's outputs.
 """

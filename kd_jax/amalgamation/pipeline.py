@@ -118,10 +118,10 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
     student_vars = checkpoint.variables_of({"params": state.params, "batch_stats": state.batch_stats}, "student")
     return evaluator(student_vars, run_config, union)
 
+  train_step = step_lib.make_step(plan, cfg, tx, total_steps=steps_per_epoch * run_config.num_epochs)
   state, meta = loop.fit(
-      run_config, workdir, state=state, train_step=step_lib.make_step(plan, cfg, tx, total_steps=steps_per_epoch * run_config.num_epochs),
-      frozen=frozen,
-      evaluate=evaluate, meta=meta, mesh=mesh, steps_per_epoch=steps_per_epoch, classes=union,
+      run_config, workdir, state=state, train_step=train_step, frozen=frozen, evaluate=evaluate, meta=meta,
+      mesh=mesh, steps_per_epoch=steps_per_epoch, classes=union,
       split=run_config.train_split, items={f"teacher_{i}": t["variables"] for i, t in enumerate(teachers)},
       prepare_batch=lambda batch: {"image": batch["image"]},  # labels never reach the step
   )
