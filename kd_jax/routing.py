@@ -24,12 +24,13 @@ Rules (:data:`RULES`):
   teacher's own in-distribution distances. With disjoint class sets this routes far better than
   entropy (measured ~90% vs 52–75% on Fashion-MNIST classes 0–3).
 * ``'pool_lda'`` — a router fitted on the unlabelled pool (:func:`fit_pool_router`): every
-  teacher's penultimate features side by side, one Gaussian per union class with a shared
-  covariance (linear discriminant analysis), its classes first given by teacher-card routing and
-  the routed teacher's prediction, then by its own predictions for a few rounds (self-training,
-  no labels). ``s_t = logsumexp_{c ∈ classes_t} g_c(f)``, the log posterior of teacher ``t``'s
-  task up to a constant. The cards judge each teacher alone; this rule judges all teachers'
-  features together, where the tasks separate better.
+  teacher's features side by side (the pipeline gives every block's, average-pooled), one
+  Gaussian per union class with a shared covariance (linear discriminant analysis), fitted to
+  the classes that teacher-card routing and the routed teacher's prediction give the pool
+  images (no labels; optionally refitted on its own predictions). ``s_t = logsumexp_{c ∈
+  classes_t} g_c(f)``, the log posterior of teacher ``t``'s task up to a constant. The cards
+  judge each teacher alone; this rule judges all teachers' features together, where the tasks
+  separate better (Fashion-MNIST 0–3: 0.925 against 0.90 for the cards; README).
 
 All score and routing functions are pure ``jax.numpy`` code (jit/vmap friendly; the rule name and
 the number of teachers are static). Fitting a card from a dataset either goes one-shot
@@ -461,7 +462,7 @@ class PoolRouter:
   """A linear discriminant over the union's classes on all teachers' features (a pytree).
 
   Attributes:
-    weight: ``[D, C]``, ``D = Σ_t D_t`` (the teachers' penultimate features concatenated).
+    weight: ``[D, C]``, ``D = Σ_t D_t`` (the teachers' features concatenated).
     bias: ``[C]``; class discriminants ``g(f) = f W + b`` (log posteriors up to a constant).
     task: ``[C, T]`` one-hot: which teacher owns each union class.
   """
@@ -490,7 +491,7 @@ def fit_pool_router(features: Sequence[Any], initial: Any, class_index: Sequence
   """Fits :class:`PoolRouter` on unlabelled pool features (NumPy, float64; not jittable).
 
   Args:
-    features: per teacher ``[N, D_t]`` penultimate features of the same ``N`` pool images.
+    features: per teacher ``[N, D_t]`` features of the same ``N`` pool images.
     initial: ``[N]`` integer union classes to start from (teacher-card routing and the routed
       teacher's own prediction: no labels).
     class_index: per teacher, the positions of its classes in the union.
