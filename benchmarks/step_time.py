@@ -344,15 +344,19 @@ def jax_bench(name: str, cfg: dict):
           rng.standard_normal((1024, dim)).astype(np.float32), np.arange(1024) % len(classes),
           num_classes=len(classes), shrinkage=a["card_shrinkage"]))
     frozen = {"teachers": teacher_vars}
-    if amal_cfg.selection == "teacher_card":
+    if amal_cfg.selection in ("teacher_card", "pool_lda"):
       frozen["cards"] = cards
+    if amal_cfg.selection == "pool_lda":  # fitted on random pooled block features, like the cards
+      frozen["pool_router"] = routing.fit_pool_router(
+          [rng.standard_normal((1024, sum(t.block_widths))).astype(np.float32) for t in teachers],
+          np.arange(1024) % len(union), plan.class_index)
     images = rng.standard_normal((batch_size, *AMAL_IMAGE_SHAPE)).astype(np.float32)
     info.update(batch=batch_size, selection=amal_cfg.selection, routing=amal_cfg.routing,
                 teacher_params=sum(n_params(v["params"]) for v in teacher_vars))
     if name == "jax_amal_teachers":
       def teachers_fwd(frozen, x):
-        logits, _, penultimate = amal_step.teacher_outputs(plan, frozen["teachers"], x)
-        return logits, amal_step.routing_weights(amal_cfg, logits, penultimate, frozen)
+        logits, feats, penultimate = amal_step.teacher_outputs(plan, frozen["teachers"], x)
+        return logits, amal_step.routing_weights(amal_cfg, logits, penultimate, frozen, blocks=feats)
       fwd = jax.jit(teachers_fwd)
       frozen = jax.device_put(frozen)
       images = jax.device_put(images)

@@ -4,11 +4,18 @@
 
 Per seed, as `python -m kd_jax.main` subprocesses (finished runs are skipped, so re-running
 resumes):
-  card_s<seed>        the default pipeline (components trained with this seed, teacher-card routing);
-  entropy_s<seed>     the paper's entropy rule, amalgamating the same components;
-  supervised_s<seed>  the baseline: the same student trained with labels on the union.
+  default_s<seed>       the default pipeline (components trained with this seed, pool_lda routing);
+  teacher_card_s<seed>  teacher-card routing, amalgamating the same components;
+  entropy_s<seed>       the paper's entropy rule, on the same components;
+  supervised_s<seed>    the baseline: the same student trained with labels on the union.
 Then the routing accuracy of every rule on those teachers (experiments/routing_study.py)
 and a Markdown table (mean ± sample std over seeds) in WORKDIR_ROOT/study.md.
+
+`--teachers=DIR` amalgamates already-trained components instead (`DIR/teacher_<t>`, with
+`{seed}` in DIR replaced by the seed; e.g. the `teachers/` of an earlier study's default run),
+so that variants of stage 2 compare on the same teachers without training them again.
+`--config` adds `--config.KEY=VALUE` overrides to every amalgamated run (a variant);
+`--runs` picks which of default, teacher_card, entropy, supervised to run.
 """
 
 import argparse
@@ -19,7 +26,7 @@ import subprocess
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = ("card", "entropy", "supervised")
+RUNS = ("default", "teacher_card", "entropy", "supervised")
 
 
 def train(root: str, name: str, args_str: str, extra: list[str], data: list[str]) -> dict | None:
@@ -54,7 +61,15 @@ def main():
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--data_dir", default="")
   parser.add_argument("--manual_dir", default="")
+  parser.add_argument("--teachers", default="", help="DIR with teacher_<t> subdirectories; {seed} is replaced")
+  parser.add_argument("--config", action="append", default=[], help="KEY=VALUE for every amalgamated run")
+  parser.add_argument("--runs", default=",".join(RUNS))
   args = parser.parse_args()
+  runs = args.runs.split(",")
+  if not set(runs) <= set(RUNS):
+    parser.error(f"--runs must name some of {','.join(RUNS)}")
+  variant = [f"--config.{kv}" for kv in args.config]
+  n_teachers = len(args.teacher_classes.split("/"))
   root = os.path.abspath(args.workdir_root)
   # The runs are subprocesses started in the repository: paths are taken from the caller's directory.
   data = [f"--config.data.{k}={os.path.abspath(os.path.expanduser(v))}"
@@ -62,34 +77,41 @@ def main():
   base = f"dataset={args.dataset},teacher_classes={args.teacher_classes}"
   results = {run: [] for run in RUNS}
   for seed in (int(s) for s in args.seeds.split(",")):
-    card = train(root, f"card_s{seed}", f"{base},seed={seed}", [], data)
-    results["card"].append(card)
-    if card:
-      teachers = ":".join(t["workdir"] for t in card["teachers"])
-      results["entropy"].append(train(
-          root, f"entropy_s{seed}", f"{base},seed={seed},selection=entropy",
-          [f"--config.teacher_workdirs={teachers}"], data))
-    results["supervised"].append(train(root, f"supervised_s{seed}", f"{base},seed={seed},supervised", [], data))
+    given = [os.path.abspath(os.path.join(args.teachers.replace("{seed}", str(seed)), f"teacher_{t}"))
+             for t in range(n_teachers)] if args.teachers else None
+    default = None
+    if "default" in runs or not given:  # the default run trains the seed's teachers when none are given
+      reuse = [f"--config.teacher_workdirs={':'.join(given)}"] if given else []
+      default = train(root, f"default_s{seed}", f"{base},seed={seed}", reuse + variant, data)
+    results["default"].append(default)
+    teachers = given or ([t["workdir"] for t in default["teachers"]] if default else None)
+    for rule in ("teacher_card", "entropy"):
+      if rule in runs and teachers:
+        results[rule].append(train(
+            root, f"{rule}_s{seed}", f"{base},seed={seed},selection={rule}",
+            [f"--config.teacher_workdirs={':'.join(teachers)}", *variant], data))
+    if "supervised" in runs:
+      results["supervised"].append(train(root, f"supervised_s{seed}", f"{base},seed={seed},supervised", [], data))
 
   def column(run, key):
     return [r.get(key) if r else None for r in results[run]]
 
-  n_teachers = len(args.teacher_classes.split("/"))
   lines = [
       f"| student ({args.dataset}, classes {args.teacher_classes}) | test accuracy | routing accuracy | "
       + " | ".join(f"teacher {t} on its classes" for t in range(n_teachers)) + " |",
       "|---|---|---|" + "---|" * n_teachers,
-      f"| amalgamated, teacher-card routing (default) | {mean_std(column('card', 'test_accuracy'))} | "
-      f"{mean_std(column('card', 'routing_accuracy'))} | "
-      + " | ".join(mean_std(column("card", f"teacher_{t}_accuracy")) for t in range(n_teachers)) + " |",
-      f"| amalgamated, entropy routing (paper) | {mean_std(column('entropy', 'test_accuracy'))} | "
-      f"{mean_std(column('entropy', 'routing_accuracy'))} | " + " | ".join("same teachers" for _ in range(n_teachers)) + " |",
+      f"| amalgamated, pool_lda routing (default) | {mean_std(column('default', 'test_accuracy'))} | "
+      f"{mean_std(column('default', 'routing_accuracy'))} | "
+      + " | ".join(mean_std(column("default", f"teacher_{t}_accuracy")) for t in range(n_teachers)) + " |",
+      *(f"| amalgamated, {label} routing | {mean_std(column(rule, 'test_accuracy'))} | "
+        f"{mean_std(column(rule, 'routing_accuracy'))} | " + " | ".join("same teachers" for _ in range(n_teachers)) + " |"
+        for rule, label in (("teacher_card", "teacher-card"), ("entropy", "entropy (the paper's)"))),
       f"| supervised (labels, same student) | {mean_std(column('supervised', 'test_accuracy'))} | — | "
       + " | ".join("—" for _ in range(n_teachers)) + " |",
   ]
-  card_dirs = [os.path.join(root, f"card_s{s}") for s in args.seeds.split(",")]
+  default_dirs = [os.path.join(root, f"default_s{s}") for s in args.seeds.split(",")]
   routing = subprocess.run(
-      [sys.executable, "experiments/routing_study.py", *(f"--workdir={d}" for d in card_dirs if os.path.isdir(d))],
+      [sys.executable, "experiments/routing_study.py", *(f"--workdir={d}" for d in default_dirs if os.path.isdir(d))],
       cwd=REPO, capture_output=True, text=True, check=False,
   ).stdout
   table = "\n".join(lines) + "\n\nRouting accuracy of every rule on the same teachers:\n\n" + routing

@@ -5,7 +5,8 @@
 Reads the trained teachers of amalgamation runs (their `teachers/teacher_<t>` or
 `teacher_workdirs`), scores every test image of the union's classes by every rule of
 `kd_jax.routing`, and prints a Markdown table of routing accuracy (mean ± std over the
-given runs). Energy is standardised per teacher on the unlabelled training pool.
+given runs). Energy is standardised per teacher, and the pool_lda router fitted, on the
+unlabelled training pool (`train_split`).
 """
 
 import argparse
@@ -21,22 +22,23 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kd_jax import checkpoint, data, models, routing  # noqa: E402
+from kd_jax.amalgamation import step as step_lib  # noqa: E402
 
 
 def teacher_outputs(teachers, data_config, split, classes, batch_size=512):
-  """Logits and penultimate features of every teacher over `split` (union classes)."""
-  fns = [jax.jit(lambda v, x, m=m: (lambda o: (o[0], models.penultimate(o[1])))(m.apply(v, x, train=False)))
-         for m, _ in teachers]
-  logits, feats, labels = [[] for _ in teachers], [[] for _ in teachers], []
+  """Logits, penultimate and pooled block features of every teacher over `split` (union
+  classes), and the labels (which only score the rules)."""
+  fns = [jax.jit(lambda v, x, m=m: (lambda o: (o[0], models.penultimate(o[1]), step_lib.pooled_blocks(o[1])))(
+      m.apply(v, x, train=False))) for m, _ in teachers]
+  outputs, labels = [[[] for _ in teachers] for _ in range(3)], []
   ds = data.make_dataset(data_config, split, batch_size=batch_size, train=False, classes=classes)
   for batch in data.as_numpy(ds):
     keep = batch["mask"].astype(bool)
     labels.append(batch["label"][keep])
     for t, ((_, variables), fn) in enumerate(zip(teachers, fns)):
-      z, f = fn(variables, batch["image"])
-      logits[t].append(np.asarray(z)[keep])
-      feats[t].append(np.asarray(f)[keep])
-  return [np.concatenate(z) for z in logits], [np.concatenate(f) for f in feats], np.concatenate(labels)
+      for rows, out in zip(outputs, fn(variables, batch["image"])):
+        rows[t].append(np.asarray(out)[keep])
+  return [[np.concatenate(r) for r in rows] for rows in outputs], np.concatenate(labels)
 
 
 def routing_accuracies(workdir: str) -> dict[str, float]:
@@ -53,12 +55,17 @@ def routing_accuracies(workdir: str) -> dict[str, float]:
     ckpts = checkpoint.Checkpoints(origin, read_only=True)
     cards.append(routing.TeacherCard.from_dict(ckpts.restore(None, {"card": None})["card"]))
     ckpts.close()
-  logits, feats, labels = teacher_outputs(teachers, config.data, "test", union)
-  pool_logits, _, _ = teacher_outputs(teachers, config.data, "train", union)
+  (logits, feats, blocks), labels = teacher_outputs(teachers, config.data, "test", union)
+  pool = config.get("train_split", "train")
+  (pool_logits, pool_feats, pool_blocks), _ = teacher_outputs(teachers, config.data, pool, union)
   energy = routing.fit_energy_stats(pool_logits)
+  class_index = [[union.index(c) for c in cs] for cs in class_sets]
+  start = routing.card_routed_classes(pool_logits, pool_feats, cards, class_index)
+  router = routing.fit_pool_router(pool_blocks, start, class_index)
   out = {}
   for rule in routing.RULES:
-    scores = routing.teacher_scores(rule, logits=logits, features=feats, cards=cards, energy_stats=energy)
+    scores = routing.teacher_scores(rule, logits=logits, features=blocks if rule == "pool_lda" else feats,
+                                    cards=cards, energy_stats=energy, pool_router=router)
     out[rule] = float(routing.routing_accuracy(routing.route(scores), owner[labels]))
   return out
 

@@ -34,7 +34,7 @@ DATASETS = ("cifar10", "mnist", "fashion_mnist")
 METHODS = ("ground_truth", "logit_regression", "noisy_teacher", "hinton_kd")
 MODELS = ("nin", "lenet", "convnet")
 PREPROCESS = ("mean_image", "mean_image_255", "standardize", "none")
-SELECTIONS = ("entropy", "max_softmax", "energy", "teacher_card")
+SELECTIONS = ("entropy", "max_softmax", "energy", "teacher_card", "pool_lda")
 ROUTINGS = ("hard", "soft")
 LOGIT_LOSSES = ("kl", "l2")
 ON_NONFINITE = ("stop", "skip")
@@ -276,6 +276,10 @@ def _amalgamation(name: str) -> dict[str, Field]:
       f"{name}.seed_compat": _flag(f"whether {name} uses the seed's recipe instead of the paper's"),
       f"{name}.dtype": _choice(f"{name}'s compute dtype of the student and alignment projections", DTYPES),
       f"{name}.teacher_dtype": _choice(f"{name}'s compute dtype of the frozen teachers", DTYPES),
+      f"{name}.self_training": _fraction(f"{name}'s weight of the student's own task probabilities in the "
+                                         "routing (0: off)"),
+      f"{name}.self_training_start": _fraction(f"the fraction of {name} where the self-training ramp starts"),
+      f"{name}.self_training_end": _fraction(f"the fraction of {name} where the self-training ramp ends"),
   }
 
 
@@ -383,3 +387,11 @@ def validate(config) -> None:
         f"--config.method={method!r} needs a trained teacher: set --config.teacher_workdir=DIR "
         "to the workdir of an experiments/nin_teacher.py run"
     )
+  for stage in ("amalgamation", "dual_stage"):
+    start, end = values.get(f"{stage}.self_training_start"), values.get(f"{stage}.self_training_end")
+    if start is not None and end is not None and start > end:
+      raise UsageError(f"--config.{stage}.self_training_start={start!r} is after --config.{stage}.self_training_end="
+                       f"{end!r}: the ramp must start before it ends")
+  if values.get("sources_per_task", 0) >= 2 and values.get("dual_stage.self_training"):
+    raise UsageError("--config.dual_stage.self_training must be 0: the dual stage's sources share their task's "
+                     "classes, so the student has no task of its own to prefer")

@@ -23,6 +23,14 @@ Rules (:data:`RULES`):
   a sample goes to the teacher in whose feature space it lies closest, measured relative to that
   teacher's own in-distribution distances. With disjoint class sets this routes far better than
   entropy (measured ~90% vs 52–75% on Fashion-MNIST classes 0–3).
+* ``'pool_lda'`` — a router fitted on the unlabelled pool (:func:`fit_pool_router`): every
+  teacher's features side by side (the pipeline gives every block's, average-pooled), one
+  Gaussian per union class with a shared covariance (linear discriminant analysis), fitted to
+  the classes that teacher-card routing and the routed teacher's prediction give the pool
+  images (no labels; optionally refitted on its own predictions). ``s_t = logsumexp_{c ∈
+  classes_t} g_c(f)``, the log posterior of teacher ``t``'s task up to a constant. The cards
+  judge each teacher alone; this rule judges all teachers' features together, where the tasks
+  separate better (Fashion-MNIST 0–3: 0.925 against 0.90 for the cards; README).
 
 All score and routing functions are pure ``jax.numpy`` code (jit/vmap friendly; the rule name and
 the number of teachers are static). Fitting a card from a dataset either goes one-shot
@@ -55,12 +63,16 @@ __all__ = [
     "energy_scores",
     "fit_energy_stats",
     "teacher_card_scores",
+    "PoolRouter",
+    "card_routed_classes",
+    "fit_pool_router",
+    "pool_router_scores",
     "teacher_scores",
     "route",
     "routing_accuracy",
 ]
 
-RULES = ("entropy", "max_softmax", "energy", "teacher_card")
+RULES = ("entropy", "max_softmax", "energy", "teacher_card", "pool_lda")
 
 _STD_FLOOR = 1e-6  # lower bound on any standard deviation used to standardise scores
 
@@ -445,12 +457,95 @@ def teacher_card_scores(features: Sequence[jax.Array], cards: Sequence[TeacherCa
       axis=-1)
 
 
+@flax.struct.dataclass
+class PoolRouter:
+  """A linear discriminant over the union's classes on all teachers' features (a pytree).
+
+  Attributes:
+    weight: ``[D, C]``, ``D = Σ_t D_t`` (the teachers' features concatenated).
+    bias: ``[C]``; class discriminants ``g(f) = f W + b`` (log posteriors up to a constant).
+    task: ``[C, T]`` one-hot: which teacher owns each union class.
+  """
+
+  weight: jax.Array
+  bias: jax.Array
+  task: jax.Array
+
+
+def _lda(x: np.ndarray, y: np.ndarray, num_classes: int, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+  """Linear discriminant (shared, shrunk covariance; class priors from ``y``): ``(W [D, C], b [C])``."""
+  counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+  present = counts > 0
+  means = np.stack([x[y == c].mean(0) if present[c] else np.zeros(x.shape[1]) for c in range(num_classes)])
+  centered = x - means[y]
+  cov = centered.T @ centered / len(x)
+  cov = (1.0 - shrinkage) * cov + (shrinkage * np.trace(cov) / cov.shape[0] + 1e-6) * np.eye(cov.shape[0])
+  weight = np.linalg.solve(cov, means.T)  # [D, C] = Σ⁻¹ μ_c
+  bias = -0.5 * np.sum(means.T * weight, axis=0) + np.log(np.maximum(counts, 1.0) / len(x))
+  bias[~present] = -np.inf  # a class no pool image was given never wins
+  return weight, bias
+
+
+def fit_pool_router(features: Sequence[Any], initial: Any, class_index: Sequence[Sequence[int]], *,
+                    shrinkage: float = 0.1, rounds: int = 0) -> PoolRouter:
+  """Fits :class:`PoolRouter` on unlabelled pool features (NumPy, float64; not jittable).
+
+  Args:
+    features: per teacher ``[N, D_t]`` features of the same ``N`` pool images.
+    initial: ``[N]`` integer union classes to start from (teacher-card routing and the routed
+      teacher's own prediction: no labels).
+    class_index: per teacher, the positions of its classes in the union.
+    shrinkage: toward a scaled identity, as for the cards.
+    rounds: refits on the router's own predictions after the first fit. Measured on real
+      teachers (penultimate features): on Fashion-MNIST 0–3 each refit lowered the routing
+      accuracy (0.924 → 0.916 after 3), on MNIST 0–3 it rose by 0.2 points; hence 0.
+  """
+  x = np.concatenate([np.asarray(f, np.float64) for f in features], axis=1)
+  y = np.asarray(initial)
+  if x.shape[0] != y.shape[0] or y.ndim != 1:
+    raise ValueError(f"initial must be [{x.shape[0]}] classes, got shape {y.shape}")
+  num_classes = sum(len(i) for i in class_index)
+  if y.size and (y.min() < 0 or y.max() >= num_classes):
+    raise ValueError(f"initial classes must be in 0..{num_classes - 1}")
+  mean, std = x.mean(0), np.maximum(x.std(0), _STD_FLOOR)  # standardised: shrinkage treats features alike
+  z = (x - mean) / std
+  for r in range(rounds + 1):
+    weight, bias = _lda(z, y, num_classes, shrinkage)
+    if r < rounds:
+      y = np.argmax(z @ weight + bias, axis=1)
+  # Fold the standardisation in: g(f) = ((f − m) / s) W + b = f (W / s) + (b − (m / s) W).
+  weight, bias = weight / std[:, None], bias - (mean / std) @ weight
+  task = np.zeros((num_classes, len(class_index)), np.float32)
+  for t, index in enumerate(class_index):
+    task[list(index), t] = 1.0
+  return PoolRouter(weight=jnp.asarray(weight, jnp.float32), bias=jnp.asarray(bias, jnp.float32),
+                    task=jnp.asarray(task))
+
+
+def card_routed_classes(logits: Sequence[Any], features: Sequence[Any], cards: Sequence[TeacherCard],
+                        class_index: Sequence[Sequence[int]]) -> np.ndarray:
+  """Where :func:`fit_pool_router` starts: per sample, the union class that the teacher chosen
+  by teacher-card routing predicts (``[N]`` integers; teachers' outputs only, no labels)."""
+  routed = np.asarray(teacher_card_scores(features, cards)).argmax(-1)
+  own = np.stack([np.asarray(index)[np.asarray(z).argmax(-1)] for z, index in zip(logits, class_index)], -1)
+  return own[np.arange(len(routed)), routed]
+
+
+def pool_router_scores(features: Sequence[jax.Array], router: PoolRouter) -> jax.Array:
+  """``s_t = logsumexp_{c ∈ classes_t} g_c(f)``; per teacher ``[B, D_t]`` → ``[B, T]``."""
+  g = jnp.concatenate([jnp.asarray(f, jnp.float32) for f in _check_teachers(features, "features")], axis=-1)
+  g = g @ router.weight + router.bias  # [B, C]
+  masked = jnp.where(router.task.T[None] > 0, g[:, None, :], -jnp.inf)  # [B, T, C]
+  return jax.nn.logsumexp(masked, axis=-1)
+
+
 def teacher_scores(rule: str,
                    *,
                    logits: Sequence[jax.Array] | None = None,
                    features: Sequence[jax.Array] | None = None,
                    cards: Sequence[TeacherCard] | None = None,
-                   energy_stats: Any = None) -> jax.Array:
+                   energy_stats: Any = None,
+                   pool_router: PoolRouter | None = None) -> jax.Array:
   """Dispatch to the scorer of ``rule`` (one of :data:`RULES`) → ``[B, T]``, higher = better.
 
   ``'entropy'``, ``'max_softmax'``, ``'energy'`` need ``logits`` (sequence of ``[B, C_t]``);
@@ -463,8 +558,8 @@ def teacher_scores(rule: str,
   """
   if rule not in RULES:
     raise ValueError(f"unknown routing rule {rule!r}; choose one of {RULES}")
-  needs = {"teacher_card": ("features", "cards")}.get(rule, ("logits",))
-  given = {"logits": logits, "features": features, "cards": cards}
+  needs = {"teacher_card": ("features", "cards"), "pool_lda": ("features", "pool_router")}.get(rule, ("logits",))
+  given = {"logits": logits, "features": features, "cards": cards, "pool_router": pool_router}
   missing = [k for k in needs if given[k] is None]
   if missing:
     raise ValueError(f"rule {rule!r} needs {', '.join(needs)}; missing: {', '.join(missing)}")
@@ -474,6 +569,8 @@ def teacher_scores(rule: str,
     return max_softmax_scores(logits)
   if rule == "energy":
     return energy_scores(logits, stats=energy_stats)
+  if rule == "pool_lda":
+    return pool_router_scores(features, pool_router)
   return teacher_card_scores(features, cards)
 
 

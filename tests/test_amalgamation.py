@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from amalgamation_fixtures import (  # noqa: F401 (idx_data is a fixture)
@@ -111,6 +112,38 @@ def test_seed_logit_loss_matches_numpy(hard):
   want = 200.0 * np.mean((s - padded) ** 2)
   got = float(objective.seed_logit_loss(s, z, w, CLASS_INDEX, num_classes=7))
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_student_task_probs_matches_numpy():
+  s = np.random.default_rng(3).normal(0, 3, size=(6, 7)).astype(np.float32)
+  got = np.asarray(objective.student_task_probs(s, CLASS_INDEX))
+  want = np.stack([_softmax(s.astype(np.float64))[:, list(i)].sum(-1) for i in CLASS_INDEX], -1)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)
+  # A target: no gradient flows back into the student's logits.
+  grad = jax.grad(lambda x: jnp.sum(objective.student_task_probs(x, CLASS_INDEX) ** 2))(jnp.asarray(s))
+  np.testing.assert_array_equal(np.asarray(grad), 0.0)
+
+
+@pytest.mark.parametrize("ramp", [(0.2, 0.6), (0.5, 0.5), (0.0, 1.0)])
+def test_self_training_mix_ramps_linearly(ramp):
+  total, weight = 50, 0.7
+  for step in range(0, 60, 5):
+    got = float(objective.self_training_mix(step, total_steps=total, weight=weight, ramp=ramp))
+    start, end = ramp[0] * total, ramp[1] * total
+    want = weight * (step >= start) if end == start else weight * np.interp(step, [start, end], [0.0, 1.0])
+    assert got == pytest.approx(want, abs=1e-6), step
+
+
+def test_self_trained_weights_matches_numpy():
+  rng = np.random.default_rng(4)
+  s = rng.normal(0, 2, size=(6, 7)).astype(np.float32)
+  w = _routing(rng, 6, 3, hard=True)
+  q = np.stack([_softmax(s.astype(np.float64))[:, list(i)].sum(-1) for i in CLASS_INDEX], -1)
+  for mix in (0.0, 0.3, 1.0):
+    got = np.asarray(objective.self_trained_weights(w, s, CLASS_INDEX, mix=mix))
+    np.testing.assert_allclose(got, (1 - mix) * w + mix * q, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)
 
 
 def test_seed_regularizer_is_mean_squared_distance_to_one():
@@ -255,6 +288,11 @@ def frozen_for(cfg, plan, teacher_vars):
   if cfg.selection == "energy":
     logits, _, _ = step_lib.teacher_outputs(plan, teacher_vars, images(32, seed=7))
     frozen["energy_stats"] = routing.fit_energy_stats(logits)
+  if cfg.selection == "pool_lda":
+    _, feats, _ = step_lib.teacher_outputs(plan, teacher_vars, images(64, seed=7))
+    initial = np.random.default_rng(6).integers(0, plan.num_classes, 64)
+    frozen["pool_router"] = routing.fit_pool_router([step_lib.pooled_blocks(f) for f in feats], initial,
+                                                    plan.class_index)
   return frozen
 
 
@@ -265,14 +303,14 @@ def one_device_mesh():
 class Runner:
   """The step compiled data-parallel on a mesh, with its plan, frozen inputs and state."""
 
-  def __init__(self, cfg, *, plan=None, mesh=None, tx=None):
+  def __init__(self, cfg, *, plan=None, mesh=None, tx=None, total_steps=None):
     self.plan = plan or make_plan()
     self.cfg, self.mesh = cfg, mesh or one_device_mesh()
     self.tx = tx or make_tx()
     self.teacher_vars = random_teacher_variables()
     self.frozen = mesh_lib.replicate(frozen_for(cfg, self.plan, self.teacher_vars), self.mesh)
     self.compiled = mesh_lib.data_parallel_step(
-        step_lib.make_step(self.plan, cfg, self.tx), self.mesh, donate_state=False
+        step_lib.make_step(self.plan, cfg, self.tx, total_steps=total_steps), self.mesh, donate_state=False
     )
 
   def state(self):
@@ -341,6 +379,7 @@ VARIANTS = {
     "max_softmax": dict(selection="max_softmax"),
     "energy": dict(selection="energy"),
     "teacher_card": dict(selection="teacher_card"),
+    "pool_lda": dict(selection="pool_lda"),
     "soft_routing": dict(selection="entropy", routing="soft", routing_temperature=0.5),
     "l2": dict(selection="max_softmax", logit_loss="l2"),
     "seed_compat": dict(selection="entropy", logit_loss="l2", seed_compat=True, unit_norm_weight=1.0),
@@ -367,6 +406,59 @@ def test_step_variants_learn_on_a_fixed_batch(variant, entropy_runner):
       share = float(metrics[f"routed_to/teacher_{t}"]) * 16
       assert abs(share - round(share)) < 1e-4  # a whole number of samples per teacher
   assert {"align/teacher_0/block_0", "align/teacher_0/block_1", "align/teacher_1/block_1"} <= set(metrics)
+
+
+def assert_trees_close(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6), a, b)
+
+
+def at_step(state, step):
+  return state.replace(step=jnp.asarray(step, state.step.dtype))
+
+
+def test_self_training_replaces_routing_by_the_students_view():
+  """After the ramp, `self_training=1` routes by the student's own task probabilities
+  alone: two routings that weigh the batch differently give the same step. Before the
+  ramp it is the plain step. Labels never matter."""
+  x = images(seed=2)
+  routings = {"hard": dict(selection="entropy"), "soft": dict(selection="entropy", routing="soft",
+                                                             routing_temperature=0.5)}
+  full = dict(self_training=1.0, self_training_start=0.5, self_training_end=0.5)
+  # Plain SGD: Adam's first step is about sign(gradient), which float noise in a zero gradient flips.
+  tx = optax.sgd(0.1)
+  runners = {name: Runner(amalgamation_cfg(**kw, **full), tx=tx, total_steps=4) for name, kw in routings.items()}
+  logits, _, penultimate = step_lib.teacher_outputs(runners["hard"].plan, runners["hard"].teacher_vars, x)
+  weights = {name: np.asarray(step_lib.routing_weights(run.cfg, logits, penultimate, {}))
+             for name, run in runners.items()}
+  assert np.abs(weights["hard"] - weights["soft"]).max() > 0.1  # the two routings differ
+
+  after = {name: run(at_step(run.state(), 2), {"image": x}) for name, run in runners.items()}
+  assert_trees_close(after["hard"][0].params, after["soft"][0].params)
+  assert float(after["hard"][1]["loss"]) == pytest.approx(float(after["soft"][1]["loss"]), rel=1e-6)
+  for name, (_, metrics) in after.items():
+    assert 0.0 <= float(metrics["self_training/overruled"]) <= 1.0
+    assert float(metrics["routed_to/teacher_0"]) == pytest.approx(weights[name][:, 0].mean(), rel=1e-5)
+
+  plain = Runner(amalgamation_cfg(**routings["hard"]), tx=tx)
+  routed = plain(plain.state(), {"image": x})
+  before_state, before = runners["hard"](runners["hard"].state(), {"image": x})
+  assert float(before["self_training/overruled"]) == 0.0
+  assert float(before["loss"]) == pytest.approx(float(routed[1]["loss"]), rel=1e-6)
+  assert_trees_close(before_state.params, routed[0].params)
+
+  y = np.arange(16) % 4
+  run = runners["hard"]
+  with_labels = run(at_step(run.state(), 2), {"image": x, "label": np.random.default_rng(0).permutation(y)})
+  assert_trees_equal(with_labels, after["hard"])
+
+
+def test_self_training_needs_total_steps_and_disjoint_teachers():
+  cfg = amalgamation_cfg(self_training=0.5)
+  with pytest.raises(ValueError, match="needs total_steps"):
+    step_lib.make_step(make_plan(), cfg, make_tx())
+  shared = make_plan(class_index=((0, 1), (0, 1)))
+  with pytest.raises(ValueError, match="disjoint classes"):
+    step_lib.make_step(shared, cfg, make_tx(), total_steps=10)
 
 
 def test_a_nonfinite_term_is_named_and_the_state_kept(entropy_runner):
@@ -500,6 +592,9 @@ def test_bad_class_sets_are_refused(idx_data, tmp_path, teacher_classes, match):
         ({"amalgamation.selection": "oracle"}, "amalgamation.selection='oracle': .* must be one of entropy"),
         ({"component.batch_size": 512}, r"teacher 0 \(classes \[0, 1\].*batch_size=512 exceeds"),
         ({"amalgamation.batch_size": 512}, "the amalgamation .*batch_size=512 exceeds"),
+        ({"amalgamation.self_training": 1.5}, r"amalgamation.self_training=1.5: .* must be a finite number in \[0, 1\]"),
+        ({"amalgamation.self_training_start": 0.7, "amalgamation.self_training_end": 0.4},
+         "self_training_start=0.7 is after .*self_training_end=0.4"),
     ],
 )
 def test_bad_plans_are_refused(idx_data, tmp_path, overrides, match):
@@ -511,6 +606,8 @@ def test_bad_dual_stage_is_refused(idx_data, tmp_path):
   config = amalgamate_config(idx_data, "smoke,dual_stage", source_blocks="8-16/8-16-32", block_pairs="2:2",
                              teacher_blocks="8-16-32", student_blocks="8-16-32")
   _refused(config, str(tmp_path / "w"), r"dual stage of teacher 0 \(.*\): tapped block 2 of teacher 0 does not exist")
+  config = amalgamate_config(idx_data, "smoke,dual_stage", **{"dual_stage.self_training": 0.5})
+  _refused(config, str(tmp_path / "w"), "dual_stage.self_training must be 0: the dual stage's sources share")
   config = amalgamate_config(idx_data, "smoke,dual_stage", **{"component.batch_size": 64})
   _refused(config, str(tmp_path / "w"), r"source 0 of teacher 0 \(classes \[0, 1\], split train\[0%:50%\]\)")
 

@@ -3,6 +3,7 @@
 
 Each pipeline runs once per module (fixtures); the tests inspect its outputs."""
 
+import json
 import os
 
 import jax
@@ -19,6 +20,7 @@ from kd_jax import checkpoint, data, models, reporting, routing
 from kd_jax.amalgamation import components, pipeline
 from kd_jax.evaluate import evaluate_workdir
 from kd_jax.train import loop
+from kd_jax.train import mesh as mesh_lib
 
 UNION = [0, 1, 2, 3]
 
@@ -262,3 +264,37 @@ def test_source_shards_split_a_sliced_pool(idx_data):
   whole = _examples(idx_data, "train[10%:60%]", None)
   assert sum(_examples(idx_data, s, None) for s in shards) == whole
   assert _examples(idx_data, f"{shards[0]}+{shards[1]}", None) == whole  # disjoint, and no gap
+
+
+# ------------------------------------------------------------- pool router, self-training
+
+
+def test_pool_lda_and_self_training_end_to_end_without_labels(idx_data, smoke, tmp_path, monkeypatch):
+  """`selection=pool_lda` with self-training amalgamates the smoke run's teachers; the pool
+  router is fitted from the pool's images alone: scrambled labels give the same router."""
+  teachers = ":".join(os.path.join(smoke[1], "teachers", f"teacher_{t}") for t in range(2))
+  config = amalgamate_config(idx_data, teacher_workdirs=teachers, **{
+      "amalgamation.epochs": 1, "amalgamation.selection": "pool_lda", "amalgamation.self_training": 0.5,
+      "amalgamation.self_training_start": 0.0, "amalgamation.self_training_end": 0.5})
+  workdir = str(tmp_path / "run")
+  results = pipeline.run(config, workdir)
+  assert 0.0 <= results["routing_accuracy"] <= 1.0
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    logged = [r for r in map(json.loads, f) if "train/self_training/overruled" in r]
+  assert logged and all(0.0 <= r["train/self_training/overruled"] <= 1.0 for r in logged)
+
+  loaded = [components.load_teacher(d, config=config, external=True) for d in teachers.split(":")]
+  plan, union = pipeline.build_plan(config, loaded)
+  frozen = {"teachers": [t["variables"] for t in loaded], "cards": [t["card"] for t in loaded]}
+  run_config = components.net_config(config, "amalgamation", classes=union)
+  mesh = mesh_lib.make_mesh()
+
+  def router():
+    return jax.tree.map(np.asarray, pipeline.pool_router(run_config, plan, frozen, union, mesh))
+
+  plain = router()
+  as_numpy, rng = data.as_numpy, np.random.default_rng(0)
+  monkeypatch.setattr(data, "as_numpy", lambda ds: ({**b, "label": rng.permutation(b["label"])} for b in as_numpy(ds)))
+  scrambled = router()
+  jax.tree.map(np.testing.assert_array_equal, plain, scrambled)
+  assert np.isfinite(plain.weight).all() and plain.weight.shape == (2 * (8 + 16), 4)

@@ -190,12 +190,13 @@ def test_route():
 def test_jit():
   feats, labels = _data(seed=9)
   card = R.fit_teacher_card(feats, labels, num_classes=3)
+  router = R.fit_pool_router([feats, feats], labels, ((0, 1), (2,)))
   z = [jnp.ones((4, 2)), jnp.arange(12.0).reshape(4, 3)]
   f = [jnp.asarray(feats[:4], jnp.float32)] * 2
   for rule in R.RULES:
     fn = jax.jit(functools.partial(R.teacher_scores, rule))
-    out = fn(logits=z, features=f, cards=[card, card])
-    ref = R.teacher_scores(rule, logits=z, features=f, cards=[card, card])
+    out = fn(logits=z, features=f, cards=[card, card], pool_router=router)
+    ref = R.teacher_scores(rule, logits=z, features=f, cards=[card, card], pool_router=router)
     assert out.shape == (4, 2)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
   hard = jax.jit(functools.partial(R.route, mode="hard"))(out)
@@ -204,6 +205,67 @@ def test_jit():
   m = jax.jit(R.mahalanobis_scores)(card, f[0])
   mv = jax.vmap(R.mahalanobis_scores, in_axes=(None, 0))(card, f[0][:, None, :])
   np.testing.assert_allclose(mv[:, 0], m, rtol=1e-5)
+
+
+def _np_lda_scores(x, y, num_classes, shrinkage, queries):
+  """Independent reference: standardise x, class means, shared shrunk covariance,
+  Gaussian log posteriors (up to a constant) of `queries`."""
+  mean, std = x.mean(0), x.std(0)
+  z, q = (x - mean) / std, (queries - mean) / std
+  means = np.stack([z[y == c].mean(0) for c in range(num_classes)])
+  cov = (z - means[y]).T @ (z - means[y]) / len(z)
+  d = z.shape[1]
+  prec = np.linalg.inv((1 - shrinkage) * cov + (shrinkage * np.trace(cov) / d + 1e-6) * np.eye(d))
+  prior = np.log(np.bincount(y, minlength=num_classes) / len(y))
+  return np.stack([-0.5 * np.einsum("nd,de,ne->n", q - m, prec, q - m) for m in means], -1) + prior
+
+
+def _two_teacher_pool(seed=0, n=2000):
+  """Pool features of 2 teachers (widths 3 and 4) over 4 union classes, teacher 0 owning {0, 2}."""
+  rng = np.random.default_rng(seed)
+  labels = rng.integers(0, 4, n)
+  centres = rng.normal(0, 1.5, (4, 7))
+  x = centres[labels] + rng.normal(size=(n, 7)) @ rng.normal(size=(7, 7)) * 0.5 + 3.0
+  return [x[:, :3], x[:, 3:]], labels, ((0, 2), (1, 3))
+
+
+def test_pool_router_matches_numpy_lda():
+  features, labels, class_index = _two_teacher_pool()
+  router = R.fit_pool_router(features, labels, class_index, shrinkage=0.2, rounds=0)
+  x = np.concatenate(features, 1)
+  g = _np_lda_scores(x, labels, 4, 0.2, x[:50])
+  want = np.stack([np.logaddexp(g[:, 0], g[:, 2]), np.logaddexp(g[:, 1], g[:, 3])], -1)
+  got = np.asarray(R.pool_router_scores([f[:50] for f in features], router))
+  # Log posteriors are compared up to one constant per sample (the discriminants drop the
+  # quadratic term shared by all classes): the differences between teachers must match.
+  np.testing.assert_allclose(got[:, 0] - got[:, 1], want[:, 0] - want[:, 1], rtol=1e-4, atol=1e-3)
+
+
+def test_pool_router_self_training_corrects_noisy_starts():
+  """Started from pseudo-classes with 25 % of samples on a wrong class, the refits on the
+  router's own predictions route better than the start (labels only score the result)."""
+  features, labels, class_index = _two_teacher_pool(seed=1, n=4000)
+  rng = np.random.default_rng(2)
+  noisy = np.where(rng.random(len(labels)) < 0.25, rng.integers(0, 4, len(labels)), labels)
+  owner = np.array([0, 1, 0, 1])
+  start = float(np.mean(owner[noisy] == owner[labels]))
+  for rounds in (0, 3):
+    router = R.fit_pool_router(features, noisy, class_index, rounds=rounds)
+    routed = np.asarray(R.pool_router_scores(features, router)).argmax(-1)
+    assert float(np.mean(routed == owner[labels])) > start + 0.05, rounds
+
+
+def test_card_routed_classes_take_the_card_routed_teachers_prediction():
+  feats, labels = _data(seed=11, n=200)
+  cards = [R.fit_teacher_card(feats[labels == c], np.zeros(int(np.sum(labels == c)), int), num_classes=1)
+           for c in (0, 1)]
+  logits = [np.random.default_rng(t).normal(size=(200, 2)) for t in range(2)]
+  class_index = ((3, 0), (1, 2))
+  got = R.card_routed_classes(logits, [feats, feats], cards, class_index)
+  routed = np.asarray(R.teacher_card_scores([feats, feats], cards)).argmax(-1)
+  want = [class_index[t][int(np.argmax(logits[t][i]))] for i, t in enumerate(routed)]
+  np.testing.assert_array_equal(got, want)
+  assert set(routed) == {0, 1}
 
 
 def test_value_errors():
@@ -243,3 +305,7 @@ def test_value_errors():
     R.entropy_scores([jnp.zeros((2, 1))])
   with pytest.raises(ValueError, match="at least one teacher"):
     R.teacher_scores("max_softmax", logits=[])
+  with pytest.raises(ValueError, match="missing: pool_router"):
+    R.teacher_scores("pool_lda", features=[feats])
+  with pytest.raises(ValueError, match="initial classes must be in 0..2"):
+    R.fit_pool_router([feats], labels + 1, ((0, 1, 2),))

@@ -161,7 +161,7 @@ def load_teacher(workdir: str, *, config, external: bool) -> dict:
   if external:  # stage 1's own teachers are finished by construction
     workdir_lib.check_finished(workdir, allowed=config.get("allow_unfinished_teacher", False), field="teacher_workdirs")
   card = load_card(workdir)
-  if card is None and config.amalgamation.selection == "teacher_card":
+  if card is None and config.amalgamation.selection in ("teacher_card", "pool_lda"):
     logging.info("Teacher %s has no card: computing it from its training data.", workdir)
     card = compute_card(config_for_data(config), model, variables, classes=classes)
   return {

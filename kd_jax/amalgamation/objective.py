@@ -17,6 +17,13 @@ pairs (Shen et al. 2019, eq. 4), the unit-norm penalty on the teacher-side proje
     which task a sample belongs to, which a per-teacher term cannot;
   * 'l2': the paper's `‖s_b[class_index_t] − z_bt‖²` on the routed teacher's positions
     (`1/(2B) Σ_b Σ_t w_bt ‖·‖²`).
+
+Self-training (`self_training = α_max > 0`): once the student has learnt from the routed
+teachers, its own task probabilities `q_bt = Σ_{c ∈ classes_t} softmax(s_b)_c` join the
+routing, `w'_bt = (1 − α) w_bt + α q_bt`, with `α` ramped from 0 to `α_max` between two
+fractions of training (`self_training_start`, `self_training_end`). The student generalises past routing errors
+(it ends above its routing accuracy); the mixture lets it overrule a router it disagrees
+with confidently on the images of the pool. No labels: only the student's outputs.
 """
 
 from __future__ import annotations
@@ -40,6 +47,27 @@ def union_targets(teacher_logits: Sequence, weights, class_index: Sequence[Seque
     embedded = jnp.zeros((z.shape[0], num_classes), jnp.float32).at[:, jnp.asarray(index)].add(probs)
     targets = targets + weights[:, t:t + 1] * embedded
   return jax.lax.stop_gradient(targets)
+
+
+def student_task_probs(student_logits, class_index: Sequence[Sequence[int]]) -> jax.Array:
+  """`q_bt = Σ_{c ∈ classes_t} softmax(s_b)_c`: the student's probability of each teacher's
+  task, `[B, T]`, without gradient (a target, not a path for the loss to move)."""
+  probs = jax.nn.softmax(jax.lax.stop_gradient(student_logits).astype(jnp.float32), axis=-1)
+  return jnp.stack([probs[:, jnp.asarray(index)].sum(axis=-1) for index in class_index], axis=-1)
+
+
+def self_training_mix(step, *, total_steps: int, weight: float, ramp: Sequence[float]) -> jax.Array:
+  """`α(step)`: 0 until `ramp[0] · total_steps`, then linear up to `weight` at `ramp[1] · total_steps`
+  (a step up to `weight` there when the two coincide)."""
+  start, end = ramp[0] * total_steps, ramp[1] * total_steps
+  step = jnp.asarray(step, jnp.float32)
+  progress = jnp.clip((step - start) / (end - start), 0.0, 1.0) if end > start else (step >= start)
+  return weight * progress.astype(jnp.float32)
+
+
+def self_trained_weights(weights, student_logits, class_index: Sequence[Sequence[int]], *, mix) -> jax.Array:
+  """`w' = (1 − α) · w + α · q` (see the module docstring); rows still sum to 1."""
+  return (1.0 - mix) * weights + mix * student_task_probs(student_logits, class_index)
 
 
 def soft_target_kl(student_logits, target_probs, *, temperature: float) -> jax.Array:

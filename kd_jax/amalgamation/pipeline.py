@@ -88,10 +88,12 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
       opt_state=tx.init(variables["params"]), rng=np.asarray(rng_train, np.uint32),
   )
   frozen = {"teachers": [t["variables"] for t in teachers]}
-  if cfg.selection == "teacher_card":
+  if cfg.selection in ("teacher_card", "pool_lda"):
     frozen["cards"] = [t["card"] for t in teachers]
   if cfg.selection == "energy":
     frozen["energy_stats"] = energy_stats(run_config, plan, frozen, union, mesh)
+  if cfg.selection == "pool_lda":
+    frozen["pool_router"] = pool_router(run_config, plan, frozen, union, mesh)
 
   meta = {
       "kind": "amalgamation",
@@ -116,9 +118,10 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
     student_vars = checkpoint.variables_of({"params": state.params, "batch_stats": state.batch_stats}, "student")
     return evaluator(student_vars, run_config, union)
 
+  train_step = step_lib.make_step(plan, cfg, tx, total_steps=steps_per_epoch * run_config.num_epochs)
   state, meta = loop.fit(
-      run_config, workdir, state=state, train_step=step_lib.make_step(plan, cfg, tx), frozen=frozen,
-      evaluate=evaluate, meta=meta, mesh=mesh, steps_per_epoch=steps_per_epoch, classes=union,
+      run_config, workdir, state=state, train_step=train_step, frozen=frozen, evaluate=evaluate, meta=meta,
+      mesh=mesh, steps_per_epoch=steps_per_epoch, classes=union,
       split=run_config.train_split, items={f"teacher_{i}": t["variables"] for i, t in enumerate(teachers)},
       prepare_batch=lambda batch: {"image": batch["image"]},  # labels never reach the step
   )
@@ -139,14 +142,34 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
   return results
 
 
+def pool_outputs(run_config, plan, frozen, union, mesh, max_batches: int | None = None):
+  """Every teacher's logits, penultimate and pooled block features over (the first batches
+  of) the unlabelled pool (`train_split`, images only): three lists of `[N, ·]` arrays."""
+
+  def outputs(teacher_vars, images):
+    logits, feats, penultimate = step_lib.teacher_outputs(plan, teacher_vars, images)
+    return logits, penultimate, [step_lib.pooled_blocks(f) for f in feats]
+
+  fn = jax.jit(outputs)
+  teacher_vars = mesh_lib.replicate(frozen["teachers"], mesh)
+  _, outs = evaluation.map_split(lambda images: fn(teacher_vars, images), run_config.data,
+                                 run_config.train_split, batch_size=run_config.batch_size, mesh=mesh,
+                                 classes=union, max_batches=max_batches)
+  return outs  # (logits, penultimate, pooled blocks), each a list over teachers of the pool's rows
+
+
 def energy_stats(run_config, plan, frozen, union, mesh, max_batches: int = 50):
   """Per-teacher mean/std of logsumexp logits over (part of) the unlabelled pool."""
-  fn = jax.jit(lambda tv, x: step_lib.teacher_outputs(plan, tv, x)[0])
-  teacher_vars = mesh_lib.replicate(frozen["teachers"], mesh)
-  _, logits = evaluation.map_split(lambda images: fn(teacher_vars, images), run_config.data, "train",
-                                   batch_size=run_config.batch_size, mesh=mesh, classes=union,
-                                   max_batches=max_batches)
-  return routing.fit_energy_stats(logits)
+  return routing.fit_energy_stats(pool_outputs(run_config, plan, frozen, union, mesh, max_batches)[0])
+
+
+def pool_router(run_config, plan, frozen, union, mesh) -> routing.PoolRouter:
+  """`selection=pool_lda`: the discriminant of the union's classes on all teachers'
+  features, fitted on the whole unlabelled pool, started from teacher-card routing and
+  the routed teacher's prediction (`routing.fit_pool_router`)."""
+  logits, penultimate, blocks = pool_outputs(run_config, plan, frozen, union, mesh)
+  start = routing.card_routed_classes(logits, penultimate, frozen["cards"], plan.class_index)
+  return routing.fit_pool_router(blocks, start, plan.class_index)
 
 
 class Evaluator:
@@ -159,8 +182,8 @@ class Evaluator:
 
     def predict(student_vars, frozen, images):
       s_logits, _ = plan.student.apply(student_vars, images, train=False)
-      t_logits, _, t_pen = step_lib.teacher_outputs(plan, frozen["teachers"], images)
-      return s_logits, t_logits, step_lib.routing_weights(cfg, t_logits, t_pen, frozen)
+      t_logits, t_feats, t_pen = step_lib.teacher_outputs(plan, frozen["teachers"], images)
+      return s_logits, t_logits, step_lib.routing_weights(cfg, t_logits, t_pen, frozen, blocks=t_feats)
 
     self._predict = jax.jit(predict)
 

@@ -139,35 +139,55 @@ def teacher_outputs(plan: Plan, teacher_variables: Sequence, images):
   return logits, features, [models.penultimate(f).astype(jnp.float32) for f in features]
 
 
-def routing_weights(cfg, logits, penultimate, frozen) -> jax.Array:
-  """`[B, T]` routing weights of the configured selection rule (no gradient)."""
+def pooled_blocks(features) -> jax.Array:
+  """Every block's output, globally average-pooled and concatenated, `[B, Σ_k C_k]`: what
+  `selection=pool_lda` reads of a teacher (on Fashion-MNIST 0–3 all blocks route better
+  than the last one alone; README)."""
+  return jnp.concatenate([jnp.mean(f.astype(jnp.float32), axis=(1, 2)) for f in features], axis=-1)
+
+
+def routing_weights(cfg, logits, penultimate, frozen, *, blocks=None) -> jax.Array:
+  """`[B, T]` routing weights of the configured selection rule (no gradient).
+
+  `blocks`: per teacher, its block features (needed by `pool_lda`)."""
+  if cfg.selection == "pool_lda":
+    penultimate = [pooled_blocks(f) for f in blocks]
   scores = routing.teacher_scores(
       cfg.selection,
       logits=logits,
       features=penultimate,
       cards=frozen.get("cards"),
       energy_stats=frozen.get("energy_stats"),
+      pool_router=frozen.get("pool_router"),
   )
   return lax.stop_gradient(routing.route(scores, mode=cfg.routing, temperature=cfg.routing_temperature))
 
 
-def make_step(plan: Plan, cfg, tx: optax.GradientTransformation):
+def make_step(plan: Plan, cfg, tx: optax.GradientTransformation, *, total_steps: int | None = None):
   """The pure amalgamation step (see the module docstring and `objective`).
 
   `frozen` holds `teachers` (a list of variables), optional `cards` (a list of
-  `routing.TeacherCard`) and optional `energy_stats`.
+  `routing.TeacherCard`) and optional `energy_stats`. `total_steps` places the
+  self-training ramp (needed when `cfg.self_training > 0`).
   """
   if cfg.logit_loss not in objective.LOGIT_LOSSES:
     raise ValueError(f"unknown logit_loss {cfg.logit_loss!r}; choose one of {objective.LOGIT_LOSSES}")
   dtype = cfg.get("dtype", "float32")
   plan = with_dtypes(plan, dtype=dtype, teacher_dtype=cfg.get("teacher_dtype", "float32"))
+  self_training = cfg.get("self_training", 0.0)
+  if self_training:
+    if total_steps is None:
+      raise ValueError("self_training needs total_steps (where its ramp lies)")
+    classes = [c for index in plan.class_index for c in index]
+    if len(set(classes)) != len(classes):  # the dual stage's sources share their task's classes
+      raise ValueError("self_training needs teachers with disjoint classes: their tasks must differ")
   student = for_data_parallel(plan.student)
   aligners = [tuple(a.clone(dtype=dtype) for a in plan.aligners(t)) for t in range(len(plan.teachers))]
 
   def step(state, batch, frozen):
     images = batch["image"]
     t_logits, t_feats, t_penultimate = teacher_outputs(plan, frozen["teachers"], images)
-    weights = routing_weights(cfg, t_logits, t_penultimate, frozen)
+    routed = routing_weights(cfg, t_logits, t_penultimate, frozen, blocks=t_feats)
 
     def loss_fn(params):
       (s_logits, s_feats), updates = student.apply(
@@ -177,6 +197,11 @@ def make_step(plan: Plan, cfg, tx: optax.GradientTransformation):
           mutable=["batch_stats"],
       )
       s_logits = s_logits.astype(jnp.float32)
+      weights = routed
+      if self_training:  # the student's own task probabilities join the routing
+        mix = objective.self_training_mix(state.step, total_steps=total_steps, weight=self_training,
+                                          ramp=(cfg.self_training_start, cfg.self_training_end))
+        weights = objective.self_trained_weights(routed, s_logits, plan.class_index, mix=mix)
       metrics, feature_loss, kernels = {}, 0.0, []
       for t, (s_side, t_side) in enumerate(aligners):
         p = params["align"][f"teacher_{t}"]
@@ -208,6 +233,8 @@ def make_step(plan: Plan, cfg, tx: optax.GradientTransformation):
 
       loss = cfg.feature_weight * feature_loss + cfg.logit_weight * logit_loss + cfg.unit_norm_weight * penalty
       metrics.update(loss=loss, feature_loss=feature_loss, logit_loss=logit_loss, unit_norm_penalty=penalty)
+      if self_training:  # how often the student's own view changes the routed teacher
+        metrics["self_training/overruled"] = jnp.mean(jnp.argmax(weights, -1) != jnp.argmax(routed, -1))
       return loss, (metrics, updates)
 
     # This device's copy of the params (see kd_jax.train.steps): gradients per shard, then mean.
@@ -224,7 +251,7 @@ def make_step(plan: Plan, cfg, tx: optax.GradientTransformation):
     terms = {name: metrics[name] for name in ("feature_loss", "logit_loss", "unit_norm_penalty", "loss")}
     new_state, nonfinite = keep_if_finite(state, new_state, {**terms, "gradient": grads})
     for t in range(len(plan.teachers)):
-      metrics[f"routed_to/teacher_{t}"] = jnp.mean(weights[:, t])
+      metrics[f"routed_to/teacher_{t}"] = jnp.mean(routed[:, t])
     return new_state, {**lax.pmean(metrics, AXIS), "nonfinite": nonfinite}
 
   return step

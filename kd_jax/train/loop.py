@@ -56,8 +56,9 @@ RESUMABLE_CHANGES = (
 ADDED_KEYS = {"train_split": "train", "on_nonfinite": "stop", "allow_unfinished_teacher": False,
               "component.min_steps": 0, "amalgamation.min_steps": 0, "dual_stage.min_steps": 0,
               "matmul_precision": "default", "model.dtype": "float32", "distill.teacher_dtype": "float32",
-              **{f"{stage}.{key}": "float32" for stage in ("amalgamation", "dual_stage")
-                 for key in ("dtype", "teacher_dtype")}}
+              **{f"{stage}.{key}": value for stage in ("amalgamation", "dual_stage")
+                 for key, value in (("dtype", "float32"), ("teacher_dtype", "float32"), ("self_training", 0.0),
+                                    ("self_training_start", 0.3), ("self_training_end", 0.6))}}
 
 
 @workdir_lib.released_after
