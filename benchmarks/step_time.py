@@ -109,7 +109,7 @@ BENCHES = {
     "torch_kd": ("torch", 1, "PyTorch hinton_kd step (LeNet + frozen NiN)"),
     "torch_gt": ("torch", 1, "PyTorch ground-truth step (LeNet alone)"),
     "torch_teacher_fwd": ("torch", 1, "PyTorch NiN teacher forward alone"),
-    "jax_amalgamation": ("jax", 1, "kd_jax amalgamation step (2 teachers, teacher_card)"),
+    "jax_amalgamation": ("jax", 1, "kd_jax amalgamation step (2 teachers, default routing)"),
     "jax_convnet_gt": ("jax", 1, "ground-truth step of the amalgamation student alone"),
     "jax_amal_teachers": ("jax", 1, "2 teachers' forward + routing alone"),
     "jax_gt_2dev": ("jax", 2, "kd_jax ground-truth step (LeNet), 2 host devices"),

@@ -122,10 +122,11 @@ def committed_steps(workdir) -> list[int]:
     return []
 
 
-def killed_mid_run(dirs, workdir, experiment, *extra) -> dict:
+def killed_mid_run(dirs, workdir, experiment, *extra, rerun=None) -> dict:
   """A 2-process run whose process 1 is SIGKILLed once a mid-run checkpoint is committed
   (process 0 is then stopped by its runtime or, at the latest after a grace period, by
-  us, as a cluster tears a job down), then re-run with the same command to the end."""
+  us, as a cluster tears a job down), then re-run with the same command to the end, as
+  2 processes of 1 device or as `rerun` (e.g. 1 process of 2 devices)."""
   job = Job("kd_jax.main", main_args(dirs, workdir, experiment, *extra))
   try:
     deadline = time.time() + TIMEOUT
@@ -143,7 +144,7 @@ def killed_mid_run(dirs, workdir, experiment, *extra) -> dict:
     p.communicate()
   killed = {"steps": committed_steps(workdir), "returncodes": [p.returncode for p in job.procs],
             "results": os.path.exists(os.path.join(workdir, "results.json"))}
-  killed["rerun"] = Job("kd_jax.main", main_args(dirs, workdir, experiment, *extra)).check()
+  killed["rerun"] = Job("kd_jax.main", main_args(dirs, workdir, experiment, *extra), **(rerun or {})).check()
   return killed
 
 
@@ -190,10 +191,13 @@ def runs(tmp_path_factory):
   # The ground-truth run resumed on 1 device instead of 2: refused before anything is written.
   before = helpers.tree_contents(out["gt_1p"])
   refused = Job("kd_jax.main", main_args(dirs, out["gt_1p"], gt), processes=1, devices=1)
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+  with concurrent.futures.ThreadPoolExecutor(2) as pool:
     killed = pool.submit(killed_mid_run, dirs, workdir("killed_2p"), gt, "--config.checkpoint_every_steps=2")
+    # The same, resumed by 1 process of 2 devices: the process count may change.
+    killed_to_1p = pool.submit(killed_mid_run, dirs, workdir("killed_to_1p"), gt, "--config.checkpoint_every_steps=2",
+                               rerun={"processes": 1, "devices": 2})
     out.update(run_all(jobs))
-    out["killed"] = killed.result()
+    out["killed"], out["killed_to_1p"] = killed.result(), killed_to_1p.result()
   out["refused_out"] = refused.wait()[0]
   out["gt_1p_unchanged"] = helpers.tree_contents(out["gt_1p"]) == before
   return out
@@ -237,12 +241,16 @@ def test_hinton_kd_two_processes_equal_one_process(runs, cache):
   assert r2["history"] == r1["history"] and r2["teacher_agreement"] == r1["teacher_agreement"]
 
 
-def test_killed_process_then_rerun_resumes_to_the_same_parameters(runs):
-  killed = runs["killed"]
+@pytest.mark.parametrize("name", ["killed_2p", "killed_to_1p"])
+def test_killed_process_then_rerun_resumes_to_the_same_parameters(runs, name):
+  """Re-run as 2 processes, or as 1 process of the same 2 devices: the uninterrupted run's
+  parameters and history."""
+  killed = runs["killed" if name == "killed_2p" else name]
   assert killed["steps"] and not killed["results"]  # stopped mid-run, with a checkpoint
   assert killed["returncodes"][1] == -signal.SIGKILL
-  helpers.assert_trees_equal(helpers.final_params(runs["killed_2p"]), helpers.final_params(runs["gt_2p"]))
-  resumed = read_json(os.path.join(runs["killed_2p"], "results.json"))
+  assert len(killed["rerun"]) == (2 if name == "killed_2p" else 1)
+  helpers.assert_trees_equal(helpers.final_params(runs[name]), helpers.final_params(runs["gt_2p"]))
+  resumed = read_json(os.path.join(runs[name], "results.json"))
   assert resumed["history"] == read_json(os.path.join(runs["gt_2p"], "results.json"))["history"]
 
 
