@@ -197,7 +197,7 @@ def runs(tmp_path_factory):
     killed_to_1p = pool.submit(killed_mid_run, dirs, workdir("killed_to_1p"), gt, "--config.checkpoint_every_steps=2",
                                rerun={"processes": 1, "devices": 2})
     out.update(run_all(jobs))
-    out["killed"], out["killed_to_1p"] = killed.result(), killed_to_1p.result()
+    out["killed_2p_killed"], out["killed_to_1p_killed"] = killed.result(), killed_to_1p.result()
   out["refused_out"] = refused.wait()[0]
   out["gt_1p_unchanged"] = helpers.tree_contents(out["gt_1p"]) == before
   return out
@@ -245,7 +245,7 @@ def test_hinton_kd_two_processes_equal_one_process(runs, cache):
 def test_killed_process_then_rerun_resumes_to_the_same_parameters(runs, name):
   """Re-run as 2 processes, or as 1 process of the same 2 devices: the uninterrupted run's
   parameters and history."""
-  killed = runs["killed" if name == "killed_2p" else name]
+  killed = runs[name + "_killed"]
   assert killed["steps"] and not killed["results"]  # stopped mid-run, with a checkpoint
   assert killed["returncodes"][1] == -signal.SIGKILL
   assert len(killed["rerun"]) == (2 if name == "killed_2p" else 1)
