@@ -109,7 +109,7 @@ BENCHES = {
     "torch_kd": ("torch", 1, "PyTorch hinton_kd step (LeNet + frozen NiN)"),
     "torch_gt": ("torch", 1, "PyTorch ground-truth step (LeNet alone)"),
     "torch_teacher_fwd": ("torch", 1, "PyTorch NiN teacher forward alone"),
-    "jax_amalgamation": ("jax", 1, "kd_jax amalgamation step (2 teachers, default routing)"),
+    "jax_amalgamation": ("jax", 1, "kd_jax amalgamation step (2 teachers; routing rule in the settings below)"),
     "jax_convnet_gt": ("jax", 1, "ground-truth step of the amalgamation student alone"),
     "jax_amal_teachers": ("jax", 1, "2 teachers' forward + routing alone"),
     "jax_gt_2dev": ("jax", 2, "kd_jax ground-truth step (LeNet), 2 host devices"),
@@ -209,7 +209,8 @@ def settings(args) -> dict:
   student = load_config("experiments/lenet_student.py",
                         f"method=hinton_kd,dataset={recipe['dataset']},width={student_width}")
   teacher = load_config("experiments/nin_teacher.py", f"dataset={recipe['dataset']},width={teacher_width}")
-  amal = load_config("experiments/amalgamate.py", "dataset=fashion_mnist")
+  amal = load_config("experiments/amalgamate.py", "dataset=fashion_mnist"
+                     + (f",selection={args.amal_selection}" if args.amal_selection else ""))
   if amal.block_pairs != "auto":
     raise SystemExit(f"the benchmark builds block_pairs='auto', the config has {amal.block_pairs!r}")
   class_sets = [[int(c) for c in g.split("+")] for g in amal.teacher_classes.split("/")]
@@ -242,6 +243,12 @@ def settings(args) -> dict:
 
 
 # ------------------------------------------------------------------------- JAX workers
+
+
+def model_kwargs(model: dict) -> dict:
+  """The model config without `dtype` at its float32 default: the trees before mixed precision
+  (e.g. a `--before_tree`) do not know the field."""
+  return {k: v for k, v in model.items() if not (k == "dtype" and v == "float32")}
 
 
 def jax_bench(name: str, cfg: dict):
@@ -282,8 +289,9 @@ def jax_bench(name: str, cfg: dict):
     d = cfg["distill"]
     batch_size, image_shape = d["batch_size"], tuple(d["image_shape"])
     mesh_lib.check_batch_size(batch_size, mesh)
-    student = models.build({**d["student"], "num_classes": NUM_CLASSES, **({"dtype": "bfloat16"} if bf16 else {})})
-    teacher = models.build({**d["teacher"], "num_classes": NUM_CLASSES})
+    student = models.build({**model_kwargs(d["student"]), "num_classes": NUM_CLASSES,
+                            **({"dtype": "bfloat16"} if bf16 else {})})
+    teacher = models.build({**model_kwargs(d["teacher"]), "num_classes": NUM_CLASSES})
     dummy = np.zeros((1, *image_shape), np.float32)
     teacher_vars = teacher.init(jax.random.PRNGKey(1), dummy, train=False)
     batch = {
@@ -320,6 +328,9 @@ def jax_bench(name: str, cfg: dict):
     batch_size = a["batch_size"]
     mesh_lib.check_batch_size(batch_size, mesh)
     amal_cfg = ml_collections.ConfigDict(a["cfg"])
+    if amal_cfg.selection not in routing.RULES:
+      raise SystemExit(f"{name}: the kd_jax of {info_tree} has no selection {amal_cfg.selection!r} "
+                       f"(it has {', '.join(routing.RULES)}): pass --amal_selection=teacher_card")
     if bf16:
       amal_cfg.update(dict(dtype="bfloat16", teacher_dtype="bfloat16"))
     # kd_jax.amalgamation.pipeline.build_plan, without its data imports.
@@ -730,6 +741,10 @@ def main(argv=None) -> None:
   p.add_argument("--teacher_width", type=float, default=None, help="NiN width (default: the recipe's)")
   p.add_argument("--kd_batch", type=int, default=256)
   p.add_argument("--amal_batch", type=int, default=128)
+  p.add_argument("--amal_selection", default=None,
+                 help="the amalgamation benchmarks' routing rule (default: the experiment's, "
+                      "pool_lda; issue 12's before/after target is stated for teacher_card, which "
+                      "the trees before pool_lda also have)")
   p.add_argument("--only", default="",
                  help="comma-separated benchmark names; a JAX one prefixed before_ runs the code of "
                       "--before_tree, prefixed noflag_ runs without kd_jax's CPU XLA flags")
