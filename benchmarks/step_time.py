@@ -358,9 +358,11 @@ def jax_bench(name: str, cfg: dict):
     if amal_cfg.selection in ("teacher_card", "pool_lda"):
       frozen["cards"] = cards
     if amal_cfg.selection == "pool_lda":  # fitted on random pooled block features, like the cards
+      _, feats, _ = amal_step.teacher_outputs(plan, teacher_vars, np.zeros((1, *AMAL_IMAGE_SHAPE), np.float32))
+      dims = [amal_step.pooled_blocks(f, amal_cfg.get("pool_grid", 1)).shape[-1] for f in feats]
       frozen["pool_router"] = routing.fit_pool_router(
-          [rng.standard_normal((1024, sum(t.block_widths))).astype(np.float32) for t in teachers],
-          np.arange(1024) % len(union), plan.class_index)
+          [rng.standard_normal((1024, d)).astype(np.float32) for d in dims], np.arange(1024) % len(union),
+          plan.class_index)
     images = rng.standard_normal((batch_size, *AMAL_IMAGE_SHAPE)).astype(np.float32)
     info.update(batch=batch_size, selection=amal_cfg.selection, routing=amal_cfg.routing,
                 teacher_params=sum(n_params(v["params"]) for v in teacher_vars))

@@ -280,6 +280,8 @@ def _amalgamation(name: str) -> dict[str, Field]:
                                          "routing (0: off)"),
       f"{name}.self_training_start": _fraction(f"the fraction of {name} where the self-training ramp starts"),
       f"{name}.self_training_end": _fraction(f"the fraction of {name} where the self-training ramp ends"),
+      f"{name}.pool_grid": _int(f"{name}'s pool_lda grid: each teacher block averaged over pool_grid × pool_grid "
+                                "cells (1: global average)", low=1, high=16),
   }
 
 

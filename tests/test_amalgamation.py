@@ -275,6 +275,31 @@ def images(n=16, seed=0):
   return np.random.default_rng(seed).normal(size=(n, *IMAGE_SHAPE)).astype(np.float32)
 
 
+@pytest.mark.parametrize("grid", [1, 2, 3])
+def test_pooled_blocks_average_each_cell_of_the_grid(grid):
+  """pool_lda's features against a NumPy loop over cells: rows and columns split as evenly as
+  possible (7 → 4 + 3), a map shorter than the grid pooled into one cell per row/column."""
+  rng = np.random.default_rng(0)
+  features = [rng.normal(size=(3, 7, 7, 4)).astype(np.float32), rng.normal(size=(3, 2, 2, 5)).astype(np.float32)]
+  expected = []
+  for f in features:
+    def bounds(n):  # the first n % cells cells one longer
+      cells = min(grid, n)
+      sizes = [n // cells + (i < n % cells) for i in range(cells)]
+      ends = np.cumsum(sizes)
+      return list(zip(ends - sizes, ends))
+
+    for r0, r1 in bounds(f.shape[1]):
+      for c0, c1 in bounds(f.shape[2]):
+        expected.append(f[:, r0:r1, c0:c1].mean(axis=(1, 2)))
+  expected = np.concatenate(expected, axis=-1)
+  got = np.asarray(step_lib.pooled_blocks([jnp.asarray(f) for f in features], grid))
+  assert got.shape == (3, 4 * min(grid, 7) ** 2 + 5 * min(grid, 2) ** 2)
+  np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+  if grid == 1:  # global average pooling, as before the grid existed
+    np.testing.assert_allclose(got, np.concatenate([f.mean(axis=(1, 2)) for f in features], -1), rtol=1e-6, atol=1e-6)
+
+
 def frozen_for(cfg, plan, teacher_vars):
   frozen = {"teachers": teacher_vars}
   if cfg.selection == "teacher_card":
@@ -291,8 +316,8 @@ def frozen_for(cfg, plan, teacher_vars):
   if cfg.selection == "pool_lda":
     _, feats, _ = step_lib.teacher_outputs(plan, teacher_vars, images(64, seed=7))
     initial = np.random.default_rng(6).integers(0, plan.num_classes, 64)
-    frozen["pool_router"] = routing.fit_pool_router([step_lib.pooled_blocks(f) for f in feats], initial,
-                                                    plan.class_index)
+    frozen["pool_router"] = routing.fit_pool_router([step_lib.pooled_blocks(f, cfg.get("pool_grid", 1)) for f in feats],
+                                                    initial, plan.class_index)
   return frozen
 
 

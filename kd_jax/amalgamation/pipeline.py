@@ -143,12 +143,15 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
 
 
 def pool_outputs(run_config, plan, frozen, union, mesh, max_batches: int | None = None):
-  """Every teacher's logits, penultimate and pooled block features over (the first batches
-  of) the unlabelled pool (`train_split`, images only): three lists of `[N, ·]` arrays."""
+  """Every teacher's logits, penultimate and pooled block features (`pool_grid`) over (the
+  first batches of) the unlabelled pool (`train_split`, images only): three lists of `[N, ·]`
+  arrays."""
+
+  grid = run_config.amalgamation.get("pool_grid", 1)
 
   def outputs(teacher_vars, images):
     logits, feats, penultimate = step_lib.teacher_outputs(plan, teacher_vars, images)
-    return logits, penultimate, [step_lib.pooled_blocks(f) for f in feats]
+    return logits, penultimate, [step_lib.pooled_blocks(f, grid) for f in feats]
 
   fn = jax.jit(outputs)
   teacher_vars = mesh_lib.replicate(frozen["teachers"], mesh)

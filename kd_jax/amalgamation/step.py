@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -139,11 +140,20 @@ def teacher_outputs(plan: Plan, teacher_variables: Sequence, images):
   return logits, features, [models.penultimate(f).astype(jnp.float32) for f in features]
 
 
-def pooled_blocks(features) -> jax.Array:
-  """Every block's output, globally average-pooled and concatenated, `[B, Σ_k C_k]`: what
-  `selection=pool_lda` reads of a teacher (on Fashion-MNIST 0–3 all blocks route better
-  than the last one alone; README)."""
-  return jnp.concatenate([jnp.mean(f.astype(jnp.float32), axis=(1, 2)) for f in features], axis=-1)
+def pooled_blocks(features, grid: int = 1) -> jax.Array:
+  """What `selection=pool_lda` reads of a teacher: every block's output average-pooled over
+  a `grid × grid` of near-equal cells (fewer along a side shorter than `grid`; 1 is global
+  average pooling), concatenated block by block, cell by cell in row-major order:
+  `[B, Σ_k cells_k · C_k]`. On Fashion-MNIST 0–3 all blocks route better than the last one
+  alone, and a 2×2 grid better than global pooling: where on the image a feature fires
+  tells T-shirts from pullovers and dresses (README)."""
+  pooled = []
+  for f in features:
+    f = f.astype(jnp.float32)
+    rows = np.array_split(np.arange(f.shape[1]), min(grid, f.shape[1]))
+    cols = np.array_split(np.arange(f.shape[2]), min(grid, f.shape[2]))
+    pooled += [jnp.mean(f[:, r[0]:r[-1] + 1, c[0]:c[-1] + 1], axis=(1, 2)) for r in rows for c in cols]
+  return jnp.concatenate(pooled, axis=-1)
 
 
 def routing_weights(cfg, logits, penultimate, frozen, *, blocks=None) -> jax.Array:
@@ -151,7 +161,7 @@ def routing_weights(cfg, logits, penultimate, frozen, *, blocks=None) -> jax.Arr
 
   `blocks`: per teacher, its block features (needed by `pool_lda`)."""
   if cfg.selection == "pool_lda":
-    penultimate = [pooled_blocks(f) for f in blocks]
+    penultimate = [pooled_blocks(f, cfg.get("pool_grid", 1)) for f in blocks]
   scores = routing.teacher_scores(
       cfg.selection,
       logits=logits,

@@ -58,7 +58,8 @@ ADDED_KEYS = {"train_split": "train", "on_nonfinite": "stop", "allow_unfinished_
               "matmul_precision": "default", "model.dtype": "float32", "distill.teacher_dtype": "float32",
               **{f"{stage}.{key}": value for stage in ("amalgamation", "dual_stage")
                  for key, value in (("dtype", "float32"), ("teacher_dtype", "float32"), ("self_training", 0.0),
-                                    ("self_training_start", 0.3), ("self_training_end", 0.6))}}
+                                    ("self_training_start", 0.3), ("self_training_end", 0.6),
+                                    ("pool_grid", 1))}}
 
 
 @workdir_lib.released_after
