@@ -6,7 +6,8 @@ Reads the trained teachers of amalgamation runs (their `teachers/teacher_<t>` or
 `teacher_workdirs`), scores every test image of the union's classes by every rule of
 `kd_jax.routing`, and prints a Markdown table of routing accuracy (mean ± std over the
 given runs). Energy is standardised per teacher, and the pool_lda router fitted, on the
-unlabelled training pool (`train_split`).
+unlabelled training pool (`train_split`), with the run's `amalgamation.pool_grid` unless
+`--pool_grid` is given.
 """
 
 import argparse
@@ -25,10 +26,10 @@ from kd_jax import checkpoint, data, models, routing  # noqa: E402
 from kd_jax.amalgamation import step as step_lib  # noqa: E402
 
 
-def teacher_outputs(teachers, data_config, split, classes, batch_size=512):
-  """Logits, penultimate and pooled block features of every teacher over `split` (union
-  classes), and the labels (which only score the rules)."""
-  fns = [jax.jit(lambda v, x, m=m: (lambda o: (o[0], models.penultimate(o[1]), step_lib.pooled_blocks(o[1])))(
+def teacher_outputs(teachers, data_config, split, classes, grid, batch_size=512):
+  """Logits, penultimate and pooled block features (`grid`) of every teacher over `split`
+  (union classes), and the labels (which only score the rules)."""
+  fns = [jax.jit(lambda v, x, m=m: (lambda o: (o[0], models.penultimate(o[1]), step_lib.pooled_blocks(o[1], grid)))(
       m.apply(v, x, train=False))) for m, _ in teachers]
   outputs, labels = [[[] for _ in teachers] for _ in range(3)], []
   ds = data.make_dataset(data_config, split, batch_size=batch_size, train=False, classes=classes)
@@ -41,9 +42,10 @@ def teacher_outputs(teachers, data_config, split, classes, batch_size=512):
   return [[np.concatenate(r) for r in rows] for rows in outputs], np.concatenate(labels)
 
 
-def routing_accuracies(workdir: str) -> dict[str, float]:
+def routing_accuracies(workdir: str, pool_grid: int | None = None) -> dict[str, float]:
   meta = checkpoint.read_meta(workdir)
   config = ml_collections.ConfigDict(meta["config"])
+  grid = pool_grid or config.get("amalgamation", {}).get("pool_grid", 1)
   names = sorted(k for k in meta["models"] if k.startswith("teacher_"))
   teachers = [checkpoint.load(workdir, item=name) for name in names]
   class_sets = [meta["models"][name]["classes"] for name in names]
@@ -55,9 +57,9 @@ def routing_accuracies(workdir: str) -> dict[str, float]:
     ckpts = checkpoint.Checkpoints(origin, read_only=True)
     cards.append(routing.TeacherCard.from_dict(ckpts.restore(None, {"card": None})["card"]))
     ckpts.close()
-  (logits, feats, blocks), labels = teacher_outputs(teachers, config.data, "test", union)
+  (logits, feats, blocks), labels = teacher_outputs(teachers, config.data, "test", union, grid)
   pool = config.get("train_split", "train")
-  (pool_logits, pool_feats, pool_blocks), _ = teacher_outputs(teachers, config.data, pool, union)
+  (pool_logits, pool_feats, pool_blocks), _ = teacher_outputs(teachers, config.data, pool, union, grid)
   energy = routing.fit_energy_stats(pool_logits)
   class_index = [[union.index(c) for c in cs] for cs in class_sets]
   start = routing.card_routed_classes(pool_logits, pool_feats, cards, class_index)
@@ -73,8 +75,9 @@ def routing_accuracies(workdir: str) -> dict[str, float]:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--workdir", action="append", required=True, help="an amalgamation run (repeatable)")
+  parser.add_argument("--pool_grid", type=int, default=None, help="pool_lda's grid (default: each run's)")
   args = parser.parse_args()
-  runs = [routing_accuracies(w) for w in args.workdir]
+  runs = [routing_accuracies(w, args.pool_grid) for w in args.workdir]
   print("| rule | routing accuracy (test) |\n|---|---|")
   for rule in routing.RULES:
     values = np.array([r[rule] for r in runs])
