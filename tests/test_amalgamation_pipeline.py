@@ -290,11 +290,13 @@ def test_pool_lda_and_self_training_end_to_end_without_labels(idx_data, smoke, t
   mesh = mesh_lib.make_mesh()
 
   def router():
-    return jax.tree.map(np.asarray, pipeline.pool_router(run_config, plan, frozen, union, mesh))
+    return jax.tree.map(np.asarray, pipeline.pool_router(run_config, plan, frozen, union, mesh,
+                                                         grid=config.amalgamation.pool_grid))
 
   plain = router()
   as_numpy, rng = data.as_numpy, np.random.default_rng(0)
   monkeypatch.setattr(data, "as_numpy", lambda ds: ({**b, "label": rng.permutation(b["label"])} for b in as_numpy(ds)))
   scrambled = router()
   jax.tree.map(np.testing.assert_array_equal, plain, scrambled)
-  assert np.isfinite(plain.weight).all() and plain.weight.shape == (2 * (8 + 16), 4)
+  cells = config.amalgamation.pool_grid ** 2  # the smoke teachers' maps (14², 7²) hold the whole grid
+  assert np.isfinite(plain.weight).all() and plain.weight.shape == (2 * cells * (8 + 16), 4)

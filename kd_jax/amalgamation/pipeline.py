@@ -93,7 +93,7 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
   if cfg.selection == "energy":
     frozen["energy_stats"] = energy_stats(run_config, plan, frozen, union, mesh)
   if cfg.selection == "pool_lda":
-    frozen["pool_router"] = pool_router(run_config, plan, frozen, union, mesh)
+    frozen["pool_router"] = pool_router(run_config, plan, frozen, union, mesh, grid=cfg.get("pool_grid", 1))
 
   meta = {
       "kind": "amalgamation",
@@ -142,12 +142,10 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
   return results
 
 
-def pool_outputs(run_config, plan, frozen, union, mesh, max_batches: int | None = None):
-  """Every teacher's logits, penultimate and pooled block features (`pool_grid`) over (the
-  first batches of) the unlabelled pool (`train_split`, images only): three lists of `[N, ·]`
-  arrays."""
-
-  grid = run_config.amalgamation.get("pool_grid", 1)
+def pool_outputs(run_config, plan, frozen, union, mesh, max_batches: int | None = None, grid: int = 1):
+  """Every teacher's logits, penultimate and pooled block features (`step.pooled_blocks` over
+  a `grid × grid`) over (the first batches of) the unlabelled pool (`train_split`, images
+  only): three lists of `[N, ·]` arrays."""
 
   def outputs(teacher_vars, images):
     logits, feats, penultimate = step_lib.teacher_outputs(plan, teacher_vars, images)
@@ -166,11 +164,11 @@ def energy_stats(run_config, plan, frozen, union, mesh, max_batches: int = 50):
   return routing.fit_energy_stats(pool_outputs(run_config, plan, frozen, union, mesh, max_batches)[0])
 
 
-def pool_router(run_config, plan, frozen, union, mesh) -> routing.PoolRouter:
+def pool_router(run_config, plan, frozen, union, mesh, *, grid: int = 1) -> routing.PoolRouter:
   """`selection=pool_lda`: the discriminant of the union's classes on all teachers'
   features, fitted on the whole unlabelled pool, started from teacher-card routing and
   the routed teacher's prediction (`routing.fit_pool_router`)."""
-  logits, penultimate, blocks = pool_outputs(run_config, plan, frozen, union, mesh)
+  logits, penultimate, blocks = pool_outputs(run_config, plan, frozen, union, mesh, grid=grid)
   start = routing.card_routed_classes(logits, penultimate, frozen["cards"], plan.class_index)
   return routing.fit_pool_router(blocks, start, plan.class_index)
 
