@@ -48,8 +48,12 @@ def jax_ops(x_shape, out_channels, rng):
   k = jax.device_put((0.1 * rng.standard_normal((5, 5, x_shape[-1], out_channels))).astype(np.float32))
   g = jax.device_put(rng.standard_normal(jax.eval_shape(conv, x, k).shape).astype(np.float32))
   fwd = jax.jit(conv)
-  dw = jax.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g))
-  both = jax.jit(lambda x, k, g: jax.vjp(conv, x, k)[1](g))
+  # The forward's output is returned too: otherwise XLA drops the forward from a gradient-only
+  # program (a training step needs the output for the next layer).
+  def with_output(fn):
+    return jax.jit(lambda x, k, g: (lambda y, vjp: (y, vjp(g)))(*fn(x, k)))
+  dw = with_output(lambda x, k: jax.vjp(lambda k: conv(x, k), k))
+  both = with_output(lambda x, k: jax.vjp(conv, x, k))
   return {"fwd": lambda: jax.block_until_ready(fwd(x, k)),
           "fwd+dW": lambda: jax.block_until_ready(dw(x, k, g)),
           "fwd+dW+dx": lambda: jax.block_until_ready(both(x, k, g))}
