@@ -103,3 +103,48 @@ def assert_trees_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# The preamble of the 4-host-device scripts (tests/test_train_steps.py, tests/test_dropout.py):
+# one batch, a distillation config and a small NiN teacher; the script's body follows it.
+FOUR_DEVICE_PREAMBLE = """
+import json
+import jax
+import ml_collections
+import numpy as np
+import optax
+jax.config.update("jax_disable_most_optimizations", True)
+from kd_jax import models
+from kd_jax.train import mesh as mesh_lib, steps
+from kd_jax.train.state import TrainState
+
+assert len(jax.devices()) == 4, jax.devices()
+rng = np.random.default_rng(0)
+batch = {{"image": rng.normal(size=(8, 28, 28, 1)).astype(np.float32),
+         "label": (np.arange(8) % 10).astype(np.int32)}}
+distill = ml_collections.ConfigDict(dict(temperature=4.0, soft_weight=0.9, noise_ratio=0.5,
+                                          noise_std={noise_std}, seed_compat=False))
+teacher = models.NiN(num_classes=10, width=0.05, dropout_rate={teacher_dropout_rate})
+teacher_vars = jax.jit(lambda k: teacher.init(k, batch["image"][:1], train=False))(jax.random.PRNGKey(1))
+
+def maxdiff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+"""
+
+
+def run_on_four_devices(body: str, *, noise_std: float, teacher_dropout_rate: float) -> dict:
+  """Runs FOUR_DEVICE_PREAMBLE + `body` in a subprocess with 4 forced host CPU devices; returns
+  the JSON the script printed after 'RESULT '."""
+  import json
+  import subprocess
+  import sys
+  import textwrap
+  script = FOUR_DEVICE_PREAMBLE.format(noise_std=noise_std, teacher_dropout_rate=teacher_dropout_rate)
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+             TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+  proc = subprocess.run([sys.executable, "-c", script + textwrap.dedent(body)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])

@@ -1,11 +1,5 @@
 """Per-example dropout and noise: the same run on 1, 2 and 4 devices."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,10 +7,9 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import helpers
 from kd_jax.models import Dropout
 from kd_jax.models.dropout import example_keys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _apply(module, x, key, **kw):
@@ -55,27 +48,7 @@ def test_example_keys_fold_in_positions_and_shard_map_keeps_the_masks():
   np.testing.assert_array_equal(sharded(x), _apply(Dropout(0.5, deterministic=False), x, key))
 
 
-_SCRIPT = textwrap.dedent(
-    """
-    import json
-    import jax
-    import ml_collections
-    import numpy as np
-    import optax
-    jax.config.update("jax_disable_most_optimizations", True)
-    from kd_jax import models
-    from kd_jax.train import mesh as mesh_lib, steps
-    from kd_jax.train.state import TrainState
-
-    assert len(jax.devices()) == 4, jax.devices()
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.normal(size=(8, 28, 28, 1)).astype(np.float32),
-             "label": (np.arange(8) % 10).astype(np.int32)}
-    distill = ml_collections.ConfigDict(dict(temperature=4.0, soft_weight=0.9, noise_ratio=0.5,
-                                              noise_std=0.5, seed_compat=False))
-    teacher = models.NiN(num_classes=10, width=0.05, dropout_rate=0.5)
-    teacher_vars = jax.jit(lambda k: teacher.init(k, batch["image"][:1], train=False))(jax.random.PRNGKey(1))
-
+_SCRIPT = """  # after helpers.FOUR_DEVICE_PREAMBLE (batch, distill, teacher, maxdiff)
     def run(student, method, devices, teacher_dropout=False, num_steps=3):
       mesh = mesh_lib.make_mesh(devices)
       tx = optax.sgd(0.05)
@@ -90,10 +63,6 @@ _SCRIPT = textwrap.dedent(
       for _ in range(num_steps):
         state, metrics = compiled(state, mesh_lib.shard_batch(batch, mesh), frozen)
       return jax.device_get(state.params)
-
-    def maxdiff(a, b):
-      return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
     lenet = models.LeNet(num_classes=10, width=0.125, dropout_rate=0.5)
     convnet = models.ConvNet(num_classes=10, block_widths=(8, 16), norm="batch", dropout_rate=0.5)
@@ -111,19 +80,12 @@ _SCRIPT = textwrap.dedent(
                    "random_effect": maxdiff(plain, runs[1])}
     print("RESULT " + json.dumps(out))
     """
-)
 
 
 def test_one_two_and_four_devices_train_the_same_run():
   """Dropout (student and teacher) and the noisy teacher's noise draw the same numbers for
   the same global batch on 1, 2 and 4 forced host devices."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  result = json.loads(line[len("RESULT "):])
+  result = helpers.run_on_four_devices(_SCRIPT, noise_std=0.5, teacher_dropout_rate=0.5)
   assert len(result) == 4
   for name, r in result.items():
     # The random numbers matter (without them the parameters move by this much)...

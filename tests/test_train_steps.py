@@ -1,11 +1,5 @@
 """Train steps: objectives, the frozen teacher, the optimiser schedule, data parallelism."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -13,12 +7,12 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
 from kd_jax import checkpoint, losses, models, seed_compat
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train import steps
 from kd_jax.train.state import TrainState
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DISTILL = ml_collections.ConfigDict(
     dict(temperature=4.0, soft_weight=0.9, noise_ratio=0.5, noise_std=0.1, teacher_dropout=False, seed_compat=False)
 )
@@ -237,27 +231,7 @@ def test_optimizer_boundary_for_few_steps():
 
 # -------------------------------------------------------------- data-parallel equivalence
 
-_DP_SCRIPT = textwrap.dedent(
-    """
-    import json
-    import jax
-    import ml_collections
-    import numpy as np
-    import optax
-    jax.config.update("jax_disable_most_optimizations", True)
-    from kd_jax import models
-    from kd_jax.train import mesh as mesh_lib, steps
-    from kd_jax.train.state import TrainState
-
-    assert len(jax.devices()) == 4, jax.devices()
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.normal(size=(8, 28, 28, 1)).astype(np.float32),
-             "label": (np.arange(8) % 10).astype(np.int32)}
-    distill = ml_collections.ConfigDict(dict(temperature=4.0, soft_weight=0.9, noise_ratio=0.5,
-                                              noise_std=0.1, seed_compat=False))
-    teacher = models.NiN(num_classes=10, width=0.05, dropout_rate=0.0)
-    teacher_vars = jax.jit(lambda k: teacher.init(k, batch["image"][:1], train=False))(jax.random.PRNGKey(1))
-
+_DP_SCRIPT = """  # after helpers.FOUR_DEVICE_PREAMBLE (batch, distill, teacher, maxdiff)
     def run(student, method, tx, devices, num_steps=3):
       mesh = mesh_lib.make_mesh(devices)
       variables = jax.jit(lambda k: student.init(k, batch["image"][:1], train=False))(jax.random.PRNGKey(0))
@@ -272,10 +246,6 @@ _DP_SCRIPT = textwrap.dedent(
       for _ in range(num_steps):
         state, metrics = compiled(state, mesh_lib.shard_batch(batch, mesh), frozen)
       return jax.device_get(state), jax.device_get(metrics), initial
-
-    def maxdiff(a, b):
-      return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y))))
-                 for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
     out = {}
     lenet = models.LeNet(num_classes=10, width=0.125)
@@ -294,18 +264,11 @@ _DP_SCRIPT = textwrap.dedent(
         out[key]["stats_moved"] = maxdiff(s1.batch_stats, init["batch_stats"])
     print("RESULT " + json.dumps(out))
     """
-)
 
 
 def test_data_parallel_matches_single_device():
   """The same global batch on 4 forced host devices and on 1 gives the same training."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, "-c", _DP_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  result = json.loads(line[len("RESULT "):])
+  result = helpers.run_on_four_devices(_DP_SCRIPT, noise_std=0.1, teacher_dropout_rate=0.0)
   for key, r in result.items():
     assert r["steps"] == 3, key
     assert r["moved"] > 1e-3, (key, r)  # training did something
