@@ -48,7 +48,8 @@ def test_example_keys_fold_in_positions_and_shard_map_keeps_the_masks():
   np.testing.assert_array_equal(sharded(x), _apply(Dropout(0.5, deterministic=False), x, key))
 
 
-_SCRIPT = """  # after helpers.FOUR_DEVICE_PREAMBLE (batch, distill, teacher, maxdiff)
+# Runs after helpers.FOUR_DEVICE_PREAMBLE (batch, distill, teacher, maxdiff).
+_SCRIPT = """
     def run(student, method, devices, teacher_dropout=False, num_steps=3):
       mesh = mesh_lib.make_mesh(devices)
       tx = optax.sgd(0.05)

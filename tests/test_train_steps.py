@@ -231,7 +231,8 @@ def test_optimizer_boundary_for_few_steps():
 
 # -------------------------------------------------------------- data-parallel equivalence
 
-_DP_SCRIPT = """  # after helpers.FOUR_DEVICE_PREAMBLE (batch, distill, teacher, maxdiff)
+# Runs after helpers.FOUR_DEVICE_PREAMBLE (batch, distill, teacher, maxdiff).
+_DP_SCRIPT = """
     def run(student, method, tx, devices, num_steps=3):
       mesh = mesh_lib.make_mesh(devices)
       variables = jax.jit(lambda k: student.init(k, batch["image"][:1], train=False))(jax.random.PRNGKey(0))
