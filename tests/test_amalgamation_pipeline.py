@@ -5,6 +5,7 @@ Each pipeline runs once per module (fixtures); the tests inspect its outputs."""
 
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from amalgamation_fixtures import (  # noqa: F401 (idx_data is a fixture)
     idx_data,
     tree_snapshot,
 )
+import helpers
 from kd_jax import checkpoint, data, models, reporting, routing
 from kd_jax.amalgamation import components, pipeline
 from kd_jax.evaluate import evaluate_workdir
@@ -300,3 +302,24 @@ def test_pool_lda_and_self_training_end_to_end_without_labels(idx_data, smoke, t
   jax.tree.map(np.testing.assert_array_equal, plain, scrambled)
   cells = config.amalgamation.pool_grid ** 2  # the smoke teachers' maps (14², 7²) hold the whole grid
   assert np.isfinite(plain.weight).all() and plain.weight.shape == (2 * cells * (8 + 16), 4)
+
+
+def test_routing_study_reproduces_the_runs_routing(smoke, monkeypatch, capsys):
+  """`experiments/routing_study.py` re-derives routing from a run's checkpoints by its own
+  path (its own teacher passes, its own router fit); for the run's rule it must find the
+  run's routing accuracy, up to an image whose score ties within float rounding."""
+  config, workdir, results = smoke
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the script's import adds CPU flags
+  study = helpers.experiment("routing_study")
+  found = study.routing_accuracies(workdir)
+  assert set(found) == set(routing.RULES)
+  assert all(0.0 <= v <= 1.0 for v in found.values())
+  test_split = data.make_dataset(config.data, "test", batch_size=64, train=False, classes=UNION)
+  images = int(sum(b["mask"].sum() for b in data.as_numpy(test_split)))
+  assert config.amalgamation.selection == "pool_lda"
+  assert abs(found["pool_lda"] - results["routing_accuracy"]) <= 1.0 / images + 1e-9
+  monkeypatch.setattr(sys, "argv", ["routing_study.py", f"--workdir={workdir}", f"--workdir={workdir}"])
+  study.main()
+  table = capsys.readouterr().out
+  for rule in routing.RULES:
+    assert f"| {rule} | {found[rule]:.3f} ± 0.000 (n=2) |" in table
