@@ -234,15 +234,19 @@ def _examples(idx_data, split, classes):
   return data.num_batches(config.data, split, batch_size=1, train=True, classes=classes)
 
 
-def test_a_small_pool_trains_every_stage_on_it_for_min_steps(idx_data, tmp_path):
+def test_a_small_pool_trains_every_stage_on_it_for_min_steps(idx_data, tmp_path, caplog):
   """`train_split` reaches the components and the label-free stage, and `min_steps` raises a
-  small pool's epochs until each stage makes that many optimizer steps."""
+  small pool's epochs until each stage makes that many optimizer steps, and says so."""
   split, batch = "train[:192]", 32
   config = amalgamate_config(
       idx_data, train_split=split, steps_per_epoch=0,
       **{"component.epochs": 1, "component.min_steps": 5, "amalgamation.epochs": 1, "amalgamation.min_steps": 7},
   )
-  results = pipeline.run(config, str(tmp_path / "run"))
+  with caplog.at_level("INFO"):
+    results = pipeline.run(config, str(tmp_path / "run"))
+  raised = [r.getMessage() for r in caplog.records if "min_steps" in r.getMessage()]
+  assert any("instead of 1, to make component.min_steps=5 steps" in m for m in raised), raised
+  assert any("instead of 1, to make amalgamation.min_steps=7 steps" in m for m in raised), raised
 
   def expected_steps(classes, min_steps):
     per_epoch = _examples(idx_data, split, classes) // batch

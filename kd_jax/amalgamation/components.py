@@ -56,13 +56,15 @@ def _parsed(parse, text: str, *, name: str):
     raise loop.UsageError(f"{name}={text!r}: {e}") from None
 
 
-def net_config(config, section: str, *, classes=None, split: str | None = None) -> ml_collections.ConfigDict:
+def net_config(config, section: str, *, classes=None, split: str | None = None,
+               announce: bool = True) -> ml_collections.ConfigDict:
   """A training config for one net or stage, from the shared fields and `config[section]`.
 
   The net trains on `split` (default: the experiment's `train_split`) restricted to
   `classes`. Its epochs are `config[section].epochs`, raised when needed so that it makes
   at least `config[section].min_steps` optimizer steps: a schedule in epochs alone
-  under-trains every net on a small pool (3 epochs of 3,300 images are 75 steps).
+  under-trains every net on a small pool (3 epochs of 3,300 images are 75 steps); with
+  `announce`, a raise is logged.
   """
   sub = config[section]
   out = ml_collections.ConfigDict()
@@ -76,6 +78,10 @@ def net_config(config, section: str, *, classes=None, split: str | None = None) 
   if sub.get("min_steps", 0) > sub.epochs:  # a floor of fewer steps than epochs never binds
     per_epoch = loop.steps_per_epoch_of(out, classes, out.train_split)
     out.num_epochs = max(sub.epochs, -(-sub.min_steps // per_epoch))
+    if announce and out.num_epochs > sub.epochs:  # the run takes longer than its epochs suggest
+      logging.info("%s: %s (classes %s) gives %d steps per epoch; %d epochs instead of %d, to make %s.min_steps=%d "
+                   "steps.", out.experiment, out.train_split, classes, per_epoch, out.num_epochs, sub.epochs, section,
+                   sub.min_steps)
   out.optim = ml_collections.ConfigDict(
       dict(learning_rate=sub.learning_rate, decay_at=sub.decay_at, decay_factor=sub.decay_factor, weight_decay=0.0)
   )

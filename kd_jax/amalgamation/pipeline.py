@@ -374,7 +374,8 @@ def check_batches(config, section: str, classes, split: str | None = None, *, wh
   """Refuses a net whose training data (classes, split) cannot fill one batch."""
   split = split or config.train_split
   try:
-    loop.steps_per_epoch_of(components.net_config(config, section, classes=classes, split=split), classes, split)
+    net = components.net_config(config, section, classes=classes, split=split, announce=False)
+    loop.steps_per_epoch_of(net, classes, split)
   except loop.UsageError as e:
     raise loop.UsageError(f"{what} (classes {list(classes)}, split {split}): {e}") from None
 
