@@ -3,7 +3,11 @@ and snapshots of directories to prove that a refused run wrote nothing."""
 
 import copy
 import importlib.util
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,8 +86,6 @@ os.execv(sys.argv[1], sys.argv[1:])
 def obeying_permissions(command: list[str]) -> list[str]:
   """`command` run so that file permission bits apply, also when the tests run as root
   (root writes anywhere but on read-only file systems, so a chmod alone proves nothing)."""
-  import sys  # pylint: disable=g-import-not-at-top
-
   return [sys.executable, "-c", _OBEY_PERMISSIONS, *command]
 
 
@@ -136,10 +138,6 @@ def maxdiff(a, b):
 def run_on_four_devices(body: str, *, noise_std: float, teacher_dropout_rate: float) -> dict:
   """Runs FOUR_DEVICE_PREAMBLE + `body` in a subprocess with 4 forced host CPU devices; returns
   the JSON the script printed after 'RESULT '."""
-  import json
-  import subprocess
-  import sys
-  import textwrap
   script = FOUR_DEVICE_PREAMBLE.format(noise_std=noise_std, teacher_dropout_rate=teacher_dropout_rate)
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
              TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
