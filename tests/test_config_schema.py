@@ -39,6 +39,10 @@ def internal_configs():
   from kd_jax.amalgamation import components  # pylint: disable=g-import-not-at-top
 
   config = helpers.experiment("amalgamate").get_config("dual_stage")
+  for stage in ("component", "amalgamation", "dual_stage"):
+    # A floor of steps makes net_config count the data set's examples (tested with data in
+    # test_amalgamation_pipeline.py); this test has none and must not reach for a download.
+    config[stage].min_steps = 0
   return {
       "component_config": components.component_config(config, classes=[0, 1], widths=[8, 16], seed=1,
                                                       split="train[0%:50%]"),
