@@ -280,7 +280,7 @@ def test_registry_contents():
 # Pooling (kd_jax.models.pooling): the fast forms against Flax's reduce_window pools they
 # replace, on random inputs (no ties), outputs and gradients; the 2×2 pool on ties too.
 
-from kd_jax.models import pooling  # noqa: E402
+from kd_jax.models import conv_pool, pooling  # noqa: E402
 
 FLAX_POOLS = {
     'max_2x2_same': (functools.partial(pooling.max_pool_2x2, padding='SAME'),
@@ -358,5 +358,85 @@ def test_models_with_fast_pooling_match_flax_pooling(module, shape, monkeypatch)
       x, (2, 2), strides=(2, 2), padding=padding))
   monkeypatch.setattr(pooling, 'max_pool_3x3_s2', FLAX_POOLS['max_3x3_s2'][1])
   monkeypatch.setattr(pooling, 'avg_pool_3x3_s2', FLAX_POOLS['avg_3x3_s2'][1])
+  monkeypatch.setattr(conv_pool, 'POLYPHASE_MAX_CHANNELS', 0)  # LeNet's convs as nn.Conv computes them
   old = jax.jit(loss_and_grad)(variables)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, old)
+
+
+# ---------------------------------------------------------------------------------------------
+# LeNet's conv + pool blocks (kd_jax.models.conv_pool): the polyphase form against the direct
+# one (a VALID lax convolution, then the 2×2 pool tested above against Flax's).
+
+def conv_pool_loss_and_grads(module, variables, x, cotangent):
+  def loss(params, x):
+    return jnp.sum(module.apply({'params': params}, x) * cotangent)
+  return jax.value_and_grad(loss, argnums=(0, 1))(variables['params'], x)
+
+
+@pytest.mark.parametrize('kernel_size, shape', [(5, (3, 28, 28, 1)), (5, (2, 13, 15, 3)), (3, (2, 12, 11, 2)),
+                                                (4, (2, 10, 10, 2))])
+@pytest.mark.parametrize('activation', ['relu', 'identity'])
+def test_polyphase_conv_pool_equals_the_direct_form(kernel_size, shape, activation):
+  act = nn.relu if activation == 'relu' else (lambda y: y)
+  x = jax.random.normal(jax.random.key(5), shape)
+  direct = conv_pool.ConvMaxPool(8, kernel_size=kernel_size, activation=act, polyphase=False)
+  polyphase = direct.clone(polyphase=True)
+  variables = init(direct, x)
+  variables = {'params': {**variables['params'], 'bias': jax.random.normal(jax.random.key(6), (8,))}}
+  out = apply(direct, variables, x)
+  assert out.shape == (shape[0], (shape[1] - kernel_size + 1) // 2, (shape[2] - kernel_size + 1) // 2, 8)
+  np.testing.assert_allclose(apply(polyphase, variables, x), out, rtol=1e-5, atol=1e-5)
+  cotangent = jax.random.normal(jax.random.key(7), out.shape)
+  want = jax.jit(conv_pool_loss_and_grads, static_argnums=0)(direct, variables, x, cotangent)
+  got = jax.jit(conv_pool_loss_and_grads, static_argnums=0)(polyphase, variables, x, cotangent)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4), got, want)
+
+
+def test_polyphase_conv_pool_gradient_on_ties_follows_the_first_maximum():
+  # Zero regions give all four conv outputs of a window the same value (the bias): the input
+  # gradient must go through the first of them, as the direct form's pool sends it.
+  x = jax.random.normal(jax.random.key(8), (2, 16, 16, 2)).at[:, 2:12, 4:14].set(0.0)
+  direct = conv_pool.ConvMaxPool(4, activation=lambda y: y, polyphase=False)
+  variables = init(direct, x)
+  cotangent = jax.random.normal(jax.random.key(9), (2, 6, 6, 4))
+  want = jax.jit(conv_pool_loss_and_grads, static_argnums=0)(direct, variables, x, cotangent)
+  got = jax.jit(conv_pool_loss_and_grads, static_argnums=0)(direct.clone(polyphase=True), variables, x, cotangent)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
+
+
+def test_polyphase_kernel_places_each_weight_at_its_phase():
+  """Independent of the convolution: K[p, q, (r, s, c), (a, b, o)] = w[2p + r − a, 2q + s − b, c, o]."""
+  w = np.random.default_rng(0).normal(size=(5, 5, 2, 3)).astype(np.float32)
+  got = np.asarray(conv_pool.polyphase_kernel(jnp.asarray(w))).reshape(3, 3, 2, 2, 2, 2, 2, 3)
+  for p, q, r, s, c, a, b, o in np.ndindex(3, 3, 2, 2, 2, 2, 2, 3):
+    u, v = 2 * p + r - a, 2 * q + s - b
+    assert got[p, q, r, s, c, a, b, o] == (w[u, v, c, o] if 0 <= u < 5 and 0 <= v < 5 else 0.0)
+
+
+@pytest.mark.parametrize('features, polyphase', [(conv_pool.POLYPHASE_MAX_CHANNELS, True),
+                                                 (conv_pool.POLYPHASE_MAX_CHANNELS + 1, False)])
+def test_conv_pool_picks_the_polyphase_form_for_few_channels(features, polyphase):
+  module = conv_pool.ConvMaxPool(features)
+  x = jnp.zeros((1, 28, 28, 1))
+  jaxpr = jax.make_jaxpr(lambda v: module.apply(v, x))(init(module, x)).jaxpr
+  [conv] = [e for e in jaxpr.eqns if e.primitive.name == 'conv_general_dilated']
+  assert conv.outvars[0].aval.shape[-1] == (4 * features if polyphase else features)
+
+
+def test_lenet_parameters_are_those_of_nn_conv():
+  """Checkpoints of the LeNet built from nn.Conv and pooling restore into this one: same names,
+  shapes and initial values."""
+  class Reference(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = pooling.max_pool_2x2(nn.relu(nn.Conv(8, (5, 5), padding='VALID', name='conv1')(x)), padding='VALID')
+      x = pooling.max_pool_2x2(nn.relu(nn.Conv(16, (5, 5), padding='VALID', name='conv2')(x)), padding='VALID')
+      x = nn.relu(nn.Dense(128, name='fc1')(x.reshape((x.shape[0], -1))))
+      return nn.Dense(10, name='fc2')(x)
+
+  x = jax.random.normal(jax.random.key(10), (2, 28, 28, 1))
+  lenet = LeNet(width=0.125)
+  variables, reference = init(lenet, x, train=False), init(Reference(), x)
+  jax.tree.map(np.testing.assert_array_equal, variables, reference)
+  np.testing.assert_allclose(apply(lenet, variables, x, train=False), apply(Reference(), reference, x),
+                             rtol=1e-5, atol=1e-5)

@@ -1,0 +1,109 @@
+"""A VALID k×k convolution, bias, activation and 2×2/stride-2 max pool, as LeNet stacks them.
+
+With few output channels XLA's CPU convolution is slow (its GEMM has only C_out columns), so
+for those layers the block is computed in **polyphase** form: the input is folded 2×2 into
+channels (space-to-depth, 4·C_in channels at half the resolution), one convolution with a
+⌊k/2⌋+1-square kernel produces each 2×2 pooling window's four conv outputs as 4·C_out
+channels, and the pool becomes a max over those four. Same parameters (`kernel` [k, k, C_in,
+C_out], `bias`, as `nn.Conv`), same outputs up to float rounding (the polyphase kernel holds the
+same weights and zeros), about 1.44× the FLOPs for k = 5, and on this project's CPU 1.5–2× faster
+for C_out ≤ 16, slower from 32 (BENCHMARKS.md). Hence `POLYPHASE_MAX_CHANNELS`.
+
+The activation must be monotone non-decreasing (ReLU, identity): it is applied after the max,
+where it commutes with it. Gradients follow the first maximum of each window in row-major
+order, as `pooling.max_pool_2x2` (and reduce_window) do.
+"""
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from kd_jax.models import pooling
+
+POLYPHASE_MAX_CHANNELS = 16
+_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
+
+
+class ConvMaxPool(nn.Module):
+  """`max_pool_2x2(act(conv(x) + bias), 'VALID')`; parameters named and initialised as `nn.Conv`'s.
+
+  Attributes:
+    features: output channels.
+    kernel_size: k of the k×k kernel.
+    activation: a monotone non-decreasing function (see the module docstring).
+    dtype: the compute dtype; parameters stay float32.
+    polyphase: None picks the polyphase form for at most `POLYPHASE_MAX_CHANNELS` outputs;
+      True/False force it.
+  """
+  features: int
+  kernel_size: int = 5
+  activation: Callable[[jax.Array], jax.Array] = nn.relu
+  dtype: str = 'float32'
+  polyphase: bool | None = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    dtype = jnp.dtype(self.dtype)
+    x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+    polyphase = self.features <= POLYPHASE_MAX_CHANNELS if self.polyphase is None else self.polyphase
+    if not polyphase:
+      y = lax.conv_general_dilated(x, kernel, (1, 1), 'VALID', dimension_numbers=_DIMENSIONS)
+      return pooling.max_pool_2x2(self.activation(y + bias), padding='VALID')
+    # The pool drops an odd last row/column of the conv output: so does cropping the input to
+    # even sizes (conv output = input − k + 1 loses the same row).
+    h, w = x.shape[1] - x.shape[1] % 2, x.shape[2] - x.shape[2] % 2
+    y = lax.conv_general_dilated(space_to_depth(x[:, :h, :w]), polyphase_kernel(kernel), (1, 1), 'VALID',
+                                 dimension_numbers=_DIMENSIONS)
+    y = y.reshape(*y.shape[:3], 4, self.features)  # [B, (h − k + 1) // 2, (w − k + 1) // 2, 4, C_out]
+    return self.activation(_first_max(y) + bias)
+
+
+def space_to_depth(x: jax.Array) -> jax.Array:
+  """[B, H, W, C] (H, W even) → [B, H/2, W/2, 4·C], channels ordered (row in the 2×2 cell,
+  column in it, c)."""
+  b, h, w, c = x.shape
+  return x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4 * c)
+
+
+def polyphase_kernel(kernel: jax.Array) -> jax.Array:
+  """[k, k, C_in, C_out] → [m, m, 4·C_in, 4·C_out], m = ⌊k/2⌋ + 1, such that the VALID
+  convolution of `space_to_depth(x)` gives, at (i, j), output channel (a, b, o) = the VALID
+  convolution of x with `kernel` at (2i + a, 2j + b), channel o:
+
+      K[p, q, (r, s, c), (a, b, o)] = kernel[2p + r − a, 2q + s − b, c, o]   (0 outside the kernel).
+  """
+  k = kernel.shape[0]
+  m = k // 2 + 1
+  # Index into the kernel padded by one zero on each side: offset u → u + 1, outside → 0.
+  u = 2 * np.arange(m)[:, None, None] + np.arange(2)[None, :, None] - np.arange(2)[None, None, :]  # [p, r, a]
+  index = np.where((u >= 0) & (u < k), u + 1, 0)
+  padded = jnp.pad(kernel, ((1, 1), (1, 1), (0, 0), (0, 0)))
+  taps = padded[index[:, None, :, None, :, None], index[None, :, None, :, None, :]]  # [p, q, r, s, a, b, c, o]
+  c_in, c_out = kernel.shape[2:]
+  return taps.transpose(0, 1, 2, 3, 6, 4, 5, 7).reshape(m, m, 4 * c_in, 4 * c_out)
+
+
+@jax.custom_jvp
+def _first_max(y: jax.Array) -> jax.Array:
+  """Max over axis 3 of [B, h, w, 4, C] (the four phases of each 2×2 window, row-major).
+
+  Elementwise maxima, not `jnp.max`: XLA's CPU reduction may drop a NaN, and a NaN input must
+  reach the loss, where the divergence guard sees it."""
+  return jnp.maximum(jnp.maximum(y[:, :, :, 0], y[:, :, :, 1]), jnp.maximum(y[:, :, :, 2], y[:, :, :, 3]))
+
+
+@_first_max.defjvp
+def _first_max_jvp(primals, tangents):
+  # The derivative follows the first maximum, as pooling.max_pool_2x2's does.
+  (y,), (tangent,) = primals, tangents
+  out = _first_max(y)
+  hit = y == out[:, :, :, None]
+  first = hit & (jnp.cumsum(hit, axis=3) == 1)
+  return out, jnp.sum(jnp.where(first, tangent, 0), axis=3)
