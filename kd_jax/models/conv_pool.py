@@ -1,13 +1,14 @@
 """A VALID k×k convolution, bias, activation and 2×2/stride-2 max pool, as LeNet stacks them.
 
-With few output channels XLA's CPU convolution is slow (its GEMM has only C_out columns), so
+With few output channels XLA's CPU convolution is slow (a thin matrix product per pixel), so
 for those layers the block is computed in **polyphase** form: the input is folded 2×2 into
 channels (space-to-depth, 4·C_in channels at half the resolution), one convolution with a
 ⌊k/2⌋+1-square kernel produces each 2×2 pooling window's four conv outputs as 4·C_out
 channels, and the pool becomes a max over those four. Same parameters (`kernel` [k, k, C_in,
 C_out], `bias`, as `nn.Conv`), same outputs up to float rounding (the polyphase kernel holds the
-same weights and zeros), about 1.44× the FLOPs for k = 5, and on this project's CPU 1.5–2× faster
-for C_out ≤ 16, slower from 32 (BENCHMARKS.md). Hence `POLYPHASE_MAX_CHANNELS`.
+same weights and zeros), about 1.44× the FLOPs for k = 5; on this project's CPU a block with
+C_out ≤ 16 runs 1.2–1.8× faster, from 32 up even or slower (`benchmarks/conv_pool.py`,
+BENCHMARKS.md). Hence `POLYPHASE_MAX_CHANNELS`.
 
 The activation must be monotone non-decreasing (ReLU, identity): it is applied after the max,
 where it commutes with it. Gradients follow the first maximum of each window in row-major
