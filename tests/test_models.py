@@ -440,3 +440,15 @@ def test_lenet_parameters_are_those_of_nn_conv():
   jax.tree.map(np.testing.assert_array_equal, variables, reference)
   np.testing.assert_allclose(apply(lenet, variables, x, train=False), apply(Reference(), reference, x),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_polyphase_conv_pool_passes_a_nan_on():
+  """A NaN pixel makes every pooled output whose window sees it NaN. (XLA's CPU reduce-max over
+  the phase axis dropped it at this shape; the divergence guard needs it to reach the loss.)"""
+  x = jax.random.normal(jax.random.key(11), (4, 28, 28, 1)).at[1, 3, 3, 0].set(jnp.nan)
+  module = conv_pool.ConvMaxPool(8, polyphase=True)
+  out = np.asarray(apply(module, init(module, x), x))
+  # Conv outputs 0..3 (rows and columns) see pixel 3: pooled windows 0 and 1 hold them.
+  expected = np.zeros(out.shape, bool)
+  expected[1, :2, :2, :] = True
+  np.testing.assert_array_equal(np.isnan(out), expected)
