@@ -17,49 +17,27 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kd_jax import xla_flags  # noqa: E402
-
-xla_flags.configure_cpu()
+from conv_ops import chunk_ms, layers  # noqa: E402  (it sets kd_jax's CPU XLA flags)
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kd_jax.models.conv_pool import ConvMaxPool  # noqa: E402
-from kd_jax.models.nin import scaled  # noqa: E402
 
-BATCH = 256
 SHAPES = {"28×28×1": (28, 28, 1), "32×32×3": (32, 32, 3)}
 WIDTHS = (0.125, 0.25, 0.5, 1.0)
 
 
-def layers():
-  """(image shape name, width, layer, input [B, H, W, C], output channels) of every LeNet layer."""
-  for name, (h, w, c) in SHAPES.items():
-    for width in WIDTHS:
-      c1, c2 = scaled(64, width), scaled(128, width)
-      yield name, width, "conv1", (BATCH, h, w, c), c1
-      yield name, width, "conv2", (BATCH, (h - 4) // 2, (w - 4) // 2, c1), c2
-
-
-def block_step(x_shape, features, polyphase, rng):
-  """A jitted forward + gradients of one block, and its arguments."""
+def block_step(layer, x_shape, features, polyphase, rng):
+  """A jitted forward + gradients of one block (the input's too, except for conv1's images)."""
   module = ConvMaxPool(features, polyphase=polyphase)
   x = jnp.asarray(rng.standard_normal(x_shape), jnp.float32)
   params = module.init(jax.random.key(0), x)["params"]
   g = jnp.asarray(rng.standard_normal(jax.eval_shape(module.apply, {"params": params}, x).shape), jnp.float32)
-  argnums = (0, 1) if x_shape[-1] > 3 else 0  # images need no gradient
   loss = lambda p, x: jnp.sum(module.apply({"params": p}, x) * g)
-  step = jax.jit(jax.grad(loss, argnums=argnums))
+  step = jax.jit(jax.grad(loss, argnums=0 if layer == "conv1" else (0, 1)))
   return lambda: jax.block_until_ready(step(params, x))
-
-
-def chunk_ms(run, seconds):
-  start, n = time.perf_counter(), 0
-  while n < 2 or time.perf_counter() - start < seconds:
-    run()
-    n += 1
-  return (time.perf_counter() - start) / n * 1e3
 
 
 def main():
@@ -67,22 +45,25 @@ def main():
   parser.add_argument("--rounds", type=int, default=9)
   parser.add_argument("--chunk_seconds", type=float, default=0.3)
   args = parser.parse_args()
+  if jax.config.read("jax_disable_most_optimizations"):
+    raise SystemExit("jax_disable_most_optimizations is set: refusing to benchmark unoptimised code")
   rng = np.random.default_rng(0)
   print(f"- Date: {time.strftime('%a %b %d %H:%M UTC %Y', time.gmtime())}; {os.cpu_count()} CPUs; "
         f"jax {jax.__version__}; rounds {args.rounds}")
   print("\n| input | width | layer | C_in → C_out | direct ms | polyphase ms | direct ÷ polyphase |")
   print("|---|---:|---|---|---:|---:|---:|")
-  for name, width, layer, x_shape, features in layers():
-    runs = {form: block_step(x_shape, features, form == "polyphase", rng) for form in ("direct", "polyphase")}
-    for run in runs.values():
-      run()  # compile
-    times = {form: [] for form in runs}
-    for _ in range(args.rounds):
-      for form, run in runs.items():
-        times[form].append(chunk_ms(run, args.chunk_seconds))
-    ratio = statistics.median(d / p for d, p in zip(times["direct"], times["polyphase"]))
-    print(f"| {name} | {width} | {layer} | {x_shape[-1]} → {features} | {statistics.median(times['direct']):.2f} "
-          f"| {statistics.median(times['polyphase']):.2f} | **{ratio:.2f}** |", flush=True)
+  for name, image_shape in SHAPES.items():
+    for width in WIDTHS:
+      for layer, x_shape, features in layers(image_shape, width):
+        runs = {form: block_step(layer, x_shape, features, form == "polyphase", rng) for form in ("direct", "polyphase")}
+        times = {form: [] for form in runs}
+        for _ in range(args.rounds):
+          for form, run in runs.items():
+            times[form].append(chunk_ms(run, args.chunk_seconds))
+        ratio = statistics.median(d / p for d, p in zip(times["direct"], times["polyphase"]))
+        print(f"| {name} | {width} | {layer} | {x_shape[-1]} → {features} | "
+              f"{statistics.median(times['direct']):.2f} | {statistics.median(times['polyphase']):.2f} | "
+              f"**{ratio:.2f}** |", flush=True)
 
 
 if __name__ == "__main__":
