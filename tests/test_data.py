@@ -337,6 +337,19 @@ def test_class_subset_keeps_and_remaps(mnist_cfg):
   assert set(seen) == {0, 1} and len(seen) == len(expected_ids) // 4 * 4
 
 
+def test_class_subset_counts_are_read_once_per_dataset(mnist_cfg, monkeypatch):
+  from kd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  reads = []
+  read = pipeline._read
+  monkeypatch.setattr(pipeline, "_read", lambda *args, **kwargs: reads.append(args[1:3]) or read(*args, **kwargs))
+  monkeypatch.setattr(pipeline, "_COUNTS", {})
+  counts = [data.get_info(mnist_cfg, classes=[3, 5]).num_train,
+            data.num_batches(mnist_cfg, "train", batch_size=1, train=True, classes=[3, 5]),
+            data.get_info(mnist_cfg, classes=[3, 5]).num_train]
+  assert counts == [sum(label_fn(i) in (3, 5) for i in range(NUM_TRAIN))] * 3
+  assert sorted(reads) == [("test", (3, 5)), ("train", (3, 5))]  # one pass each, not one per call
+
+
 @pytest.mark.parametrize("classes, message", [
     ([], "empty"), ([0, 10], "out of range"), ([2, 2], "duplicates"),
     ([-1], "out of range")])

@@ -282,3 +282,17 @@ def test_data_parallel_matches_single_device():
     if "batch_stats" in r:
       assert r["stats_moved"] > 1e-3, (key, r)
       assert r["batch_stats"] < 1e-5, (key, r)
+
+
+@pytest.mark.parametrize("model, shape", [
+    (models.LeNet(num_classes=10, width=0.125), (28, 28, 1)),
+    (models.NiN(num_classes=10, width=0.25), (32, 32, 3)),
+    (models.ConvNet(num_classes=4, block_widths=(8, 16), convs_per_block=1), (28, 28, 1)),
+])
+def test_init_state_compiles_the_initialisation_and_draws_the_same_parameters(model, shape):
+  from kd_jax.train import loop  # pylint: disable=g-import-not-at-top
+  state = loop.init_state(model, optax.sgd(0.1), 5, shape)
+  init_rng = jax.random.split(jax.random.PRNGKey(5))[0]
+  eager = model.init(init_rng, np.zeros((1, *shape), np.float32), train=False)  # op by op
+  # The same draws; a compiled transcendental may round differently in the last bit.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), state.variables, eager)

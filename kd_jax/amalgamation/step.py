@@ -101,6 +101,11 @@ def auto_pairs(student_blocks: int, teacher_blocks: int) -> tuple[tuple[int, int
 
 def init_params(plan: Plan, rng, image_shape: Sequence[int]) -> dict:
   """`{'params': {'student', 'align'}, 'batch_stats': {'student'}}` for a fresh run."""
+  # Jitted: one compiled program instead of hundreds of eagerly dispatched ops.
+  return jax.jit(lambda rng: _init_params(plan, rng, image_shape))(rng)
+
+
+def _init_params(plan: Plan, rng, image_shape: Sequence[int]) -> dict:
   dummy = jnp.zeros((1, *image_shape), jnp.float32)
   student_rng, align_rng = jax.random.split(rng)
   student_vars = plan.student.init(student_rng, dummy, train=False)

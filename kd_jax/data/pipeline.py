@@ -298,9 +298,16 @@ def _count(builder, split: str, classes: tuple[int, ...] | None) -> int:
         return n
     except (KeyError, ValueError):
       pass  # Unknown split statistics (e.g. mocked data): count.
-  ds = _read(builder, split, classes,
-             decoders={"image": tfds.decode.SkipDecoding()})
-  return int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+  # A labels-only pass, once per prepared dataset (never rewritten once prepared), split and
+  # class subset in a process: a run asks for the same counts many times.
+  key = (str(builder.data_path), split, classes)
+  if key not in _COUNTS:
+    ds = _read(builder, split, classes, decoders={"image": tfds.decode.SkipDecoding()})
+    _COUNTS[key] = int(ds.reduce(np.int64(0), lambda n, _: n + 1))
+  return _COUNTS[key]
+
+
+_COUNTS: dict[tuple[str, str, tuple[int, ...] | None], int] = {}
 
 
 def get_info(data_config, classes: Sequence[int] | None = None) -> DatasetInfo:

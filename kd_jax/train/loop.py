@@ -16,6 +16,7 @@ Order of work, so that bad input fails before anything is written:
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -531,7 +532,10 @@ def init_state(model, tx, seed: int, image_shape) -> TrainState:
   """A fresh state: parameters from `fold(seed, 0)`, the training key from `fold(seed, 1)`."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
   dummy = np.zeros((1, *image_shape), np.float32)
-  return TrainState.create(variables=model.init(init_rng, dummy, train=False), tx=tx, rng=train_rng)
+  # Jitted: one compiled program instead of a hundred eagerly dispatched ops (seconds less
+  # start-up per run; the same parameters).
+  variables = jax.jit(functools.partial(model.init, train=False))(init_rng, dummy)
+  return TrainState.create(variables=variables, tx=tx, rng=train_rng)
 
 
 def final_results(config, model, state, teacher, history, mesh, *, classes=None) -> dict:
