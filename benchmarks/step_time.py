@@ -56,7 +56,8 @@ Benchmarks:
                     is reported as a fraction of it
 A JAX benchmark prefixed `before_` (e.g. `before_jax_amalgamation`) runs the kd_jax of
 `--before_tree` (a worktree of an older commit), prefixed `noflag_` this code without
-kd_jax's CPU XLA flags; both with the user's XLA_FLAGS only. Their ratios to the plain
+kd_jax's CPU XLA flags; both with the user's XLA_FLAGS only, or with `--twin_xla_flags` (e.g.
+an older value of kd_jax's flags, to time a change of them). Their ratios to the plain
 benchmark are the before/after speed-ups.
 
 The 2-device worker runs with XLA_FLAGS=--xla_force_host_platform_device_count=2: on a
@@ -98,7 +99,7 @@ RECIPES = {
 }
 # Twins of the JAX benchmarks: the same step from the code before this work (--before_tree,
 # e.g. a worktree of an older commit) and from this code without kd_jax.xla_flags' CPU flags.
-TWINS = {"before_": "code of --before_tree, XLA flags as the user's", "noflag_": "without kd_jax's CPU XLA flags"}
+TWINS = {"before_": "code of --before_tree, the twins' XLA flags", "noflag_": "this code, the twins' XLA flags"}
 
 # name: (framework, devices, description)
 BENCHES = {
@@ -752,6 +753,8 @@ def main(argv=None) -> None:
                       "--before_tree, prefixed noflag_ runs without kd_jax's CPU XLA flags")
   p.add_argument("--before_tree", default="", help="a kd_jax checkout (e.g. a worktree of an older commit) "
                                                    "for the before_ benchmarks")
+  p.add_argument("--twin_xla_flags", default=None,
+                 help="XLA_FLAGS of the before_ and noflag_ twins (default: the user's XLA_FLAGS)")
   p.add_argument("--json", default="", help="also write the raw timings here")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)
   p.add_argument("--settings", default="", help=argparse.SUPPRESS)
@@ -764,7 +767,7 @@ def main(argv=None) -> None:
 
   # As the entry points do, before any JAX backend starts (the workers inherit it); the
   # user's own XLA_FLAGS are kept for the twins that run without kd_jax's flags.
-  user_xla_flags = os.environ.get("XLA_FLAGS", "")
+  user_xla_flags = os.environ.get("XLA_FLAGS", "") if args.twin_xla_flags is None else args.twin_xla_flags
   sys.path.insert(0, REPO)  # here, not at the top: a before_ worker must import the old kd_jax
   from kd_jax import xla_flags  # pylint: disable=g-import-not-at-top  (no JAX import)
 
