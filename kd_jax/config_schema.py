@@ -282,6 +282,8 @@ def _amalgamation(name: str) -> dict[str, Field]:
       f"{name}.self_training_end": _fraction(f"the fraction of {name} where the self-training ramp ends"),
       f"{name}.pool_grid": _int(f"{name}'s pool_lda grid: each teacher block averaged over pool_grid × pool_grid "
                                 "cells (1: global average)", low=1, high=16),
+      f"{name}.pool_balance_rounds": _int(f"{name}'s pool_lda refits on class-balanced pseudo-classes "
+                                          "(0: off)", low=0, high=20),
   }
 
 

@@ -98,12 +98,15 @@ class TeacherCard:
     score_mean: scalar, mean of ``M(f) = min_k (f − μ_k)ᵀ P (f − μ_k)`` over the teacher's own
     training features (0 until :func:`calibrate_card`).
     score_std: scalar, population std of the same scores (1 until :func:`calibrate_card`).
+    counts: ``[K]`` float32 training images per class (the class mix the teacher learned on;
+    ``None`` in a card saved before it was recorded).
   """
 
   means: jax.Array
   precision: jax.Array
   score_mean: jax.Array
   score_std: jax.Array
+  counts: jax.Array | None = None
 
   @property
   def num_classes(self) -> int:
@@ -115,12 +118,15 @@ class TeacherCard:
 
   def to_dict(self) -> dict[str, np.ndarray]:
     """NumPy arrays keyed by field name (for Orbax / JSON / ``np.savez``; 0-d for scalars)."""
-    return {
+    out = {
         "means": np.asarray(self.means, np.float32),
         "precision": np.asarray(self.precision, np.float32),
         "score_mean": np.asarray(self.score_mean, np.float32),
         "score_std": np.asarray(self.score_std, np.float32),
     }
+    if self.counts is not None:
+      out["counts"] = np.asarray(self.counts, np.float32)
+    return out
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "TeacherCard":
@@ -140,10 +146,17 @@ class TeacherCard:
           f"TeacherCard.from_dict: precision must be [{dim}, {dim}], got {precision.shape}")
     if score_mean.shape != () or score_std.shape != ():
       raise ValueError("TeacherCard.from_dict: score_mean and score_std must be scalars")
+    counts = d.get("counts")
+    if counts is not None:
+      counts = np.asarray(counts, np.float32)
+      if counts.shape != means.shape[:1]:
+        raise ValueError(f"TeacherCard.from_dict: counts must be [{means.shape[0]}], got {counts.shape}")
+      counts = jnp.asarray(counts)
     return cls(means=jnp.asarray(means),
                precision=jnp.asarray(precision),
                score_mean=jnp.asarray(score_mean),
-               score_std=jnp.asarray(score_std))
+               score_std=jnp.asarray(score_std),
+               counts=counts)
 
 
 @flax.struct.dataclass
@@ -254,7 +267,8 @@ def card_from_stats(stats: CardStats, *, shrinkage: float = 0.1, eps: float = 1e
   return TeacherCard(means=stats.mean.astype(jnp.float32),
                      precision=precision.astype(jnp.float32),
                      score_mean=jnp.zeros((), jnp.float32),
-                     score_std=jnp.ones((), jnp.float32))
+                     score_std=jnp.ones((), jnp.float32),
+                     counts=stats.count.astype(jnp.float32))
 
 
 def calibrate_card(card: TeacherCard,
@@ -487,7 +501,8 @@ def _lda(x: np.ndarray, y: np.ndarray, num_classes: int, shrinkage: float) -> tu
 
 
 def fit_pool_router(features: Sequence[Any], initial: Any, class_index: Sequence[Sequence[int]], *,
-                    shrinkage: float = 0.1, rounds: int = 0) -> PoolRouter:
+                    shrinkage: float = 0.1, rounds: int = 0, balance_rounds: int = 0,
+                    class_shares: Any = None) -> PoolRouter:
   """Fits :class:`PoolRouter` on unlabelled pool features (NumPy, float64; not jittable).
 
   Args:
@@ -499,6 +514,12 @@ def fit_pool_router(features: Sequence[Any], initial: Any, class_index: Sequence
     rounds: refits on the router's own predictions after the first fit. Measured on real
       teachers (penultimate features): on Fashion-MNIST 0–3 each refit lowered the routing
       accuracy (0.924 → 0.916 after 3), on MNIST 0–3 it rose by 0.2 points; hence 0.
+    balance_rounds: then this many refits on *balanced* pseudo-classes: the posteriors of the
+      last fit rescaled (Sinkhorn) so that the union classes take `class_shares` of the pool,
+      then the most probable class of each image. It corrects a start that starves a class
+      (teacher cards send a fifth of the T-shirts to the pullover/dress teacher; README).
+    class_shares: ``[C]`` the pool's expected class mix (normalised here; default equal
+      shares). The pipeline passes the teachers' own training counts (their cards).
   """
   x = np.concatenate([np.asarray(f, np.float64) for f in features], axis=1)
   y = np.asarray(initial)
@@ -509,10 +530,12 @@ def fit_pool_router(features: Sequence[Any], initial: Any, class_index: Sequence
     raise ValueError(f"initial classes must be in 0..{num_classes - 1}")
   mean, std = x.mean(0), np.maximum(x.std(0), _STD_FLOOR)  # standardised: shrinkage treats features alike
   z = (x - mean) / std
-  for r in range(rounds + 1):
+  for r in range(rounds + balance_rounds + 1):
     weight, bias = _lda(z, y, num_classes, shrinkage)
     if r < rounds:
       y = np.argmax(z @ weight + bias, axis=1)
+    elif r < rounds + balance_rounds:
+      y = np.argmax(balanced_assignment(z @ weight + bias, shares=class_shares), axis=1)
   # Fold the standardisation in: g(f) = ((f − m) / s) W + b = f (W / s) + (b − (m / s) W).
   weight, bias = weight / std[:, None], bias - (mean / std) @ weight
   task = np.zeros((num_classes, len(class_index)), np.float32)
@@ -520,6 +543,25 @@ def fit_pool_router(features: Sequence[Any], initial: Any, class_index: Sequence
     task[list(index), t] = 1.0
   return PoolRouter(weight=jnp.asarray(weight, jnp.float32), bias=jnp.asarray(bias, jnp.float32),
                     task=jnp.asarray(task))
+
+
+def balanced_assignment(scores: Any, *, shares: Any = None, iterations: int = 100) -> np.ndarray:
+  """Soft assignments ``[N, C]`` from class log-scores ``[N, C]`` (NumPy), rescaled so that
+  class ``c`` receives ``N · shares_c`` of the mass (default equal shares) and every row sums
+  to 1: the softmax with its rows and columns scaled (Sinkhorn-Knopp, as for balanced
+  pseudo-labels in SeLa and SwAV). A class whose score is −inf everywhere gets none."""
+  scores = np.asarray(scores, np.float64)
+  n, c = scores.shape
+  shares = np.full(c, 1.0 / c) if shares is None else np.asarray(shares, np.float64)
+  if shares.shape != (c,) or (shares < 0).any() or shares.sum() <= 0:
+    raise ValueError(f"shares must be [{c}] non-negative numbers with a positive sum, got {shares}")
+  target = n * shares / shares.sum()
+  q = np.exp(scores - scores.max(axis=1, keepdims=True))
+  q /= q.sum(axis=1, keepdims=True)
+  for _ in range(iterations):
+    q *= target / np.maximum(q.sum(axis=0), 1e-300)
+    q /= q.sum(axis=1, keepdims=True)
+  return q
 
 
 def card_routed_classes(logits: Sequence[Any], features: Sequence[Any], cards: Sequence[TeacherCard],

@@ -276,12 +276,14 @@ def test_source_shards_split_a_sliced_pool(idx_data):
 
 
 def test_pool_lda_and_self_training_end_to_end_without_labels(idx_data, smoke, tmp_path, monkeypatch):
-  """`selection=pool_lda` with self-training amalgamates the smoke run's teachers; the pool
-  router is fitted from the pool's images alone: scrambled labels give the same router."""
+  """`selection=pool_lda` with self-training and a class-balanced refit amalgamates the smoke
+  run's teachers; the pool router is fitted from the pool's images alone: scrambled labels
+  give the same router."""
   teachers = ":".join(os.path.join(smoke[1], "teachers", f"teacher_{t}") for t in range(2))
   config = amalgamate_config(idx_data, teacher_workdirs=teachers, **{
       "amalgamation.epochs": 1, "amalgamation.selection": "pool_lda", "amalgamation.self_training": 0.5,
-      "amalgamation.self_training_start": 0.0, "amalgamation.self_training_end": 0.5})
+      "amalgamation.self_training_start": 0.0, "amalgamation.self_training_end": 0.5,
+      "amalgamation.pool_balance_rounds": 1})
   workdir = str(tmp_path / "run")
   results = pipeline.run(config, workdir)
   assert 0.0 <= results["routing_accuracy"] <= 1.0
@@ -297,7 +299,8 @@ def test_pool_lda_and_self_training_end_to_end_without_labels(idx_data, smoke, t
 
   def router():
     return jax.tree.map(np.asarray, pipeline.pool_router(run_config, plan, frozen, union, mesh,
-                                                         grid=config.amalgamation.pool_grid))
+                                                         grid=config.amalgamation.pool_grid,
+                                                         balance_rounds=config.amalgamation.pool_balance_rounds))
 
   plain = router()
   as_numpy, rng = data.as_numpy, np.random.default_rng(0)
@@ -327,3 +330,14 @@ def test_routing_study_reproduces_the_runs_routing(smoke, monkeypatch, capsys):
   table = capsys.readouterr().out
   for rule in routing.RULES:
     assert f"| {rule} | {found[rule]:.3f} ± 0.000 (n=2) |" in table
+
+
+def test_class_shares_are_the_teachers_training_counts_in_union_order():
+  def card(counts, k=2):
+    k = k if counts is None else len(counts)
+    return routing.TeacherCard(means=np.zeros((k, 2)), precision=np.eye(2), score_mean=np.zeros(()),
+                               score_std=np.ones(()), counts=None if counts is None else np.asarray(counts, float))
+
+  shares = pipeline.class_shares([card([30, 10]), card([5, 7, 9])], [(3, 0), (1, 4, 2)])
+  np.testing.assert_array_equal(shares, [10, 5, 9, 30, 7])
+  assert pipeline.class_shares([card([30, 10]), card(None)], [(0, 1), (2, 3)]) is None  # a card from before counts

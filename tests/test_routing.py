@@ -109,8 +109,13 @@ def test_card_dict_roundtrip():
   for k in d:
     np.testing.assert_array_equal(np.asarray(getattr(back, k)), d[k])
   assert back.num_classes == 3 and back.dim == 5
+  np.testing.assert_array_equal(d["counts"], np.bincount(labels, minlength=3))
   with pytest.raises(ValueError, match="missing"):
     R.TeacherCard.from_dict({"means": d["means"]})
+  older = R.TeacherCard.from_dict({k: v for k, v in d.items() if k != "counts"})  # saved before counts
+  assert older.counts is None and "counts" not in older.to_dict()
+  with pytest.raises(ValueError, match="counts must be"):
+    R.TeacherCard.from_dict({**d, "counts": [1.0, 2.0]})
 
 
 def test_teacher_card_routes_synthetic_problem():
@@ -253,6 +258,71 @@ def test_pool_router_self_training_corrects_noisy_starts():
     router = R.fit_pool_router(features, noisy, class_index, rounds=rounds)
     routed = np.asarray(R.pool_router_scores(features, router)).argmax(-1)
     assert float(np.mean(routed == owner[labels])) > start + 0.05, rounds
+
+
+def test_balanced_assignment_is_a_diagonal_rescaling_with_equal_class_shares():
+  rng = np.random.default_rng(3)
+  scores = rng.normal(size=(300, 4)) + np.array([2.0, 0.0, -1.0, 0.5])  # class 0 over-predicted
+  q = R.balanced_assignment(scores)
+  np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-9)
+  np.testing.assert_allclose(q.sum(0), 300 / 4, rtol=1e-6)
+  # Sinkhorn only rescales rows and columns of the softmax: log(q / p) = a_i + b_j.
+  p = np.exp(scores - scores.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  r = np.log(q / p)
+  np.testing.assert_allclose(r - r.mean(1, keepdims=True) - r.mean(0, keepdims=True) + r.mean(), 0.0, atol=1e-9)
+
+
+def test_balanced_assignment_meets_given_shares():
+  rng = np.random.default_rng(4)
+  scores = rng.normal(size=(400, 3))
+  q = R.balanced_assignment(scores, shares=[2, 1, 1])  # normalised: 1/2, 1/4, 1/4
+  np.testing.assert_allclose(q.sum(0), [200, 100, 100], rtol=1e-6)
+  np.testing.assert_allclose(q.sum(1), 1.0, rtol=1e-9)
+  with pytest.raises(ValueError, match="shares must be"):
+    R.balanced_assignment(scores, shares=[1, -1, 1])
+
+
+def test_balanced_refits_keep_an_imbalanced_pool_given_its_shares():
+  """A pool of overlapping classes in the mix 40/30/20/10 %, started from its true classes:
+  refits balanced to that mix keep the routing; forced equal shares would move images of
+  the big classes to the small ones (labels only score the result)."""
+  rng = np.random.default_rng(5)
+  labels = rng.choice(4, size=4000, p=[0.4, 0.3, 0.2, 0.1])
+  x = np.eye(4)[labels] @ rng.normal(0, 1.5, (4, 6)) + rng.normal(size=(4000, 6))
+  features, class_index, owner = [x[:, :3], x[:, 3:]], ((0, 1), (2, 3)), np.array([0, 0, 1, 1])
+
+  def routed(**kw):
+    router = R.fit_pool_router(features, labels, class_index, balance_rounds=1, **kw)
+    return np.asarray(R.pool_router_scores(features, router)).argmax(-1)
+
+  plain = R.fit_pool_router(features, labels, class_index)
+  plain_acc = np.mean(np.asarray(R.pool_router_scores(features, plain)).argmax(-1) == owner[labels])
+  mixed = np.mean(routed(class_shares=np.bincount(labels)) == owner[labels])
+  equal = np.mean(routed() == owner[labels])
+  assert mixed >= plain_acc - 0.002 and equal < mixed - 0.05, (plain_acc, mixed, equal)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_balanced_refits_correct_a_start_that_starves_a_class(seed):
+  """A start that gives the 40 % of class 0 nearest class 1 to class 1 (another teacher's),
+  as teacher cards send T-shirts to the pullover/dress teacher: the plain fit keeps much of
+  the bias, the class-balanced refits undo it (labels only score the result)."""
+  features, labels, class_index = _two_teacher_pool(seed=seed, n=4000)
+  x = np.concatenate(features, 1)
+  toward = x[labels == 1].mean(0) - x[labels == 0].mean(0)
+  zeros = np.flatnonzero(labels == 0)
+  along = x[zeros] @ toward
+  start = labels.copy()
+  start[zeros[along > np.quantile(along, 0.6)]] = 1
+  owner = np.array([0, 1, 0, 1])
+
+  def routing_accuracy(**kw):
+    router = R.fit_pool_router(features, start, class_index, **kw)
+    return float(np.mean(np.asarray(R.pool_router_scores(features, router)).argmax(-1) == owner[labels]))
+
+  plain, balanced = routing_accuracy(), routing_accuracy(balance_rounds=1)
+  assert balanced > 0.98 and balanced > plain + 0.01, (plain, balanced)
 
 
 def test_card_routed_classes_take_the_card_routed_teachers_prediction():

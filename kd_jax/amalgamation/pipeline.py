@@ -93,7 +93,8 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
   if cfg.selection == "energy":
     frozen["energy_stats"] = energy_stats(run_config, plan, frozen, union, mesh)
   if cfg.selection == "pool_lda":
-    frozen["pool_router"] = pool_router(run_config, plan, frozen, union, mesh, grid=cfg.get("pool_grid", 1))
+    frozen["pool_router"] = pool_router(run_config, plan, frozen, union, mesh, grid=cfg.get("pool_grid", 1),
+                                        balance_rounds=cfg.get("pool_balance_rounds", 0))
 
   meta = {
       "kind": "amalgamation",
@@ -164,13 +165,28 @@ def energy_stats(run_config, plan, frozen, union, mesh, max_batches: int = 50):
   return routing.fit_energy_stats(pool_outputs(run_config, plan, frozen, union, mesh, max_batches)[0])
 
 
-def pool_router(run_config, plan, frozen, union, mesh, *, grid: int = 1) -> routing.PoolRouter:
+def pool_router(run_config, plan, frozen, union, mesh, *, grid: int = 1,
+                balance_rounds: int = 0) -> routing.PoolRouter:
   """`selection=pool_lda`: the discriminant of the union's classes on all teachers'
   features, fitted on the whole unlabelled pool, started from teacher-card routing and
-  the routed teacher's prediction (`routing.fit_pool_router`)."""
+  the routed teacher's prediction, refitted `balance_rounds` times on class-balanced
+  pseudo-classes (`routing.fit_pool_router`)."""
   logits, penultimate, blocks = pool_outputs(run_config, plan, frozen, union, mesh, grid=grid)
   start = routing.card_routed_classes(logits, penultimate, frozen["cards"], plan.class_index)
-  return routing.fit_pool_router(blocks, start, plan.class_index)
+  return routing.fit_pool_router(blocks, start, plan.class_index, balance_rounds=balance_rounds,
+                                 class_shares=class_shares(frozen["cards"], plan.class_index))
+
+
+def class_shares(cards, class_index) -> np.ndarray | None:
+  """The union's class mix as the teachers saw it (their cards' training counts): what the
+  pool router's balanced refits assume of the pool. None (equal shares) when a card predates
+  the counts."""
+  if any(card.counts is None for card in cards):
+    return None
+  shares = np.zeros(sum(len(index) for index in class_index))
+  for card, index in zip(cards, class_index):
+    shares[list(index)] = np.asarray(card.counts)
+  return shares
 
 
 class Evaluator:
