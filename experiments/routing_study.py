@@ -23,7 +23,6 @@ import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
 from kd_jax import checkpoint, data, models, routing  # noqa: E402
-from kd_jax.amalgamation import pipeline  # noqa: E402
 from kd_jax.amalgamation import step as step_lib  # noqa: E402
 
 
@@ -66,7 +65,7 @@ def routing_accuracies(workdir: str, pool_grid: int | None = None) -> dict[str, 
   start = routing.card_routed_classes(pool_logits, pool_feats, cards, class_index)
   balance = config.get("amalgamation", {}).get("pool_balance_rounds", 0)
   router = routing.fit_pool_router(pool_blocks, start, class_index, balance_rounds=balance,
-                                   class_shares=pipeline.class_shares(cards, class_index))
+                                   class_shares=routing.class_shares(cards, class_index))
   out = {}
   for rule in routing.RULES:
     scores = routing.teacher_scores(rule, logits=logits, features=blocks if rule == "pool_lda" else feats,

@@ -545,6 +545,18 @@ def fit_pool_router(features: Sequence[Any], initial: Any, class_index: Sequence
                     task=jnp.asarray(task))
 
 
+def class_shares(cards: Sequence[TeacherCard], class_index: Sequence[Sequence[int]]) -> np.ndarray | None:
+  """``[C]`` the union's class mix as the teachers saw it (their cards' training counts, in
+  union order): what :func:`fit_pool_router`'s balanced refits assume of the pool. None
+  (equal shares) when a card predates the counts."""
+  if any(card.counts is None for card in cards):
+    return None
+  shares = np.zeros(sum(len(index) for index in class_index))
+  for card, index in zip(cards, class_index):
+    shares[list(index)] = np.asarray(card.counts)
+  return shares
+
+
 def balanced_assignment(scores: Any, *, shares: Any = None, iterations: int = 100) -> np.ndarray:
   """Soft assignments ``[N, C]`` from class log-scores ``[N, C]`` (NumPy), rescaled so that
   class ``c`` receives ``N · shares_c`` of the mass (default equal shares) and every row sums

@@ -330,14 +330,3 @@ def test_routing_study_reproduces_the_runs_routing(smoke, monkeypatch, capsys):
   table = capsys.readouterr().out
   for rule in routing.RULES:
     assert f"| {rule} | {found[rule]:.3f} ± 0.000 (n=2) |" in table
-
-
-def test_class_shares_are_the_teachers_training_counts_in_union_order():
-  def card(counts, k=2):
-    k = k if counts is None else len(counts)
-    return routing.TeacherCard(means=np.zeros((k, 2)), precision=np.eye(2), score_mean=np.zeros(()),
-                               score_std=np.ones(()), counts=None if counts is None else np.asarray(counts, float))
-
-  shares = pipeline.class_shares([card([30, 10]), card([5, 7, 9])], [(3, 0), (1, 4, 2)])
-  np.testing.assert_array_equal(shares, [10, 5, 9, 30, 7])
-  assert pipeline.class_shares([card([30, 10]), card(None)], [(0, 1), (2, 3)]) is None  # a card from before counts

@@ -325,6 +325,17 @@ def test_balanced_refits_correct_a_start_that_starves_a_class(seed):
   assert balanced > 0.98 and balanced > plain + 0.01, (plain, balanced)
 
 
+def test_class_shares_are_the_teachers_training_counts_in_union_order():
+  def card(counts, k=2):
+    k = k if counts is None else len(counts)
+    return R.TeacherCard(means=np.zeros((k, 2)), precision=np.eye(2), score_mean=np.zeros(()),
+                               score_std=np.ones(()), counts=None if counts is None else np.asarray(counts, float))
+
+  shares = R.class_shares([card([30, 10]), card([5, 7, 9])], [(3, 0), (1, 4, 2)])
+  np.testing.assert_array_equal(shares, [10, 5, 9, 30, 7])
+  assert R.class_shares([card([30, 10]), card(None)], [(0, 1), (2, 3)]) is None  # a card from before counts
+
+
 def test_card_routed_classes_take_the_card_routed_teachers_prediction():
   feats, labels = _data(seed=11, n=200)
   cards = [R.fit_teacher_card(feats[labels == c], np.zeros(int(np.sum(labels == c)), int), num_classes=1)

@@ -174,19 +174,8 @@ def pool_router(run_config, plan, frozen, union, mesh, *, grid: int = 1,
   logits, penultimate, blocks = pool_outputs(run_config, plan, frozen, union, mesh, grid=grid)
   start = routing.card_routed_classes(logits, penultimate, frozen["cards"], plan.class_index)
   return routing.fit_pool_router(blocks, start, plan.class_index, balance_rounds=balance_rounds,
-                                 class_shares=class_shares(frozen["cards"], plan.class_index))
+                                 class_shares=routing.class_shares(frozen["cards"], plan.class_index))
 
-
-def class_shares(cards, class_index) -> np.ndarray | None:
-  """The union's class mix as the teachers saw it (their cards' training counts): what the
-  pool router's balanced refits assume of the pool. None (equal shares) when a card predates
-  the counts."""
-  if any(card.counts is None for card in cards):
-    return None
-  shares = np.zeros(sum(len(index) for index in class_index))
-  for card, index in zip(cards, class_index):
-    shares[list(index)] = np.asarray(card.counts)
-  return shares
 
 
 class Evaluator:
