@@ -41,7 +41,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Nets: VGG-style ConvNets; widths per block, '/' between nets when they differ.
   config.teacher_classes = args["teacher_classes"]
   config.teacher_workdirs = ""  # 'dir0:dir1': amalgamate already-trained component nets instead
-  config.teacher_blocks = "32-64-128"
+  # Teachers twice as wide as the student: their features route better (pool_lda 0.939 →
+  # 0.945 on Fashion-MNIST 0-3) for about 2× stage 1's time (README: wide teachers).
+  config.teacher_blocks = "64-128-256"
   config.student_blocks = "32-64-128"
   config.convs_per_block = 1
   config.block_pairs = "auto"  # or 's:t+s:t' (student block : teacher block), '/' per teacher
@@ -84,7 +86,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.update(kw)
     return cfg
 
-  config.amalgamation = amalgamation()
+  # 2e-3: within 3 epochs the student then copies its routed targets (README: wide teachers);
+  # the supervised baseline shares this schedule.
+  config.amalgamation = amalgamation(learning_rate=2e-3)
   # Stage 1 of the dual stage: sources share one task; the paper picks the least
   # ambiguous source per sample (entropy), which is sound when they share classes.
   config.dual_stage = amalgamation(selection="entropy", routing="hard", self_training=0.0)

@@ -15,7 +15,7 @@ from kd_jax import configs
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configs.parse_arg(
-      arg, allowed=dict(dataset="mnist", classes="0+1", blocks="32-64-128", seed=0, epochs=4, smoke=False)
+      arg, allowed=dict(dataset="mnist", classes="0+1", blocks="64-128-256", seed=0, epochs=4, smoke=False)
   )
   config = configs.base_config(dataset=args["dataset"], seed=args["seed"])
   config.experiment = "component"
