@@ -86,8 +86,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     cfg.update(kw)
     return cfg
 
-  # 2e-3: within 3 epochs the student then copies its routed targets (README: wide teachers);
-  # the supervised baseline shares this schedule.
+  # 2e-3: within 3 epochs the student then reaches its routed teachers' own accuracy; the
+  # supervised baseline shares this schedule (README: wide teachers).
   config.amalgamation = amalgamation(learning_rate=2e-3)
   # Stage 1 of the dual stage: sources share one task; the paper picks the least
   # ambiguous source per sample (entropy), which is sound when they share classes.

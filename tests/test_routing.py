@@ -329,7 +329,7 @@ def test_class_shares_are_the_teachers_training_counts_in_union_order():
   def card(counts, k=2):
     k = k if counts is None else len(counts)
     return R.TeacherCard(means=np.zeros((k, 2)), precision=np.eye(2), score_mean=np.zeros(()),
-                               score_std=np.ones(()), counts=None if counts is None else np.asarray(counts, float))
+                         score_std=np.ones(()), counts=None if counts is None else np.asarray(counts, float))
 
   shares = R.class_shares([card([30, 10]), card([5, 7, 9])], [(3, 0), (1, 4, 2)])
   np.testing.assert_array_equal(shares, [10, 5, 9, 30, 7])

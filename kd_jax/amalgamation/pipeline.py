@@ -177,7 +177,6 @@ def pool_router(run_config, plan, frozen, union, mesh, *, grid: int = 1,
                                  class_shares=routing.class_shares(frozen["cards"], plan.class_index))
 
 
-
 class Evaluator:
   """Test metrics of an amalgamation: the student over the union, each teacher on its
   own classes, the student per teacher task, and how often routing picks the owner."""
