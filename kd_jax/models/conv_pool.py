@@ -10,6 +10,12 @@ same weights and zeros), about 1.44× the FLOPs for k = 5; on this project's CPU
 C_out ≤ 16 runs 1.2–1.8× faster, from 32 up even or slower (`benchmarks/conv_pool.py`,
 BENCHMARKS.md). Hence `POLYPHASE_MAX_CHANNELS`.
 
+The direct form, with many input channels on a small map (LeNet's conv2 from width 0.5), trains
+its convolution in the frequency domain (`kd_jax.models.spectral`): the same values and
+gradients up to float rounding at a third of the FLOPs; LeNet's training step 1.34× faster at
+the seed's width, 1.14× at 0.5 on this project's CPU (BENCHMARKS.md). Hence `SPECTRAL_MIN_INPUT_CHANNELS` and
+`SPECTRAL_MAX_PIXELS` (16×16: the sizes measured, 12×12 and 14×14).
+
 The activation must be monotone non-decreasing (ReLU, identity): it is applied after the max,
 where it commutes with it. Gradients follow the first maximum of each window in row-major
 order, as `pooling.max_pool_2x2` (and reduce_window) do.
@@ -23,9 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from kd_jax.models import pooling
+from kd_jax.models import pooling, spectral
 
 POLYPHASE_MAX_CHANNELS = 16
+SPECTRAL_MIN_INPUT_CHANNELS = 32
+SPECTRAL_MAX_PIXELS = 256
 _DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -39,12 +47,18 @@ class ConvMaxPool(nn.Module):
     dtype: the compute dtype; parameters stay float32.
     polyphase: None picks the polyphase form for at most `POLYPHASE_MAX_CHANNELS` outputs;
       True/False force it.
+    spectral_gradients: train the direct form's convolution in the frequency domain
+      (`spectral.conv_spectral_grad`; the value without differentiation is unchanged). None
+      picks it on the CPU backend for float32 with at least `SPECTRAL_MIN_INPUT_CHANNELS`
+      input channels and maps of at most `SPECTRAL_MAX_PIXELS`; elsewhere the direct gradients
+      (a GPU's convolution kernels are another matter: not measured).
   """
   features: int
   kernel_size: int = 5
   activation: Callable[[jax.Array], jax.Array] = nn.relu
   dtype: str = 'float32'
   polyphase: bool | None = None
+  spectral_gradients: bool | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -55,7 +69,12 @@ class ConvMaxPool(nn.Module):
     x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
     polyphase = self.features <= POLYPHASE_MAX_CHANNELS if self.polyphase is None else self.polyphase
     if not polyphase:
-      y = lax.conv_general_dilated(x, kernel, (1, 1), 'VALID', dimension_numbers=_DIMENSIONS)
+      spectral_gradients = self.spectral_gradients
+      if spectral_gradients is None:
+        spectral_gradients = (jax.default_backend() == 'cpu' and dtype == jnp.float32
+                              and x.shape[-1] >= SPECTRAL_MIN_INPUT_CHANNELS
+                              and x.shape[1] * x.shape[2] <= SPECTRAL_MAX_PIXELS)
+      y = (spectral.conv_spectral_grad if spectral_gradients else spectral.conv_valid)(x, kernel)
       return pooling.max_pool_2x2(self.activation(y + bias), padding='VALID')
     # The pool drops an odd last row/column of the conv output: so does cropping the input to
     # even sizes (conv output = input − k + 1 loses the same row).
