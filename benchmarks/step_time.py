@@ -67,9 +67,10 @@ path (split batch, gradient all-reduce), not a speed-up.
 Besides wall time the table gives images/s, CPU time per step and FLOPs per step (the
 model's, by XLA's cost analysis with direct convolutions, which the % of peak divides; the
 executed program's beside them; PyTorch's flop counter), hence a throughput per CPU-second
-that depends less on the background load than wall time, and each worker's peak RSS. `--json`
-writes one object per benchmark (name, images_per_s, ms_per_step, cpu_ms_per_step,
-gflop_per_step, program_gflop_per_step, fraction_of_peak, ...), the ratios and the targets, and the raw timings.
+that depends less on the background load than wall time, and each worker's peak RSS.
+`--json` writes one object per benchmark (name, images_per_s, ms_per_step, cpu_ms_per_step,
+gflop_per_step, program_gflop_per_step, fraction_of_peak, ...), the ratios and the targets,
+and the raw timings.
 """
 
 from __future__ import annotations
@@ -980,7 +981,8 @@ def main(argv=None) -> None:
     out.append(
         f"| `{row['name']}` | {row['what']} | {row['batch'] or '—'} | **{wall['median']}** | {wall['iqr']} "
         f"| {fmt(row['images_per_s'], '{:.0f}')} | {row['cpu_ms_per_step']:.0f} | {row['gflop_per_step']:.2f} "
-        f"| {fmt(row['program_gflop_per_step'], '{:.2f}')} | {row['gflop_per_s']:.1f} | {fmt(row['fraction_of_peak'] and 100 * row['fraction_of_peak'], '{:.0f}')} "
+        f"| {fmt(row['program_gflop_per_step'], '{:.2f}')} | {row['gflop_per_s']:.1f} "
+        f"| {fmt(row['fraction_of_peak'] and 100 * row['fraction_of_peak'], '{:.0f}')} "
         f"| {row['gflop_per_cpu_s']:.1f} | {row['steps_per_chunk']} × {row['rounds']} "
         f"| {row['start_up_cpu_s']:.1f} | {row['peak_rss_mb']:.0f} |")
   out.append("")
