@@ -13,8 +13,9 @@ BENCHMARKS.md). Hence `POLYPHASE_MAX_CHANNELS`.
 The direct form, with many input channels on a small map (LeNet's conv2 from width 0.5), trains
 its convolution in the frequency domain (`kd_jax.models.spectral`): the same values and
 gradients up to float rounding at a third of the FLOPs; LeNet's training step 1.34× faster at
-the seed's width, 1.14× at 0.5 on this project's CPU (BENCHMARKS.md). Hence `SPECTRAL_MIN_INPUT_CHANNELS` and
-`SPECTRAL_MAX_PIXELS` (16×16: the sizes measured, 12×12 and 14×14).
+the seed's width, 1.14× at 0.5 on this project's CPU (BENCHMARKS.md). Hence
+`SPECTRAL_MIN_INPUT_CHANNELS` and `SPECTRAL_MAX_PIXELS` (16×16, above the sizes measured:
+12×12 and 14×14).
 
 The activation must be monotone non-decreasing (ReLU, identity): it is applied after the max,
 where it commutes with it. Gradients follow the first maximum of each window in row-major
