@@ -28,14 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from kd_jax.models import pooling, spectral
 
 POLYPHASE_MAX_CHANNELS = 16
 SPECTRAL_MIN_INPUT_CHANNELS = 32
 SPECTRAL_MAX_PIXELS = 256
-_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
 
 
 class ConvMaxPool(nn.Module):
@@ -80,8 +78,7 @@ class ConvMaxPool(nn.Module):
     # The pool drops an odd last row/column of the conv output: so does cropping the input to
     # even sizes (conv output = input − k + 1 loses the same row).
     h, w = x.shape[1] - x.shape[1] % 2, x.shape[2] - x.shape[2] % 2
-    y = lax.conv_general_dilated(space_to_depth(x[:, :h, :w]), polyphase_kernel(kernel), (1, 1), 'VALID',
-                                 dimension_numbers=_DIMENSIONS)
+    y = spectral.conv_valid(space_to_depth(x[:, :h, :w]), polyphase_kernel(kernel))
     y = y.reshape(*y.shape[:3], 4, self.features)  # [B, (h − k + 1) // 2, (w − k + 1) // 2, 4, C_out]
     return self.activation(_first_max(y) + bias)
 

@@ -15,9 +15,9 @@ imaginary parts as rows), every part of the layer, and by autodiff every part of
 gradient, is a dense matrix product: the transforms contract the H·W pixels, the per-frequency
 products (three real ones per complex product, Gauss's trick) the channels. At the seed's conv2,
 batch 256, the forward and both gradients are 10 GFLOP instead of 31 (XLA's cost analysis), on
-XLA's matrix kernels, which reach more of this CPU's peak than its convolutions do. It does not pay for
-few input channels (LeNet's conv1: the transforms then cost more than the direct products)
-nor for large maps (the transforms grow as (H·W)²).
+XLA's matrix kernels, which reach more of this CPU's peak than its convolutions do. It does not
+pay for few input channels (LeNet's conv1: the transforms then cost more than the direct
+products) nor for large maps (the transforms grow as (H·W)²).
 
 `conv_spectral_grad` is the form to train with: its value without differentiation is XLA's
 direct convolution (bit-identical to `lax.conv_general_dilated`, and faster alone, so inference
@@ -50,12 +50,11 @@ def dft_matrices(h: int, w: int, kh: int, kw: int) -> tuple[np.ndarray, np.ndarr
   a Hermitian spectrum's halves back to the pixels of the VALID output region
   (`np.fft.irfft2`, cropped): frequencies whose mirror image is not stored count twice.
   """
-  u = np.arange(h)[:, None, None, None]
-  v = np.arange(w // 2 + 1)[None, :, None, None]
-  theta = 2 * np.pi * (u * np.arange(h)[:, None] / h + v * np.arange(w) / w)  # [u, v, p, q]
+  u, v = np.arange(h), np.arange(w // 2 + 1)
+  theta = 2 * np.pi * (u[:, None, None, None] * u[:, None] / h
+                       + v[:, None, None] * np.arange(w) / w)  # [u, v, p, q]
   f = h * (w // 2 + 1)
   forward = np.stack([np.cos(theta), -np.sin(theta)]).reshape(2, f, h, w)
-  v = np.arange(w // 2 + 1)
   twice = np.where((v == 0) | (2 * v == w), 1.0, 2.0)[None, :, None, None]
   inverse = np.stack([twice * np.cos(theta), -twice * np.sin(theta)]) / (h * w)
   inverse = inverse[..., :h - kh + 1, :w - kw + 1].reshape(2, f, h - kh + 1, w - kw + 1)
