@@ -404,6 +404,27 @@ def test_polyphase_conv_pool_gradient_on_ties_follows_the_first_maximum():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got, want)
 
 
+@pytest.mark.parametrize('shape', [(2, 3, 3, 4, 5), (1, 1, 2, 4, 1)])
+def test_phase_max_value_and_derivatives_follow_the_first_maximum(shape):
+  """Against NumPy: the max over the 4 phases, and both derivatives through the first maximum
+  only (forward mode too); a window holding a NaN has a NaN max and a zero derivative."""
+  rng = np.random.default_rng(12)
+  y = rng.integers(0, 3, shape).astype(np.float32)  # a small range: most windows have ties
+  y[0, 0, 0, 1, 0] = np.nan
+  cotangent = rng.normal(size=shape[:3] + shape[4:]).astype(np.float32)
+  tangent = rng.normal(size=shape).astype(np.float32)
+  nan = np.isnan(y).any(axis=3)
+  first = np.argmax(np.where(np.isnan(y), -np.inf, y), axis=3)
+  one_hot = (np.arange(4)[:, None] == first[:, :, :, None]) & ~nan[:, :, :, None]
+  want = np.where(nan, np.nan, np.max(np.where(np.isnan(y), -np.inf, y), axis=3))
+
+  out, grad = jax.jit(value_and_vjp, static_argnums=0)(conv_pool.phase_max, jnp.asarray(y), jnp.asarray(cotangent))
+  np.testing.assert_array_equal(out, want)  # NaN exactly where the reference has one
+  np.testing.assert_array_equal(grad, np.where(one_hot, cotangent[:, :, :, None], 0))
+  _, forward = jax.jvp(conv_pool.phase_max, (jnp.asarray(y),), (jnp.asarray(tangent),))
+  np.testing.assert_array_equal(forward, np.sum(np.where(one_hot, tangent, 0), axis=3))
+
+
 def test_polyphase_kernel_places_each_weight_at_its_phase():
   """Independent of the convolution: K[p, q, (r, s, c), (a, b, o)] = w[2p + r − a, 2q + s − b, c, o]."""
   w = np.random.default_rng(0).normal(size=(5, 5, 2, 3)).astype(np.float32)
