@@ -464,22 +464,25 @@ def whole_loop(cfg: dict, step_fn, state, frozen, mesh, info, *, labels: bool):
 
 def model_flops(count_flops) -> float:
   """The FLOPs of the step as its model defines it, with every convolution direct: what "% of
-  peak" divides by (model FLOPs utilisation). LeNet's conv2 trains in the frequency domain
-  (`kd_jax.models.spectral`), a program of fewer FLOPs for the same step; counted that way a
-  faster step would show a lower fraction of the peak. The program is traced anew (caches
-  cleared) with the spectral form switched off, then the caches are cleared again so that the
-  timed step recompiles as it is. A `--before_tree` without the spectral form: as counted."""
+  peak" divides by (model FLOPs utilisation). LeNet's blocks compute some layers in polyphase
+  form (more FLOPs) and train conv2 in the frequency domain (`kd_jax.models.spectral`, fewer);
+  counted as executed, a step that got faster by dropping FLOPs would show a lower fraction of
+  the peak. The program is traced anew (caches cleared) with both forms switched off, then the
+  caches are cleared again so that the timed step recompiles as it is. A `--before_tree`
+  without these forms: as counted."""
   import jax
   from kd_jax.models import conv_pool
-  if not hasattr(conv_pool, "SPECTRAL_MIN_INPUT_CHANNELS"):
-    return count_flops()
-  saved = conv_pool.SPECTRAL_MIN_INPUT_CHANNELS
-  conv_pool.SPECTRAL_MIN_INPUT_CHANNELS = sys.maxsize
+  direct = {"SPECTRAL_MIN_INPUT_CHANNELS": sys.maxsize, "POLYPHASE_MAX_CHANNELS": 0,
+            "POLYPHASE_MAX_CHANNELS_ELSEWHERE": 0}
+  saved = {name: getattr(conv_pool, name) for name in direct if hasattr(conv_pool, name)}
+  for name in saved:
+    setattr(conv_pool, name, direct[name])
   jax.clear_caches()
   try:
     return count_flops()
   finally:
-    conv_pool.SPECTRAL_MIN_INPUT_CHANNELS = saved
+    for name, value in saved.items():
+      setattr(conv_pool, name, value)
     jax.clear_caches()
 
 
@@ -962,8 +965,8 @@ def main(argv=None) -> None:
              "CPU ms/step: process CPU time (all threads, spinning included) per step. GFLOP/step: the model's "
              "FLOPs, by XLA's cost analysis of the step compiled with direct convolutions (× devices) for JAX, "
              "`torch.utils.flop_counter` (convolutions and matmuls only) for PyTorch, 2n³ for the matmul probes; "
-             "program GFLOP: what the compiled JAX step executes (fewer where LeNet's conv2 trains in the "
-             "frequency domain). % of peak: per round, the step's "
+             "program GFLOP: what the compiled JAX step executes (more where LeNet's blocks are polyphase, "
+             "fewer where its conv2 trains in the frequency domain). % of peak: per round, the step's "
              "GFLOP/s over the faster matmul probe's GFLOP/s in that round, median over rounds. Start-up CPU: "
              "importing, building, compiling and running the first step, in CPU seconds. Peak RSS: VmHWM.")
   if peak:

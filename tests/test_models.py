@@ -434,9 +434,13 @@ def test_polyphase_kernel_places_each_weight_at_its_phase():
     assert got[p, q, r, s, c, a, b, o] == (w[u, v, c, o] if 0 <= u < 5 and 0 <= v < 5 else 0.0)
 
 
-@pytest.mark.parametrize('features, polyphase', [(conv_pool.POLYPHASE_MAX_CHANNELS, True),
-                                                 (conv_pool.POLYPHASE_MAX_CHANNELS + 1, False)])
-def test_conv_pool_picks_the_polyphase_form_for_few_channels(features, polyphase):
+@pytest.mark.parametrize('cpu, features, polyphase', [
+    (True, conv_pool.POLYPHASE_MAX_CHANNELS, True), (True, conv_pool.POLYPHASE_MAX_CHANNELS + 1, False),
+    (False, conv_pool.POLYPHASE_MAX_CHANNELS_ELSEWHERE, True),
+    (False, conv_pool.POLYPHASE_MAX_CHANNELS_ELSEWHERE + 1, False)])
+def test_conv_pool_picks_the_polyphase_form_for_few_channels(cpu, features, polyphase, monkeypatch):
+  # (Where the frequency-domain form applies, it goes first: tests/test_spectral.py.)
+  monkeypatch.setattr(conv_pool, 'on_cpu', lambda: cpu)
   module = conv_pool.ConvMaxPool(features)
   x = jnp.zeros((1, 28, 28, 1))
   jaxpr = jax.make_jaxpr(lambda v: module.apply(v, x))(init(module, x)).jaxpr

@@ -106,7 +106,8 @@ def test_conv_pool_trains_in_the_frequency_domain_where_it_pays(in_channels, siz
   variables = module.init(jax.random.key(0), x)
   assert convolutions_in(lambda v: module.apply(v, x), variables) == 1  # inference: always direct
   grad = jax.grad(lambda p: jnp.sum(module.apply({'params': p}, x)))
-  # The direct form's training program holds the forward and the weight gradient's convolutions.
+  # Otherwise (polyphase or direct) the training program holds the forward and the weight
+  # gradient's convolutions.
   assert (convolutions_in(grad, variables['params']) == 0) == spectral_expected
 
 
@@ -130,5 +131,5 @@ def test_lenet_routes_only_conv2_through_the_frequency_domain_at_the_seeds_width
   x = jnp.zeros((1, 32, 32, 3))
   params = lenet.init(jax.random.key(0), x, train=False)['params']
   grad = jax.grad(lambda p: jnp.sum(lenet.apply({'params': p}, x, train=True)))
-  # conv1 (3 input channels) stays direct: its forward and weight gradient; conv2 has none.
+  # conv1 (3 input channels, polyphase): its forward and weight gradient; conv2 has none.
   assert convolutions_in(grad, params) == 2

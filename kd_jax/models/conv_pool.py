@@ -31,7 +31,9 @@ import numpy as np
 
 from kd_jax.models import pooling, spectral
 
-POLYPHASE_MAX_CHANNELS = 16
+POLYPHASE_MAX_CHANNELS = 64
+# Not measured on a GPU: other backends keep the limit set before the CPU's was raised.
+POLYPHASE_MAX_CHANNELS_ELSEWHERE = 16
 SPECTRAL_MIN_INPUT_CHANNELS = 32
 SPECTRAL_MAX_PIXELS = 256
 
@@ -44,8 +46,9 @@ class ConvMaxPool(nn.Module):
     kernel_size: k of the k×k kernel.
     activation: a monotone non-decreasing function (see the module docstring).
     dtype: the compute dtype; parameters stay float32.
-    polyphase: None picks the polyphase form for at most `POLYPHASE_MAX_CHANNELS` outputs;
-      True/False force it.
+    polyphase: None picks the polyphase form for at most `POLYPHASE_MAX_CHANNELS` outputs on
+      the CPU backend (`POLYPHASE_MAX_CHANNELS_ELSEWHERE` on others), unless the convolution
+      trains in the frequency domain; True/False force it.
     spectral_gradients: train the direct form's convolution in the frequency domain
       (`spectral.conv_spectral_grad`; the value without differentiation is unchanged). None
       picks it on the CPU backend for float32 with at least `SPECTRAL_MIN_INPUT_CHANNELS`
@@ -66,13 +69,15 @@ class ConvMaxPool(nn.Module):
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
     dtype = jnp.dtype(self.dtype)
     x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
-    polyphase = self.features <= POLYPHASE_MAX_CHANNELS if self.polyphase is None else self.polyphase
+    spectral_gradients = self.spectral_gradients
+    if spectral_gradients is None:
+      spectral_gradients = (on_cpu() and dtype == jnp.float32 and x.shape[-1] >= SPECTRAL_MIN_INPUT_CHANNELS
+                            and x.shape[1] * x.shape[2] <= SPECTRAL_MAX_PIXELS)
+    polyphase = self.polyphase
+    if polyphase is None:
+      limit = POLYPHASE_MAX_CHANNELS if on_cpu() else POLYPHASE_MAX_CHANNELS_ELSEWHERE
+      polyphase = self.features <= limit and not spectral_gradients
     if not polyphase:
-      spectral_gradients = self.spectral_gradients
-      if spectral_gradients is None:
-        spectral_gradients = (jax.default_backend() == 'cpu' and dtype == jnp.float32
-                              and x.shape[-1] >= SPECTRAL_MIN_INPUT_CHANNELS
-                              and x.shape[1] * x.shape[2] <= SPECTRAL_MAX_PIXELS)
       y = (spectral.conv_spectral_grad if spectral_gradients else spectral.conv_valid)(x, kernel)
       return pooling.max_pool_2x2(self.activation(y + bias), padding='VALID')
     # The pool drops an odd last row/column of the conv output: so does cropping the input to
@@ -106,6 +111,11 @@ def polyphase_kernel(kernel: jax.Array) -> jax.Array:
   taps = padded[index[:, None, :, None, :, None], index[None, :, None, :, None, :]]  # [p, q, r, s, a, b, c, o]
   c_in, c_out = kernel.shape[2:]
   return taps.transpose(0, 1, 2, 3, 6, 4, 5, 7).reshape(m, m, 4 * c_in, 4 * c_out)
+
+
+def on_cpu() -> bool:
+  """Whether JAX computes on the CPU (read at trace time)."""
+  return jax.default_backend() == 'cpu'
 
 
 @jax.custom_jvp
