@@ -3,11 +3,12 @@
   python benchmarks/conv_pool.py              # LeNet's layers at widths 0.125–1.0, both input shapes
   python benchmarks/conv_pool.py --rounds 15
 
-Sets `POLYPHASE_MAX_CHANNELS`: for each layer, the block's forward plus its gradients (weights and
-bias; the input too for conv2, whose input is a layer's output), batch 256, float32, under
-`jax.jit` with kd_jax's CPU XLA flags. Both forms run in this one process, alternately, in
-`--rounds` rounds; each cell is the median over rounds of a chunk's mean wall time, the ratio the
-median of the within-round ratios (> 1: the polyphase form is faster).
+Each block alone (whole steps, `step_time.py`, set `POLYPHASE_MAX_CHANNELS`): for each layer, the
+block's forward plus its gradients (weights and bias; the input too for conv2, whose input is a
+layer's output), batch 256, float32, under `jax.jit` with kd_jax's CPU XLA flags. Both forms
+run in this one process, alternately, in `--rounds` rounds; each cell is the median over rounds
+of a chunk's mean wall time, the ratio the median of the within-round ratios (> 1: the
+polyphase form is faster).
 """
 
 import argparse

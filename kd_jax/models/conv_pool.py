@@ -4,11 +4,14 @@ With few output channels XLA's CPU convolution is slow (a thin matrix product pe
 for those layers the block is computed in **polyphase** form: the input is folded 2×2 into
 channels (space-to-depth, 4·C_in channels at half the resolution), one convolution with a
 ⌊k/2⌋+1-square kernel produces each 2×2 pooling window's four conv outputs as 4·C_out
-channels, and the pool becomes a max over those four. Same parameters (`kernel` [k, k, C_in,
-C_out], `bias`, as `nn.Conv`), same outputs up to float rounding (the polyphase kernel holds the
-same weights and zeros), about 1.44× the FLOPs for k = 5; on this project's CPU a block with
-C_out ≤ 16 runs 1.2–1.8× faster, from 32 up even or slower (`benchmarks/conv_pool.py`,
-BENCHMARKS.md). Hence `POLYPHASE_MAX_CHANNELS`.
+channels, and the pool becomes a max over those four (`phase_max`). Same parameters (`kernel`
+[k, k, C_in, C_out], `bias`, as `nn.Conv`), same outputs up to float rounding (the polyphase
+kernel holds the same weights and zeros), about 1.44× the FLOPs for k = 5. Alone, a block with
+C_out ≤ 16 ran 1.2–1.8× faster on this project's CPU, from 32 up even or slower
+(`benchmarks/conv_pool.py`); inside LeNet's training step, since `phase_max` stores the max
+once, every layer up to 64 outputs that does not train in the frequency domain (below) makes
+the step faster in polyphase form (BENCHMARKS.md). Hence `POLYPHASE_MAX_CHANNELS`, on the CPU
+only: other backends keep the earlier limit, 16 (no GPU measured).
 
 The direct form, with many input channels on a small map (LeNet's conv2 from width 0.5), trains
 its convolution in the frequency domain (`kd_jax.models.spectral`): the same values and

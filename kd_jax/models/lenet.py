@@ -44,8 +44,9 @@ class LeNet(nn.Module):
     act = nn.relu if self.relu_after_conv else (lambda y: y)
     dtype = jnp.dtype(self.dtype)
 
-    # Each conv and the pool after it in one module (same parameters as nn.Conv): at small widths
-    # it computes them in a faster, polyphase form (kd_jax.models.conv_pool).
+    # Each conv and the pool after it in one module (same parameters as nn.Conv), which computes
+    # thin layers in polyphase form and, on the CPU, trains a wide conv2 in the frequency domain
+    # (kd_jax.models.conv_pool).
     x = ConvMaxPool(scaled(64, self.width), activation=act, dtype=self.dtype, name='conv1')(x)
     x = ConvMaxPool(scaled(128, self.width), activation=act, dtype=self.dtype, name='conv2')(x)
 
