@@ -72,13 +72,14 @@ class ConvMaxPool(nn.Module):
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
     dtype = jnp.dtype(self.dtype)
     x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+    cpu = on_cpu()
     spectral_gradients = self.spectral_gradients
     if spectral_gradients is None:
-      spectral_gradients = (on_cpu() and dtype == jnp.float32 and x.shape[-1] >= SPECTRAL_MIN_INPUT_CHANNELS
+      spectral_gradients = (cpu and dtype == jnp.float32 and x.shape[-1] >= SPECTRAL_MIN_INPUT_CHANNELS
                             and x.shape[1] * x.shape[2] <= SPECTRAL_MAX_PIXELS)
     polyphase = self.polyphase
     if polyphase is None:
-      limit = POLYPHASE_MAX_CHANNELS if on_cpu() else POLYPHASE_MAX_CHANNELS_ELSEWHERE
+      limit = POLYPHASE_MAX_CHANNELS if cpu else POLYPHASE_MAX_CHANNELS_ELSEWHERE
       polyphase = self.features <= limit and not spectral_gradients
     if not polyphase:
       y = (spectral.conv_spectral_grad if spectral_gradients else spectral.conv_valid)(x, kernel)
