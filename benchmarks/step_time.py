@@ -469,9 +469,12 @@ def model_flops(count_flops) -> float:
   counted as executed, a step that got faster by dropping FLOPs would show a lower fraction of
   the peak. The program is traced anew (caches cleared) with both forms switched off, then the
   caches are cleared again so that the timed step recompiles as it is. A `--before_tree`
-  without these forms: as counted."""
+  without these forms (no `kd_jax.models.conv_pool`, or not all of its switches): as counted."""
   import jax
-  from kd_jax.models import conv_pool
+  try:
+    from kd_jax.models import conv_pool
+  except ImportError:  # a --before_tree from before LeNet's polyphase and spectral forms
+    return count_flops()
   direct = {"SPECTRAL_MIN_INPUT_CHANNELS": sys.maxsize, "POLYPHASE_MAX_CHANNELS": 0,
             "POLYPHASE_MAX_CHANNELS_ELSEWHERE": 0}
   saved = {name: getattr(conv_pool, name) for name in direct if hasattr(conv_pool, name)}
