@@ -217,7 +217,7 @@ def settings(args) -> dict:
   if amal.block_pairs != "auto":
     raise SystemExit(f"the benchmark builds block_pairs='auto', the config has {amal.block_pairs!r}")
   class_sets = [[int(c) for c in g.split("+")] for g in amal.teacher_classes.split("/")]
-  teacher_blocks = [[int(w) for w in g.split("-")] for g in amal.teacher_blocks.split("/")]
+  teacher_blocks = [[int(w) for w in g.split("-")] for g in (args.amal_teacher_blocks or amal.teacher_blocks).split("/")]
   if len(teacher_blocks) == 1:
     teacher_blocks *= len(class_sets)
   return {
@@ -779,6 +779,9 @@ def main(argv=None) -> None:
                  help="the amalgamation benchmarks' routing rule (default: the experiment's, "
                       "pool_lda; issue 12's before/after target is stated for teacher_card, which "
                       "the trees before pool_lda also have)")
+  p.add_argument("--amal_teacher_blocks", default="",
+                 help="the amalgamation teachers' block widths, e.g. 32-64-128 (issue 12's setting; "
+                      "default: the experiment's teacher_blocks, 64-128-256 since 2026-12-03)")
   p.add_argument("--only", default="",
                  help="comma-separated benchmark names; a JAX one prefixed before_ runs the code of "
                       "--before_tree, prefixed noflag_ runs without kd_jax's CPU XLA flags")

@@ -196,6 +196,57 @@ def test_convnet_rejects_unknown_norm():
     ConvNet(num_classes=3, norm='layer').init(KEY, jnp.zeros((1, 4, 4, 1)), train=False)
 
 
+def convnet_reference(variables, x, *, block_widths, convs_per_block, train):
+  """ConvNet's forward written out: (3×3 SAME conv → BatchNorm → ReLU) × n → Flax's 2×2 SAME
+  max pool per block, global average pool, dense. BatchNorm from the running statistics
+  (`train=False`) or the batch's (biased variance), epsilon 1e-5."""
+  params, stats = variables['params'], variables['batch_stats']
+  features = []
+  for i in range(len(block_widths)):
+    for j in range(convs_per_block):
+      name = f'block_{i}_{{}}_{j}'
+      x = jax.lax.conv_general_dilated(x, params[name.format('conv')]['kernel'], (1, 1), 'SAME',
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      bn = params[name.format('bn')]
+      mean, var = ((jnp.mean(x, (0, 1, 2)), jnp.var(x, (0, 1, 2))) if train else
+                   (stats[name.format('bn')]['mean'], stats[name.format('bn')]['var']))
+      x = jnp.maximum((x - mean) / jnp.sqrt(var + 1e-5) * bn['scale'] + bn['bias'], 0.0)
+    x = nn.max_pool(x, (2, 2), strides=(2, 2), padding='SAME')
+    features.append(x)
+  head = params['head']
+  return jnp.mean(x, (1, 2)) @ head['kernel'] + head['bias'], features
+
+
+@pytest.mark.parametrize('train', [False, True])
+@pytest.mark.parametrize('convs_per_block', [1, 2])
+def test_convnet_matches_its_definition(train, convs_per_block):
+  """Logits and block features against the written-out forward, in training and evaluation
+  (where the block's last ReLU runs after the pool: the same values), on odd map sizes (SAME
+  pooling of 7×7), with running statistics and BatchNorm scales of both signs."""
+  widths = (4, 8, 8)
+  model = ConvNet(num_classes=3, block_widths=widths, convs_per_block=convs_per_block)
+  x = jax.random.normal(KEY, (3, 28, 28, 1))
+  variables = init(model, x, train=False)
+  keys = iter(jax.random.split(jax.random.key(5), 64))
+  randomise = lambda tree, lo, hi: jax.tree.map(  # noqa: E731
+      lambda a: jax.random.uniform(next(keys), a.shape, minval=lo, maxval=hi), tree)
+  variables = {
+      'params': {name: (randomise(p, -1.5, 1.5) if '_bn_' in name else p)
+                 for name, p in variables['params'].items()},
+      'batch_stats': {name: {'mean': randomise(s['mean'], -0.5, 0.5), 'var': randomise(s['var'], 0.5, 2.0)}
+                      for name, s in variables['batch_stats'].items()},
+  }
+  kwargs = dict(train=train, mutable=['batch_stats']) if train else dict(train=False)
+  out = apply(model, variables, x, **kwargs)
+  logits, features = out[0] if train else out
+  want_logits, want_features = jax.jit(functools.partial(
+      convnet_reference, block_widths=widths, convs_per_block=convs_per_block, train=train))(variables, x)
+  assert [f.shape for f in features] == [(3, 14, 14, 4), (3, 7, 7, 8), (3, 4, 4, 8)]
+  for got, want in zip((*features, logits), (*want_features, want_logits)):
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+  assert 0 < float(jnp.mean(features[0] == 0)) < 0.5  # the ReLU cut some windows, not most
+
+
 def test_convnet_bn_axis_name_under_shard_map():
   x = jax.random.normal(KEY, (4, 8, 8, 1))
   plain = ConvNet(num_classes=3, block_widths=(4,), convs_per_block=1)
@@ -231,6 +282,28 @@ def test_feature_alignment():
     assert kernel.shape == (1, 1, 6, width)
     # Starts on the unit-norm constraint that the amalgamation loss imposes per output filter.
     np.testing.assert_allclose(jnp.sum(kernel ** 2, axis=(0, 1, 2)), 1.0, rtol=1e-5)
+
+
+def test_feature_alignment_is_the_1x1_convolution():
+  """The projection (a matrix product, `alignment.pointwise_conv`) against the NumPy sum and
+  against `lax.conv_general_dilated`: values and both gradients."""
+  from kd_jax.models import alignment
+  x = jax.random.normal(KEY, (2, 5, 3, 6))
+  fa = FeatureAlignment(4)
+  variables = init(fa, x)
+  kernel = variables['params']['conv']['kernel']
+  np.testing.assert_allclose(apply(fa, variables, x),
+                             np.einsum('bhwc,co->bhwo', np.asarray(x, np.float64), np.asarray(kernel[0, 0], np.float64)),
+                             rtol=1e-5, atol=1e-5)
+  conv = lambda k, x: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',  # noqa: E731
+                                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  cotangent = jax.random.normal(jax.random.key(1), (2, 5, 3, 4))
+  project = lambda k, x: fa.apply({'params': {'conv': {'kernel': k}}}, x)  # noqa: E731
+  grads = lambda f: jax.jit(lambda k, x: jax.vjp(f, k, x)[1](cotangent))(kernel, x)  # noqa: E731
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
+               grads(project), grads(conv))
+  with pytest.raises(ValueError, match='1×1 kernel'):
+    alignment.pointwise_conv(x, jnp.ones((3, 3, 6, 4)), (1, 1), 'SAME')
 
 
 def test_block_alignment():
