@@ -217,7 +217,8 @@ def settings(args) -> dict:
   if amal.block_pairs != "auto":
     raise SystemExit(f"the benchmark builds block_pairs='auto', the config has {amal.block_pairs!r}")
   class_sets = [[int(c) for c in g.split("+")] for g in amal.teacher_classes.split("/")]
-  teacher_blocks = [[int(w) for w in g.split("-")] for g in (args.amal_teacher_blocks or amal.teacher_blocks).split("/")]
+  blocks = args.amal_teacher_blocks or amal.teacher_blocks
+  teacher_blocks = [[int(w) for w in g.split("-")] for g in blocks.split("/")]
   if len(teacher_blocks) == 1:
     teacher_blocks *= len(class_sets)
   return {

@@ -292,9 +292,8 @@ def test_feature_alignment_is_the_1x1_convolution():
   fa = FeatureAlignment(4)
   variables = init(fa, x)
   kernel = variables['params']['conv']['kernel']
-  np.testing.assert_allclose(apply(fa, variables, x),
-                             np.einsum('bhwc,co->bhwo', np.asarray(x, np.float64), np.asarray(kernel[0, 0], np.float64)),
-                             rtol=1e-5, atol=1e-5)
+  want = np.einsum('bhwc,co->bhwo', np.asarray(x, np.float64), np.asarray(kernel[0, 0], np.float64))
+  np.testing.assert_allclose(apply(fa, variables, x), want, rtol=1e-5, atol=1e-5)
   conv = lambda k, x: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME',  # noqa: E731
                                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   cotangent = jax.random.normal(jax.random.key(1), (2, 5, 3, 4))
