@@ -1,13 +1,13 @@
 """Per-convolution times of LeNet's layers: XLA (as kd_jax compiles them) against PyTorch.
 
-  python benchmarks/conv_ops.py                 # the study widths 0.125 and 0.5, 28×28×1, and the seed recipe
+  python benchmarks/conv_ops.py             # study widths 0.125 and 0.5 (28×28×1), the seed recipe
   python benchmarks/conv_ops.py --rounds 20
 
 Where the LeNet training step spends its time, op by op: for each convolution of the LeNet of
 a setting, the forward pass, the forward plus the weight gradient (what conv1 needs: no input
 gradient for the images) and the forward plus both gradients (conv2), batch 256, float32.
 JAX: `lax.conv_general_dilated` under `jax.jit` with kd_jax's CPU XLA flags
-(`kd_jax.xla_flags.configure_cpu`); PyTorch: `F.conv2d` and autograd, NCHW, 2 threads. The two
+(`kd_jax.ops.xla_flags.configure_cpu`); PyTorch: `F.conv2d` and autograd, NCHW, 2 threads. The two
 run in this one process, alternately, in `--rounds` rounds; each cell is the median over rounds of
 a chunk's mean wall time, and the ratio JAX ÷ PyTorch the median of the within-round ratios
 (> 1: JAX slower). Inputs are random; the shapes are those of `kd_jax.models.LeNet`.
@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from kd_jax import xla_flags  # noqa: E402
+from kd_jax.ops import xla_flags  # noqa: E402
 
 xla_flags.configure_cpu()
 

@@ -1,6 +1,6 @@
-"""LeNet's conv + 2×2 max-pool blocks, direct against polyphase form (kd_jax.models.conv_pool).
+"""LeNet's conv + 2×2 max-pool blocks, direct against polyphase form (kd_jax.ops.conv_pool).
 
-  python benchmarks/conv_pool.py              # LeNet's layers at widths 0.125–1.0, both input shapes
+  python benchmarks/conv_pool.py             # LeNet's layers at widths 0.125–1.0, both shapes
   python benchmarks/conv_pool.py --rounds 15
 
 Each block alone (whole steps, `step_time.py`, set `POLYPHASE_MAX_CHANNELS`): for each layer, the
@@ -24,7 +24,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kd_jax.models.conv_pool import ConvMaxPool  # noqa: E402
+from kd_jax.ops.conv_pool import ConvMaxPool  # noqa: E402
 
 SHAPES = {"28×28×1": (28, 28, 1), "32×32×3": (32, 32, 3)}
 WIDTHS = (0.125, 0.25, 0.5, 1.0)

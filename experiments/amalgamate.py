@@ -9,10 +9,11 @@ union without labels; stage 3 evaluates. See `kd_jax/amalgamation/pipeline.py`.
 Arguments (`:k=v,...`):
   dataset           mnist | fashion_mnist | cifar10.
   teacher_classes   class sets, '/' between teachers, '+' within: '0+1/2+3'.
-  selection         per-sample teacher rule: pool_lda (default, measured best: a linear
-                    discriminant over all teachers' features fitted on the unlabelled pool,
-                    started from teacher_card and refitted once on class-balanced
-                    pseudo-classes), teacher_card, entropy (the paper's), max_softmax, energy.
+  selection         per-sample teacher rule: pool_lda (default: a linear discriminant over
+                    all teachers' features fitted on the unlabelled pool, started from
+                    teacher_card and refitted once on class-balanced pseudo-classes),
+                    teacher_card, entropy (the paper's), max_softmax, energy.
+                    docs/results.md compares them.
   routing           hard (one teacher per sample) | soft (weights over teachers).
   seed, smoke       as everywhere.
   dual_stage        the paper's dual stage: 2 source nets per task, on disjoint halves of
@@ -41,8 +42,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Nets: VGG-style ConvNets; widths per block, '/' between nets when they differ.
   config.teacher_classes = args["teacher_classes"]
   config.teacher_workdirs = ""  # 'dir0:dir1': amalgamate already-trained component nets instead
-  # Teachers twice as wide as the student: their features route better (pool_lda 0.939 →
-  # 0.945 on Fashion-MNIST 0-3) for about 2× stage 1's time (README: wide teachers).
+  # Teachers twice as wide as the student: their features route better, for about twice
+  # stage 1's time (docs/results.md).
   config.teacher_blocks = "64-128-256"
   config.student_blocks = "32-64-128"
   config.convs_per_block = 1
@@ -57,10 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         epochs=epochs, min_steps=min_steps, learning_rate=learning_rate, batch_size=batch_size,
         decay_at=0.8, decay_factor=0.1))
 
-  # Epochs, and a floor of optimizer steps so that a small pool trains as long as a full one
-  # (README: small pools). On all of MNIST or Fashion-MNIST, classes 0-3, the epochs give
-  # 372-392 component and 561-579 amalgamation steps, so the floors do not bind there; they
-  # do for the dual stage's half-data sources and per-task stage.
+  # Epochs, and a floor of optimizer steps so that a small pool trains as long as a full one.
+  # On a full data set's classes the epochs give more steps than the floors, which then bind
+  # only for small pools (a train_split slice, the dual stage's half-data sources).
   config.component = stage(epochs=4, learning_rate=1e-3, min_steps=300)
 
   def amalgamation(**kw):
@@ -73,21 +73,21 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # 'bfloat16' computes in it; parameters, optimizer state and every loss stay float32.
         dtype="float32", teacher_dtype="float32",
         # Self-training: the student's own task probabilities join the routing, ramped in
-        # between these fractions of the stage (kd_jax/amalgamation/objective.py). Off: it
-        # moved Fashion-MNIST by 0.1 points (README).
+        # between these fractions of the stage (kd_jax/amalgamation/objective.py). Off by
+        # default: it did not change accuracy measurably (docs/results.md).
         self_training=0.0, self_training_start=0.3, self_training_end=0.6,
         # pool_lda reads each teacher block averaged over a pool_grid × pool_grid grid
-        # (1: global average): 2 routes 0.8 points better on Fashion-MNIST 0-3 (README).
+        # (1: global average): where a feature fires helps routing (docs/results.md).
         pool_grid=2,
         # One refit of the pool router on pseudo-classes balanced to the teachers' class mix
-        # (routing.fit_pool_router): +0.9 points on Fashion-MNIST 0-3, 3 seeds (README).
+        # (routing.fit_pool_router; ablation in docs/results.md).
         pool_balance_rounds=1,
     ))
     cfg.update(kw)
     return cfg
 
   # 2e-3: within 3 epochs the student then reaches its routed teachers' own accuracy; the
-  # supervised baseline shares this schedule (README: wide teachers).
+  # supervised baseline shares this schedule.
   config.amalgamation = amalgamation(learning_rate=2e-3)
   # Stage 1 of the dual stage: sources share one task; the paper picks the least
   # ambiguous source per sample (entropy), which is sound when they share classes.

@@ -4,7 +4,7 @@
       --config=experiments/lenet_student.py:method=hinton_kd,dataset=fashion_mnist \
       --config.teacher_workdir=runs/teacher --workdir=runs/hinton_kd
 
-Methods (REFERENCE.md §2): ground_truth (labels only), logit_regression (Ba & Caruana
+Methods: ground_truth (labels only), logit_regression (Ba & Caruana
 2014), noisy_teacher (Sau & Balasubramanian 2016), hinton_kd (Hinton et al. 2015).
 `distill.seed_compat=True` switches to the seed's own formulas (`kd_jax.seed_compat`),
 which differ from the papers'.
@@ -36,7 +36,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
           # Hinton et al.: soft targets at a high temperature, the hard term weighted low.
           temperature=4.0,
           soft_weight=0.9,
-          # Sau & Balasubramanian: perturb half the samples; sigma as in the seed's README run.
+          # Sau & Balasubramanian: perturb half the samples, with the seed's sigma.
           noise_ratio=0.5,
           noise_std=0.1,
           # The seed keeps teacher dropout on while distilling; the papers use a fixed teacher.

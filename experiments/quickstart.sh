@@ -16,7 +16,7 @@ PY=.venv/bin/python
 RUNS=${RUNS:-runs/quickstart}
 DATA="--config.data.manual_dir=/usr/share/datasets/fashion-mnist --config.data.data_dir=$RUNS/tfds"
 
-# The study's setting (README): NiN width 0.25 with the seed's fc head, LeNet width 0.25.
+# The study's setting (docs/results.md): NiN width 0.25 with the seed's fc head, LeNet width 0.25.
 $PY -m kd_jax.main --config=experiments/nin_teacher.py:dataset=fashion_mnist,width=0.25,head=fc,epochs=3 \
   $DATA --workdir="$RUNS/teacher"
 $PY -m kd_jax.main --config=experiments/lenet_student.py:method=hinton_kd,dataset=fashion_mnist,width=0.25,epochs=2 \

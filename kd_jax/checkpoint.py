@@ -42,12 +42,13 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy
 
 from kd_jax import models
+from kd_jax.errors import UsageError
 
 CHECKPOINT_SUBDIR = "checkpoints"
 META = "meta"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
   """A checkpoint is missing, incomplete, or not what the caller expects."""
 
 

@@ -1,8 +1,8 @@
 """Command-line plumbing shared by `kd_jax.main` and `kd_jax.evaluate`.
 
-Bad input (a `ValueError` raised by our checks: unknown method, missing teacher,
-wrong data directory, ...) is reported as one line on stderr with exit status 2,
-not as a traceback.
+Bad input (unknown method, missing teacher, wrong data directory, a bad flag, ...) is
+reported as one line on stderr with exit status 2, not as a traceback; a run stopped by a
+fault as one line with its own status (`kd_jax.errors`).
 """
 
 import ast
@@ -15,26 +15,28 @@ from absl import app
 from absl import flags
 from absl import logging as absl_logging
 
+from kd_jax import errors
+
 
 @contextlib.contextmanager
 def one_line_errors():
-  """Bad input → `error: ...`, exit status 2. A run stopped by a fault raises an exception
-  with `label` and `exit_status` (a diverged run: 'error', 3; SIGINT/SIGTERM: 'interrupted',
-  130/143) → one such line with that status. Ctrl-C before training: one line, 130."""
+  """A `KdJaxError` → one line `<label>: <message>` and its exit status (`kd_jax.errors`);
+  any other `ValueError` is bad input too (e.g. a loss's hyper-parameter): `error:`, 2.
+  Ctrl-C before training: one line, 130."""
   try:
     yield
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  except KeyboardInterrupt:
-    print("interrupted: SIGINT before training started; nothing to save: run the same command again",
-          file=sys.stderr)
-    sys.exit(130)
-  except Exception as e:  # pylint: disable=broad-except
-    if not hasattr(e, "exit_status"):
-      raise
+  except errors.KdJaxError as e:
     print(f"{e.label}: {e}", file=sys.stderr)
     sys.exit(e.exit_status)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(errors.UsageError.exit_status)
+  except KeyboardInterrupt:
+    print(
+        "interrupted: SIGINT before training started; nothing to save: run the same command again",
+        file=sys.stderr,
+    )
+    sys.exit(130)
 
 
 class _QuietLibraries(logging.Filter):
@@ -159,6 +161,28 @@ def _quiet_abandoned_reads(unraisable, default=sys.unraisablehook) -> None:
   if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
     return
   default(unraisable)
+
+
+def define_process_flags():
+  """Defines the multi-process flags of an entry point; returns `join()`, which joins the job
+  they describe (`kd_jax.distributed.initialize`; call it before anything starts JAX)."""
+  coordinator = flags.DEFINE_string(
+      "coordinator_address",
+      None,
+      "HOST:PORT of process 0 (multi-process runs; default: $JAX_COORDINATOR_ADDRESS or the "
+      "cluster launcher's).",
+  )
+  num_processes = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
+  process_id = flags.DEFINE_integer(
+      "process_id", None, "This process's index in [0, num_processes)."
+  )
+
+  def join() -> None:
+    from kd_jax import distributed  # pylint: disable=g-import-not-at-top
+
+    distributed.initialize(coordinator.value, num_processes.value, process_id.value)
+
+  return join
 
 
 def run(main) -> None:

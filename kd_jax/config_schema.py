@@ -3,7 +3,7 @@
 `SCHEMA` declares each field that a config of `experiments/` can hold, by its dotted name:
 its type, the values it allows and what it means. `validate` checks a config against it
 before anything is written: `kd_jax.main` calls it as soon as the config is loaded, and
-`kd_jax.train.loop.train_and_evaluate` and `kd_jax.amalgamation.pipeline.run` call it again
+`kd_jax.train.distill.train_and_evaluate` and `kd_jax.amalgamation.pipeline.run` call it again
 for library users. The first bad field raises `UsageError`, one line naming the field, its
 value and what is allowed. What needs the data, the devices or a teacher (a batch larger
 than the training split or not divisible over the devices, a class outside the dataset, a
@@ -23,25 +23,23 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+# The allowed values live in `kd_jax.choices`, read by the code that acts on them too.
+from kd_jax.choices import (
+    CONVNET_NORMS,
+    DATASETS,
+    DTYPES,
+    LOGIT_LOSSES,
+    MATMUL_PRECISIONS,
+    METHODS,
+    MODELS,
+    NIN_HEADS,
+    ON_NONFINITE,
+    PREPROCESS,
+    ROUTINGS,
+    SELECTIONS,
+)
+from kd_jax.errors import UsageError
 
-class UsageError(ValueError):
-  """Bad input from the user: reported as one line (`error: ...`), nothing written."""
-
-
-# The choices, as the code that acts on them names them (tests/test_config_schema.py checks
-# that they agree; spelled out here so that validating needs neither JAX nor TensorFlow).
-DATASETS = ("cifar10", "mnist", "fashion_mnist")
-METHODS = ("ground_truth", "logit_regression", "noisy_teacher", "hinton_kd")
-MODELS = ("nin", "lenet", "convnet")
-PREPROCESS = ("mean_image", "mean_image_255", "standardize", "none")
-SELECTIONS = ("entropy", "max_softmax", "energy", "teacher_card", "pool_lda")
-ROUTINGS = ("hard", "soft")
-LOGIT_LOSSES = ("kl", "l2")
-ON_NONFINITE = ("stop", "skip")
-DTYPES = ("float32", "bfloat16")
-MATMUL_PRECISIONS = ("default", "high", "highest")
-NIN_HEADS = ("gap", "fc")
-CONVNET_NORMS = ("batch", "none")
 MAX_SEED = 2**31 - 1  # the pipeline derives teachers' seeds as seed * 1000 + t: keep them in int64
 
 
@@ -143,11 +141,31 @@ def _check_not_empty(text: str) -> None:
     raise UsageError("must not be empty")
 
 
-def _check_classes(classes: Sequence[int]) -> None:
-  if len(set(classes)) < 2:
-    raise UsageError("a net needs at least 2 distinct classes")
-  if len(set(classes)) != len(classes):
-    raise UsageError("lists a class twice")
+def check_classes(
+    classes: Sequence[int], num_classes: int | None = None, *, fewest: int = 2
+) -> tuple[int, ...]:
+  """Checks a class subset; returns it as a tuple of ints.
+
+  The one check of a subset, for a config's `classes` (a net needs `fewest=2`) and for the
+  data pipeline (`fewest=1`, and the dataset's `num_classes`): here, free of TensorFlow, so
+  that a config validates without it.
+
+  Raises:
+    UsageError: an empty subset, fewer than `fewest` distinct classes, a class outside
+      [0, num_classes) (given `num_classes`), or a class listed twice.
+  """
+  classes = tuple(int(c) for c in classes)
+  if not classes:
+    raise UsageError("classes must not be empty: leave them out for all classes")
+  if len(set(classes)) < fewest:
+    raise UsageError(f"a net needs at least {fewest} distinct classes")
+  outside = [c for c in classes if num_classes is not None and not 0 <= c < num_classes]
+  if outside:
+    raise UsageError(f"classes {outside} out of range [0, {num_classes})")
+  twice = sorted({c for c in classes if classes.count(c) > 1})
+  if twice:
+    raise UsageError(f"lists a class twice (duplicates: {twice})")
+  return classes
 
 
 def _check_sources_per_task(n: int) -> None:
@@ -308,7 +326,7 @@ SCHEMA: dict[str, Field] = {
     "allow_unfinished_teacher": _flag("whether a teacher without results.json (an unfinished run) is used"),
     "matmul_precision": _choice("the float32 matmul precision ('default': JAX's; 'highest': no TF32 on GPUs)",
                                 MATMUL_PRECISIONS),
-    # Data (kd_jax/data/pipeline.py: default_data_config, kd_jax/configs.py: data_config).
+    # Data (kd_jax/data/defaults.py: default_data_config, kd_jax/configs.py: data_config).
     "data.name": _choice("the dataset", DATASETS),
     "data.data_dir": _text("the TFDS data directory ('' for TFDS's default)"),
     "data.manual_dir": _text("the directory of raw data files ('' for none: download)"),
@@ -336,7 +354,7 @@ SCHEMA: dict[str, Field] = {
     "distill.cache_teacher_logits": _flag("whether a deterministic teacher's logits are computed once"),
     "distill.teacher_dtype": _choice("the frozen teacher's compute dtype", DTYPES),
     "distill.seed_compat": _flag("whether distillation uses the seed's formulas instead of the papers'"),
-    "classes": Field("the classes a component net is trained on", list, low=0, check=_check_classes),
+    "classes": Field("the classes a component net is trained on", list, low=0, check=check_classes),
     "card_shrinkage": _fraction("the teacher cards' covariance shrinkage"),
     # Amalgamation (experiments/amalgamate.py).
     "teacher_classes": _text("the teachers' class sets",

@@ -5,7 +5,7 @@ per host): each process runs the same command, and `jax.distributed.initialize` 
 them into one job whose devices form one data-parallel mesh. It is called when the job
 is distributed, i.e. when one of these is given:
 
-  * the flags `--coordinator_address=HOST:PORT` (process 0's address, the same for all),
+  * the entry points' flags `--coordinator_address=HOST:PORT` (process 0's address, the same for all),
     `--num_processes=N` and `--process_id=I`;
   * JAX's variable `JAX_COORDINATOR_ADDRESS` (with the flags for the rest);
   * a cluster launcher JAX detects by itself with more than one task (SLURM's `srun`,
@@ -18,26 +18,22 @@ from __future__ import annotations
 
 import os
 
-from absl import flags
-
-from kd_jax.config_schema import UsageError
-
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0 (multi-process runs; default: "
-    "$JAX_COORDINATOR_ADDRESS or the cluster launcher's).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+from kd_jax.errors import UsageError
 
 # Launchers JAX's cluster detection knows: (variable with the task count, variable that
 # JAX needs to find the rest, e.g. only `srun` sets SLURM_STEP_NODELIST, not `sbatch`).
 _LAUNCHERS = (("SLURM_NTASKS", "SLURM_STEP_NODELIST"), ("OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri"))
 
 
-def initialize_from_flags() -> None:
-  """Joins the job the flags or the environment describe (see the module docstring);
-  must run before anything starts a JAX backend. Bad combinations: a `UsageError`."""
-  coordinator, num_processes, process_id = _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
-  kwargs = settings(coordinator, num_processes, process_id, environ=os.environ)
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+  """Joins the job that the arguments (the entry points' flags of the same names) or the
+  environment describe (see the module docstring); must run before anything starts a JAX
+  backend. Bad combinations: a `UsageError`."""
+  kwargs = settings(coordinator_address, num_processes, process_id, environ=os.environ)
   if kwargs is None:
     return
   import jax  # pylint: disable=g-import-not-at-top

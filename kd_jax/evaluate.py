@@ -10,7 +10,7 @@ import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-from kd_jax.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (CPU-only speed flags, before JAX starts)
+from kd_jax.ops.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (CPU-only speed flags, before JAX starts)
 
 from absl import app, flags  # noqa: E402
 
@@ -21,6 +21,7 @@ _ITEM = flags.DEFINE_string("item", None, "Model to evaluate (default: the run's
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Override the run's data.data_dir.")
 _MANUAL_DIR = flags.DEFINE_string("manual_dir", None, "Override the run's data.manual_dir.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 256, "Evaluation batch size.")
+_JOIN_PROCESSES = cli.define_process_flags()
 flags.mark_flag_as_required("workdir")
 
 
@@ -72,7 +73,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   with cli.one_line_errors():
-    distributed.initialize_from_flags()  # before anything starts JAX's backend
+    _JOIN_PROCESSES()  # before anything starts JAX's backend
     metrics = evaluate_workdir(
         _WORKDIR.value,
         item=_ITEM.value,

@@ -9,7 +9,7 @@ and `--process_id`, or under a cluster launcher (`kd_jax.distributed`).
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-from kd_jax.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (CPU-only speed flags, before JAX starts)
+from kd_jax.ops.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (CPU-only speed flags, before JAX starts)
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
@@ -18,6 +18,7 @@ from kd_jax import cli, config_schema, distributed, workdir  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
+_JOIN_PROCESSES = cli.define_process_flags()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,7 +27,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.INFO)
   with cli.one_line_errors():
-    distributed.initialize_from_flags()  # before anything starts JAX's backend
+    _JOIN_PROCESSES()  # before anything starts JAX's backend
     config = cli.loaded_config(_CONFIG.value)
     # One validation pass before any data, teacher or workdir is touched.
     config_schema.validate(config)
@@ -39,9 +40,9 @@ def main(argv):
 
       results = pipeline.run(config, _WORKDIR.value)
     else:
-      from kd_jax.train import loop  # pylint: disable=g-import-not-at-top
+      from kd_jax.train import distill  # pylint: disable=g-import-not-at-top
 
-      results = loop.train_and_evaluate(config, _WORKDIR.value)
+      results = distill.train_and_evaluate(config, _WORKDIR.value)
   if distributed.is_primary():
     print(f"test_accuracy={results['test_accuracy']:.4f}  results: {os.path.join(_WORKDIR.value, 'results.json')}")
 

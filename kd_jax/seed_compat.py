@@ -1,7 +1,7 @@
 """The seeds' own loss formulas, kept only for reproducing their numbers.
 
 These are NOT the papers' methods (those are in `kd_jax.losses`, the default).
-Each function documents how the seed departs from its paper (REFERENCE.md §1–2).
+Each function documents how the seed departs from its paper.
 They are selected by `seed_compat=True` in a config.
 """
 

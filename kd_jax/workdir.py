@@ -26,7 +26,8 @@ import os
 import socket
 import time
 
-from kd_jax.config_schema import UsageError, flatten
+from kd_jax.config_schema import flatten
+from kd_jax.errors import UsageError
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"

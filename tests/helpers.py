@@ -13,8 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def experiment(name: str):
-  """The module `experiments/<name>.py` (the directory is not a package)."""
-  spec = importlib.util.spec_from_file_location(f"experiments_{name}", os.path.join(ROOT, "experiments", f"{name}.py"))
+  """The module `experiments/<name>.py`, e.g. "amalgamate" or "studies/routing_study" (the
+  directory is not a package)."""
+  spec = importlib.util.spec_from_file_location(f"experiments_{name.replace('/', '_')}",
+                                                os.path.join(ROOT, "experiments", f"{name}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module

@@ -22,10 +22,11 @@ from amalgamation_fixtures import (  # noqa: F401 (idx_data is a fixture)
     idx_data,
     tree_snapshot,
 )
-from kd_jax import checkpoint, models, routing
-from kd_jax.amalgamation import components, objective, pipeline
+from kd_jax import checkpoint, models
+from kd_jax.amalgamation import components, objective, pipeline, routing
 from kd_jax.amalgamation import step as step_lib
-from kd_jax.train import loop, steps
+from kd_jax import errors
+from kd_jax.train import steps
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train.state import TrainState
 
@@ -599,7 +600,7 @@ def test_data_parallel_matches_one_device():
 
 def _refused(config, workdir, match):
   before = tree_snapshot(workdir)
-  with pytest.raises(loop.UsageError, match=match):
+  with pytest.raises(errors.UsageError, match=match):
     pipeline.run(config, workdir)
   assert tree_snapshot(workdir) == before, "a refused run wrote into its workdir"
 

@@ -18,10 +18,10 @@ from amalgamation_fixtures import (  # noqa: F401 (idx_data is a fixture)
     tree_snapshot,
 )
 import helpers
-from kd_jax import checkpoint, data, models, reporting, routing
-from kd_jax.amalgamation import components, pipeline
+from kd_jax import checkpoint, data, models, reporting
+from kd_jax.amalgamation import components, pipeline, routing
 from kd_jax.evaluate import evaluate_workdir
-from kd_jax.train import loop
+from kd_jax import errors
 from kd_jax.train import mesh as mesh_lib
 
 UNION = [0, 1, 2, 3]
@@ -128,7 +128,7 @@ def test_rerun_with_other_teacher_blocks_is_refused(smoke):
   with config.unlocked():
     other = config.copy_and_resolve_references()
   other.teacher_blocks = "8-8-16"
-  with pytest.raises(loop.UsageError, match="different config .*teacher_blocks"):
+  with pytest.raises(errors.UsageError, match="different config .*teacher_blocks"):
     pipeline.run(other, workdir)
   assert tree_snapshot(workdir) == before
 
@@ -312,12 +312,12 @@ def test_pool_lda_and_self_training_end_to_end_without_labels(idx_data, smoke, t
 
 
 def test_routing_study_reproduces_the_runs_routing(smoke, monkeypatch, capsys):
-  """`experiments/routing_study.py` re-derives routing from a run's checkpoints by its own
+  """`experiments/studies/routing_study.py` re-derives routing from a run's checkpoints by its own
   path (its own teacher passes, its own router fit); for the run's rule it must find the
   run's routing accuracy, up to an image whose score ties within float rounding."""
   config, workdir, results = smoke
   monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the script's import adds CPU flags
-  study = helpers.experiment("routing_study")
+  study = helpers.experiment("studies/routing_study")
   found = study.routing_accuracies(workdir)
   assert set(found) == set(routing.RULES)
   assert all(0.0 <= v <= 1.0 for v in found.values())

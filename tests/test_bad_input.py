@@ -20,7 +20,7 @@ import optax
 import pytest
 
 from kd_jax import checkpoint, data, models
-from kd_jax.train import loop
+from kd_jax.train import distill
 from kd_jax.train.state import TrainState
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -260,7 +260,7 @@ def _student_config(dirs, **overrides) -> ml_collections.ConfigDict:
 
 def test_distillation_without_a_teacher_is_refused(dirs, tmp_path):
   with pytest.raises(ValueError, match=r"needs a trained teacher: set --config.teacher_workdir"):
-    loop.train_and_evaluate(_student_config(dirs), str(tmp_path / "run"))
+    distill.train_and_evaluate(_student_config(dirs), str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 
 
@@ -287,7 +287,7 @@ def test_download_only_without_a_manual_dir(dirs, tmp_path, monkeypatch, manual_
   expected = "Nothing was downloaded: --config.data.manual_dir is set" if manual_dir else (
       r"manual_dir \(now: unset\).*Downloading it with TFDS failed: ConnectionError: no network")
   with pytest.raises(data.DataNotFoundError, match=expected):
-    loop.train_and_evaluate(config, str(tmp_path / "run"))
+    distill.train_and_evaluate(config, str(tmp_path / "run"))
   assert attempts == ([] if manual_dir else ["fashion_mnist"])
   assert not os.path.exists(tmp_path / "run")
 

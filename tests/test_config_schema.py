@@ -10,6 +10,7 @@ import math
 import os
 import sys
 
+import ml_collections
 import pytest
 
 from kd_jax import cli, config_schema
@@ -72,8 +73,10 @@ def test_every_declared_field_is_used_by_some_config():
 
 
 def test_choices_are_the_codes():
-  from kd_jax import data, models, routing  # pylint: disable=g-import-not-at-top
-  from kd_jax.amalgamation import objective  # pylint: disable=g-import-not-at-top
+  """The code acts on the same lists the schema validates (`kd_jax.choices`), and each
+  choice is one the code handles."""
+  from kd_jax import data, models  # pylint: disable=g-import-not-at-top
+  from kd_jax.amalgamation import objective, routing  # pylint: disable=g-import-not-at-top
   from kd_jax.models import convnet, nin  # pylint: disable=g-import-not-at-top
   from kd_jax.train import steps  # pylint: disable=g-import-not-at-top
 
@@ -85,6 +88,9 @@ def test_choices_are_the_codes():
   assert config_schema.LOGIT_LOSSES == objective.LOGIT_LOSSES
   assert config_schema.NIN_HEADS == nin._HEADS  # pylint: disable=protected-access
   assert config_schema.CONVNET_NORMS == convnet._NORMS  # pylint: disable=protected-access
+  distill = {"noise_ratio": 0.5, "noise_std": 0.1, "temperature": 4.0, "soft_weight": 0.9}
+  for method in config_schema.METHODS:
+    assert callable(steps.make_objective(method, ml_collections.ConfigDict(distill)))
 
 
 def test_every_field_has_a_meaning_and_an_allowed_set():
@@ -181,9 +187,9 @@ def _entry_point(name):
     from kd_jax.amalgamation import pipeline  # pylint: disable=g-import-not-at-top
 
     return pipeline.run
-  from kd_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from kd_jax.train import distill  # pylint: disable=g-import-not-at-top
 
-  return loop.train_and_evaluate
+  return distill.train_and_evaluate
 
 
 @pytest.mark.parametrize("experiment, key, value, allowed", BAD_VALUES,

@@ -338,11 +338,11 @@ def test_class_subset_keeps_and_remaps(mnist_cfg):
 
 
 def test_class_subset_counts_are_read_once_per_dataset(mnist_cfg, monkeypatch):
-  from kd_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from kd_jax.data import sources  # pylint: disable=g-import-not-at-top
   reads = []
-  read = pipeline._read
-  monkeypatch.setattr(pipeline, "_read", lambda *args, **kwargs: reads.append(args[1:3]) or read(*args, **kwargs))
-  monkeypatch.setattr(pipeline, "_COUNTS", {})
+  read = sources.read_split
+  monkeypatch.setattr(sources, "read_split", lambda *args, **kwargs: reads.append(args[1:3]) or read(*args, **kwargs))
+  monkeypatch.setattr(sources, "_COUNTS", sources.ExampleCounts())
   counts = [data.get_info(mnist_cfg, classes=[3, 5]).num_train,
             data.num_batches(mnist_cfg, "train", batch_size=1, train=True, classes=[3, 5]),
             data.get_info(mnist_cfg, classes=[3, 5]).num_train]

@@ -1,4 +1,4 @@
-"""experiments/distillation_study.py: what it launches and how it aggregates (no training)."""
+"""experiments/studies/distillation_study.py: what it launches and how it aggregates (no training)."""
 
 import json
 import os
@@ -10,7 +10,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import helpers  # noqa: E402  pylint: disable=g-import-not-at-top
 
-study = helpers.experiment("distillation_study")
+study = helpers.experiment("studies/distillation_study")
 
 
 def test_label_scarce_study_launches_students_on_the_split_with_a_shared_teacher(tmp_path, monkeypatch):

@@ -23,7 +23,8 @@ import pytest
 
 from kd_jax import checkpoint, data, reporting
 from kd_jax.evaluate import evaluate_workdir
-from kd_jax.train import loop
+from kd_jax import errors
+from kd_jax.train import distill, resume
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fake_data  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -257,7 +258,7 @@ def small_config(dirs, **overrides):
 def finished(dirs):
   """A finished in-process run with checkpoints at steps 1, 4, 8, 12 and 16."""
   workdir = os.path.join(dirs["base"], "finished")
-  results = loop.train_and_evaluate(small_config(dirs), workdir)
+  results = distill.train_and_evaluate(small_config(dirs), workdir)
   ckpts = checkpoint.Checkpoints(workdir, read_only=True)
   try:
     assert ckpts.latest_step() == 16
@@ -310,7 +311,7 @@ def test_damaged_latest_checkpoint_falls_back(dirs, finished, kind, tmp_path, ca
   assert evaluate_workdir(workdir)["test_examples"] == 64
 
   # Resuming moves the damaged step aside and trains steps 13..16 again: the same run.
-  results = loop.train_and_evaluate(small_config(dirs), workdir)
+  results = distill.train_and_evaluate(small_config(dirs), workdir)
   assert os.path.isdir(os.path.join(checkpoint.checkpoint_dir(workdir), "16.damaged"))
   assert results["history"] == finished["results"]["history"]
   helpers.assert_trees_equal(helpers.final_params(workdir), finished["params"])
@@ -330,7 +331,7 @@ def test_no_intact_checkpoint_is_one_line(dirs, finished, tmp_path):
     checkpoint.load(workdir)
   assert "\n" not in str(error.value) and "step 16:" in str(error.value) and "step 1:" in str(error.value)
   with pytest.raises(checkpoint.CheckpointError, match="no intact checkpoint"):
-    loop.train_and_evaluate(small_config(dirs), workdir)
+    distill.train_and_evaluate(small_config(dirs), workdir)
   assert helpers.tree_snapshot(workdir) == before  # nothing moved, nothing written
   proc = subprocess.run([sys.executable, "-m", "kd_jax.evaluate", f"--workdir={workdir}"], cwd=ROOT, env=ENV,
                         capture_output=True, text=True, timeout=TIMEOUT)
@@ -347,8 +348,8 @@ def test_resume_on_other_data_is_refused(dirs, finished, tmp_path):
            "tfds": str(tmp_path / "tfds")}
   workdir = finished["workdir"]
   before = helpers.tree_snapshot(workdir)
-  with pytest.raises(loop.UsageError, match="trained on other data") as error:
-    loop.train_and_evaluate(small_config(other), workdir)
+  with pytest.raises(errors.UsageError, match="trained on other data") as error:
+    distill.train_and_evaluate(small_config(other), workdir)
   message = str(error.value)
   assert "train_examples 256 → 320" in message and "train_stats" in message and "\n" not in message
   assert helpers.tree_snapshot(workdir) == before
@@ -356,7 +357,7 @@ def test_resume_on_other_data_is_refused(dirs, finished, tmp_path):
   # The same data moved elsewhere (data_dir and manual_dir may change on resume).
   moved = {"manual": shutil.copytree(dirs["manual"], str(tmp_path / "moved_manual")),
            "tfds": shutil.copytree(dirs["tfds"], str(tmp_path / "moved_tfds"))}
-  again = loop.train_and_evaluate(small_config(moved), workdir)
+  again = distill.train_and_evaluate(small_config(moved), workdir)
   assert again["history"] == finished["results"]["history"]
 
 
@@ -407,7 +408,7 @@ def test_truncate_jsonl_drops_later_steps_and_a_cut_line(tmp_path):
 
 def test_check_same_data_names_what_differs():
   saved = {"builder": "idx_mnist", "version": "1.0.0", "train_examples": 10, "test_examples": 5, "train_stats": "a"}
-  loop.check_same_data("w", saved, dict(saved))
-  loop.check_same_data("w", None, saved)  # a run from before the record: unchecked
-  with pytest.raises(loop.UsageError, match=r"train_stats a → b\)"):
-    loop.check_same_data("w", saved, {**saved, "train_stats": "b"})
+  resume.check_same_data("w", saved, dict(saved))
+  resume.check_same_data("w", None, saved)  # a run from before the record: unchecked
+  with pytest.raises(errors.UsageError, match=r"train_stats a → b\)"):
+    resume.check_same_data("w", saved, {**saved, "train_stats": "b"})

@@ -12,7 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from kd_jax import checkpoint, data, models
-from kd_jax.train import evaluation, loop
+from kd_jax.train import distill, evaluation
 from kd_jax.train import mesh as mesh_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -121,7 +121,7 @@ def test_loop_sums_in_the_step_and_saves_on_its_interval(dirs, tmp_path, monkeyp
       checkpoint_every_steps=4)
   workdir = str(tmp_path / "run")
   monkeypatch.setattr(ocp.CheckpointManager, "should_save", record_check)
-  results = loop.train_and_evaluate(config, workdir)
+  results = distill.train_and_evaluate(config, workdir)
   assert results["steps"] == 12  # 96 examples, 16 a batch, 2 epochs
   assert saved == [1, 4, 6, 8, 12]
   assert set(checked) <= set(saved)  # only by the manager's own save, never once per step

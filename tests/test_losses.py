@@ -68,16 +68,19 @@ def test_logit_regression_matches_numpy():
 
 
 def test_sample_weights_weight_each_sample():
+  # (1/B) Σ w ℓ: the amalgamation's routing masks partition the batch with it.
   s, t = _logits(8), _logits(9)
   w = np.random.default_rng(0).uniform(size=B).astype(np.float32)
   per_sample_lr = 0.5 * np.sum((s.astype(np.float64) - t) ** 2, axis=-1)
   np.testing.assert_allclose(
-      losses.logit_regression(s, t, sample_weights=w), np.mean(w * per_sample_lr), rtol=1e-5
+      losses.logit_regression(s, t, sample_weights=w, reduction="sum_over_batch_size"),
+      np.mean(w * per_sample_lr), rtol=1e-5
   )
   log_pt, log_ps = _np_log_softmax(t / 2.0), _np_log_softmax(s / 2.0)
   per_sample_kl = 4.0 * np.sum(np.exp(log_pt) * (log_pt - log_ps), axis=-1)
   np.testing.assert_allclose(
-      losses.distillation_kl(s, t, temperature=2.0, sample_weights=w), np.mean(w * per_sample_kl), rtol=1e-4
+      losses.distillation_kl(s, t, temperature=2.0, sample_weights=w, reduction="sum_over_batch_size"),
+      np.mean(w * per_sample_kl), rtol=1e-4
   )
 
 

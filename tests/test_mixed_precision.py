@@ -15,7 +15,7 @@ import pytest
 
 from kd_jax import models
 from kd_jax.amalgamation import pipeline
-from kd_jax.train import loop, steps
+from kd_jax.train import distill, steps
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train.state import TrainState
 
@@ -96,13 +96,13 @@ def test_bfloat16_distillation_is_finite_and_near_float32(data_dirs, tmp_path):
   """A LeNet teacher (float32), then Hinton KD into a student in float32 and in bfloat16
   (the teacher in bfloat16 too, in the step): finite, within ACCURACY_TOLERANCE."""
   teacher = str(tmp_path / "teacher")
-  loop.train_and_evaluate(_student_config(data_dirs, "ground_truth", num_epochs=3, **{"model.width": 0.25}),
+  distill.train_and_evaluate(_student_config(data_dirs, "ground_truth", num_epochs=3, **{"model.width": 0.25}),
                           teacher)
   runs = {}
   for dtype in ("float32", "bfloat16"):
     config = _student_config(data_dirs, "hinton_kd", teacher_workdir=teacher, num_epochs=3, **{
         "model.dtype": dtype, "distill.teacher_dtype": dtype, "distill.cache_teacher_logits": False})
-    runs[dtype] = loop.train_and_evaluate(config, str(tmp_path / dtype))
+    runs[dtype] = distill.train_and_evaluate(config, str(tmp_path / dtype))
     assert _float32_leaves(helpers.final_params(str(tmp_path / dtype)))
   for record in runs["bfloat16"]["history"]:
     assert all(np.isfinite(v) for k, v in record.items() if k.startswith(("train_", "test_")))

@@ -285,9 +285,9 @@ def test_feature_alignment():
 
 
 def test_feature_alignment_is_the_1x1_convolution():
-  """The projection (a matrix product, `alignment.pointwise_conv`) against the NumPy sum and
+  """The projection (a matrix product, `pointwise.pointwise_conv`) against the NumPy sum and
   against `lax.conv_general_dilated`: values and both gradients."""
-  from kd_jax.models import alignment
+  from kd_jax.ops import pointwise
   x = jax.random.normal(KEY, (2, 5, 3, 6))
   fa = FeatureAlignment(4)
   variables = init(fa, x)
@@ -302,7 +302,7 @@ def test_feature_alignment_is_the_1x1_convolution():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                grads(project), grads(conv))
   with pytest.raises(ValueError, match='1×1 kernel'):
-    alignment.pointwise_conv(x, jnp.ones((3, 3, 6, 4)), (1, 1), 'SAME')
+    pointwise.pointwise_conv(x, jnp.ones((3, 3, 6, 4)), (1, 1), 'SAME')
 
 
 def test_block_alignment():
@@ -349,10 +349,10 @@ def test_registry_contents():
 
 
 # ---------------------------------------------------------------------------------------------
-# Pooling (kd_jax.models.pooling): the fast forms against Flax's reduce_window pools they
+# Pooling (kd_jax.ops.pooling): the fast forms against Flax's reduce_window pools they
 # replace, on random inputs (no ties), outputs and gradients; the 2×2 pool on ties too.
 
-from kd_jax.models import conv_pool, pooling  # noqa: E402
+from kd_jax.ops import conv_pool, pooling  # noqa: E402
 
 FLAX_POOLS = {
     'max_2x2_same': (functools.partial(pooling.max_pool_2x2, padding='SAME'),
@@ -436,7 +436,7 @@ def test_models_with_fast_pooling_match_flax_pooling(module, shape, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------
-# LeNet's conv + pool blocks (kd_jax.models.conv_pool): the polyphase form against the direct
+# LeNet's conv + pool blocks (kd_jax.ops.conv_pool): the polyphase form against the direct
 # one (a VALID lax convolution, then the 2×2 pool tested above against Flax's).
 
 def conv_pool_loss_and_grads(module, variables, x, cotangent):

@@ -29,7 +29,7 @@ import time
 import pytest
 
 from kd_jax import data, distributed
-from kd_jax.config_schema import UsageError
+from kd_jax.errors import UsageError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fake_data  # noqa: E402  pylint: disable=g-import-not-at-top

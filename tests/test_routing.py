@@ -1,4 +1,4 @@
-"""Tests for kd_jax.routing against independent NumPy references and properties."""
+"""Tests for kd_jax.amalgamation.routing against independent NumPy references and properties."""
 
 import functools
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax import routing as R
+from kd_jax.amalgamation import routing as R
 
 
 def _data(seed=0, n=300, d=5, k=3, dtype=np.float64):

@@ -1,4 +1,4 @@
-"""The frequency-domain convolution (kd_jax.models.spectral) against NumPy: its DFT matrices
+"""The frequency-domain convolution (kd_jax.ops.spectral) against NumPy: its DFT matrices
 against np.fft, its values and gradients against a sliding-window correlation in float64; and
 where LeNet's conv + pool block uses it."""
 
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kd_jax.models import conv_pool, spectral
+from kd_jax.ops import conv_pool, spectral
 
 SHAPES = [  # x [B, H, W, C_in], kernel size, C_out: the seed's conv2 (narrower), odd and non-square maps
     ((2, 14, 14, 6), 5, 7),

@@ -2,7 +2,7 @@
 
 The command-line runs are subprocesses (`python -m kd_jax.main`, `python -m kd_jax.evaluate`);
 the teacher is trained once per module and shared. The other runs call
-`loop.train_and_evaluate` in-process, which is faster.
+`distill.train_and_evaluate` in-process, which is faster.
 """
 
 import glob
@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 
 from kd_jax import checkpoint, data
-from kd_jax.train import loop
+from kd_jax import errors
+from kd_jax import workdir as workdir_lib
+from kd_jax.train import distill, resume
+from kd_jax.train import mesh as mesh_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fake_data  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -99,7 +102,7 @@ def learned_teacher(dirs, teacher):
   config = experiment_config(
       "lenet_student", "dataset=fashion_mnist,smoke,method=ground_truth", dirs, num_epochs=4, **{"model.width": 0.25}
   )
-  results = loop.train_and_evaluate(config, workdir)
+  results = distill.train_and_evaluate(config, workdir)
   assert results["test_accuracy"] > 0.7, results["history"]
   return workdir
 
@@ -176,7 +179,7 @@ def test_seed_compat_methods_run(dirs, learned_teacher, method, seed_compat, tmp
       num_epochs=1, steps_per_epoch=4, teacher_workdir="" if method == "ground_truth" else learned_teacher,
       **{"distill.seed_compat": seed_compat},
   )
-  results = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  results = distill.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["steps"] == 4 and results["method"] == method
   assert np.isfinite(results["history"][-1]["train_loss"])
   assert 0.0 <= results["test_accuracy"] <= 1.0
@@ -193,7 +196,7 @@ def test_logit_regression_transfers_the_teacher(dirs, learned_teacher, tmp_path)
       "lenet_student", "dataset=fashion_mnist,smoke,method=logit_regression", dirs,
       teacher_workdir=learned_teacher, num_epochs=5, **{"optim.learning_rate": 3e-3, "model.width": 0.25},
   )
-  results = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  results = distill.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["steps"] == 40
   assert results["teacher_test_accuracy"] > 0.7
   # Seeds 0, 1, 2 reach 0.92 to 1.0; the untrained student agrees with the teacher ~0.1.
@@ -214,9 +217,9 @@ def test_cached_teacher_logits_train_the_same_student(dirs, learned_teacher, met
         steps_per_epoch=3, teacher_workdir=learned_teacher, train_split=split,
         **{"distill.cache_teacher_logits": cache},
     )
-    assert loop.caches_teacher_logits(config) == cache
+    assert distill.caches_teacher_logits(config) == cache
     workdir = str(tmp_path / f"cache_{cache}")
-    runs[cache] = (loop.train_and_evaluate(config, workdir), helpers.final_params(workdir))
+    runs[cache] = (distill.train_and_evaluate(config, workdir), helpers.final_params(workdir))
   (cached, cached_params), (live, live_params) = runs[True], runs[False]
   for a, b in zip(jax.tree.leaves(cached_params), jax.tree.leaves(live_params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
@@ -230,7 +233,7 @@ def test_teacher_logits_table_is_the_teachers_output_in_stored_order(dirs, learn
                              teacher_workdir=learned_teacher)
   model, variables = checkpoint.load(learned_teacher)
   teacher = {"model": model, "variables": variables}
-  table = loop.teacher_logits_table(config, teacher, loop.mesh_lib.make_mesh(), "train", (2, 5, 6))
+  table = distill.teacher_logits_table(config, teacher, mesh_lib.make_mesh(), "train", (2, 5, 6))
   images, _ = data.load_arrays(config.data, "train", classes=(2, 5, 6))
   expected = np.asarray(model.apply(variables, images, train=False))
   assert table.shape == expected.shape == (len(images), 10)
@@ -244,12 +247,12 @@ def test_students_can_train_on_part_of_the_train_split(dirs, learned_teacher, tm
                              num_epochs=2, steps_per_epoch=0, teacher_workdir=learned_teacher,
                              train_split="train[64:160]")
   model, variables = checkpoint.load(learned_teacher)
-  teacher, mesh = {"model": model, "variables": variables}, loop.mesh_lib.make_mesh()
-  part = loop.teacher_logits_table(config, teacher, mesh, config.train_split, None)
-  whole = loop.teacher_logits_table(config, teacher, mesh, "train", None)
+  teacher, mesh = {"model": model, "variables": variables}, mesh_lib.make_mesh()
+  part = distill.teacher_logits_table(config, teacher, mesh, config.train_split, None)
+  whole = distill.teacher_logits_table(config, teacher, mesh, "train", None)
   assert part.shape == (96, 10)
   np.testing.assert_allclose(part, whole[64:160], rtol=1e-5, atol=1e-6)
-  results = loop.train_and_evaluate(config, str(tmp_path / "run"))
+  results = distill.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["steps"] == 2 * 96 // config.batch_size
   assert results["config"]["train_split"] == "train[64:160]"
   assert results["teacher_test_accuracy"] > 0.7  # evaluated on the whole test split, as always
@@ -260,8 +263,8 @@ def test_students_can_train_on_part_of_the_train_split(dirs, learned_teacher, tm
 def test_teacher_runs_in_the_step_when_its_logits_vary(dirs, override):
   """Teacher dropout or augmentation: the teacher's logits change from step to step."""
   config = experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=hinton_kd", dirs)
-  assert loop.caches_teacher_logits(config)
-  assert not loop.caches_teacher_logits(helpers.override(config, **override))
+  assert distill.caches_teacher_logits(config)
+  assert not distill.caches_teacher_logits(helpers.override(config, **override))
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(dirs, learned_teacher, tmp_path):
@@ -272,7 +275,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(dirs, learned_teacher,
       "lenet_student", "dataset=fashion_mnist,smoke,method=noisy_teacher", dirs,
       teacher_workdir=learned_teacher, checkpoint_every_steps=3,
   )
-  uninterrupted = loop.train_and_evaluate(config, workdir)
+  uninterrupted = distill.train_and_evaluate(config, workdir)
   final = helpers.final_params(workdir)
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   saved = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
@@ -280,7 +283,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(dirs, learned_teacher,
   for step in (15, 16):  # "killed" after the save at step 12 (mid-epoch 2)
     shutil.rmtree(os.path.join(ckpt_dir, str(step)))
 
-  resumed = loop.train_and_evaluate(config, workdir)
+  resumed = distill.train_and_evaluate(config, workdir)
   assert resumed["steps"] == 16
   # Epoch 1 restored, not re-run; epoch 2's means include the steps before the resume.
   assert resumed["history"] == uninterrupted["history"]
@@ -298,9 +301,9 @@ def test_rerun_of_a_finished_run_changes_nothing(dirs, learned_teacher, teacher,
       "lenet_student", "dataset=fashion_mnist,smoke,method=logit_regression", dirs, num_epochs=1,
       steps_per_epoch=3, teacher_workdir=learned_teacher,
   )
-  first = loop.train_and_evaluate(config, workdir)
+  first = distill.train_and_evaluate(config, workdir)
   params = helpers.final_params(workdir)
-  again = loop.train_and_evaluate(config, workdir)
+  again = distill.train_and_evaluate(config, workdir)
   assert again["steps"] == first["steps"] == 3
   assert again["test_accuracy"] == first["test_accuracy"]
   helpers.assert_trees_equal(helpers.final_params(workdir), params)
@@ -312,7 +315,7 @@ def test_rerun_of_a_finished_run_changes_nothing(dirs, learned_teacher, teacher,
       steps_per_epoch=3, teacher_workdir=teacher,
   )
   with pytest.raises(ValueError, match="was distilled from the teacher in .*learned_teacher"):
-    loop.train_and_evaluate(other_teacher, workdir)
+    distill.train_and_evaluate(other_teacher, workdir)
   assert helpers.tree_snapshot(workdir) == before
 
 
@@ -320,13 +323,13 @@ def test_run_written_before_train_split_existed_still_resumes(dirs, learned_teac
   workdir = str(tmp_path / "run")
   config = experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=hinton_kd", dirs,
                              teacher_workdir=learned_teacher)
-  loop.claim_workdir(workdir, config)
-  marker = os.path.join(workdir, loop.RUN_FILE)
+  resume.claim_workdir(workdir, config)
+  marker = os.path.join(workdir, workdir_lib.RUN_FILE)
   with open(marker) as f:
     saved = json.load(f)
   del saved["config"]["train_split"]  # as written by earlier versions
   with open(marker, "w") as f:
     json.dump(saved, f)
-  loop.claim_workdir(workdir, config)  # "train" was the only split then: the same run
-  with pytest.raises(loop.UsageError, match="train_split differ"):
-    loop.claim_workdir(workdir, helpers.override(config, train_split="train[:100]"))
+  resume.claim_workdir(workdir, config)  # "train" was the only split then: the same run
+  with pytest.raises(errors.UsageError, match="train_split differ"):
+    resume.claim_workdir(workdir, helpers.override(config, train_split="train[:100]"))

@@ -13,7 +13,7 @@ import ml_collections
 import pytest
 
 from kd_jax import workdir as workdir_lib
-from kd_jax.config_schema import UsageError
+from kd_jax.errors import UsageError
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import helpers  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -93,7 +93,7 @@ def readonly_dir(tmp_path):
 CHECK = """
 import sys
 from kd_jax import workdir
-from kd_jax.config_schema import UsageError
+from kd_jax.errors import UsageError
 try:
   workdir.check_path(sys.argv[1])
 except UsageError as e:

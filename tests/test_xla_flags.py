@@ -1,8 +1,8 @@
-"""Tests for kd_jax.xla_flags: the CPU-only XLA flags the entry points set."""
+"""Tests for kd_jax.ops.xla_flags: the CPU-only XLA flags the entry points set."""
 
 import pytest
 
-from kd_jax import xla_flags
+from kd_jax.ops import xla_flags
 
 FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 DEFAULT = f"{FLAG}={xla_flags.CPU_FLAGS[FLAG]}"

@@ -10,10 +10,12 @@ import os
 import jax
 import ml_collections
 
-from kd_jax import checkpoint, config_schema, models, routing
+from kd_jax import checkpoint, config_schema, models
 from kd_jax import workdir as workdir_lib
+from kd_jax.amalgamation import routing
 from kd_jax.amalgamation import step as step_lib
-from kd_jax.train import evaluation, loop
+from kd_jax.errors import UsageError
+from kd_jax.train import distill, evaluation, loop
 from kd_jax.train import mesh as mesh_lib
 
 CARD = "card"
@@ -33,7 +35,7 @@ def parse_blocks(text: str, count: int, *, name: str) -> list[list[int]]:
   if len(specs) == 1:
     specs = specs * count
   if len(specs) != count:
-    raise loop.UsageError(f"{name}={text!r} gives {len(specs)} nets' widths for {count} nets")
+    raise UsageError(f"{name}={text!r} gives {len(specs)} nets' widths for {count} nets")
   return specs
 
 
@@ -45,15 +47,15 @@ def parse_pairs(text: str, plan_blocks: list[tuple[int, int]]) -> list[tuple[tup
   if len(groups) == 1:
     groups = groups * len(plan_blocks)
   if len(groups) != len(plan_blocks):
-    raise loop.UsageError(f"block_pairs={text!r} gives pairs for {len(groups)} of {len(plan_blocks)} teachers")
+    raise UsageError(f"block_pairs={text!r} gives pairs for {len(groups)} of {len(plan_blocks)} teachers")
   return groups
 
 
 def _parsed(parse, text: str, *, name: str):
   try:
     return parse(text)
-  except config_schema.UsageError as e:
-    raise loop.UsageError(f"{name}={text!r}: {e}") from None
+  except UsageError as e:
+    raise UsageError(f"{name}={text!r}: {e}") from None
 
 
 def net_config(config, section: str, *, classes=None, split: str | None = None,
@@ -130,7 +132,7 @@ def train_component(config, workdir: str) -> dict:
     card = compute_card(config, model, state.variables, classes=config.classes, split=config.train_split)
     return {CARD: card.to_dict()}
 
-  return loop.train_and_evaluate(config, workdir, finalize=card_item)
+  return distill.train_and_evaluate(config, workdir, finalize=card_item)
 
 
 def load_card(workdir: str) -> routing.TeacherCard | None:
@@ -154,16 +156,16 @@ def load_teacher(workdir: str, *, config, external: bool) -> dict:
     meta = checkpoint.read_meta(workdir)
     model, variables = checkpoint.load(workdir)
   except checkpoint.CheckpointError as e:
-    raise loop.UsageError(f"teacher: {e}") from None
+    raise UsageError(f"teacher: {e}") from None
   if not isinstance(model, models.ConvNet):
-    raise loop.UsageError(f"the teacher in {workdir} is a {type(model).__name__}; amalgamation needs ConvNet teachers")
+    raise UsageError(f"the teacher in {workdir} is a {type(model).__name__}; amalgamation needs ConvNet teachers")
   teacher_data = meta.get("config", {}).get("data", {}).get("name")
   if teacher_data and teacher_data != config.data.name:
-    raise loop.UsageError(f"the teacher in {workdir} was trained on {teacher_data}, not {config.data.name}")
+    raise UsageError(f"the teacher in {workdir} was trained on {teacher_data}, not {config.data.name}")
   entry = meta["models"][meta["main"]]
   classes = entry.get("classes")
   if not classes:
-    raise loop.UsageError(f"the teacher in {workdir} records no class subset: train it with experiments/component.py")
+    raise UsageError(f"the teacher in {workdir} records no class subset: train it with experiments/component.py")
   if external:  # stage 1's own teachers are finished by construction
     workdir_lib.check_finished(workdir, allowed=config.get("allow_unfinished_teacher", False), field="teacher_workdirs")
   card = load_card(workdir)

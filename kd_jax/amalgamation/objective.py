@@ -34,19 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax import losses
-
-LOGIT_LOSSES = ("kl", "l2")
-
-
-def union_targets(teacher_logits: Sequence, weights, class_index: Sequence[Sequence[int]], *,
-                  num_classes: int, temperature: float) -> jax.Array:
-  """`p_b = Σ_t w_bt · embed_t(softmax(z_bt / T))`: a distribution over the union, `[B, C]`."""
-  targets = 0.0
-  for t, (z, index) in enumerate(zip(teacher_logits, class_index)):
-    probs = losses.tempered_softmax(z, temperature=temperature)
-    embedded = jnp.zeros((z.shape[0], num_classes), jnp.float32).at[:, jnp.asarray(index)].add(probs)
-    targets = targets + weights[:, t:t + 1] * embedded
-  return jax.lax.stop_gradient(targets)
+from kd_jax.losses import union_targets  # noqa: F401  (public in kd_jax.losses; callers use it here)
+from kd_jax.choices import LOGIT_LOSSES  # noqa: F401  (re-exported: the step checks against it)
 
 
 def student_task_probs(student_logits, class_index: Sequence[Sequence[int]]) -> jax.Array:
@@ -84,7 +73,8 @@ def routed_logit_regression(student_logits, teacher_logits: Sequence, weights,
   total = 0.0
   for t, (z, index) in enumerate(zip(teacher_logits, class_index)):
     total = total + losses.logit_regression(
-        student_logits[:, jnp.asarray(index)], z, sample_weights=weights[:, t]
+        student_logits[:, jnp.asarray(index)], z, sample_weights=weights[:, t],
+        reduction="sum_over_batch_size",  # (1/B) Σ w ℓ: the routing weights partition the batch
     )
   return total
 

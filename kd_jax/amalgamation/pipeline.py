@@ -25,11 +25,12 @@ import jax
 import ml_collections
 import numpy as np
 
-from kd_jax import checkpoint, config_schema, data, distributed, models, reporting, routing
+from kd_jax import checkpoint, config_schema, data, distributed, models, reporting
 from kd_jax import workdir as workdir_lib
-from kd_jax.amalgamation import components
+from kd_jax.amalgamation import components, routing
 from kd_jax.amalgamation import step as step_lib
-from kd_jax.train import evaluation, loop, steps
+from kd_jax.errors import UsageError
+from kd_jax.train import evaluation, loop, resume, steps
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train.state import TrainState
 
@@ -68,13 +69,13 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
   try:
     plan, union = build_plan(config, teachers)
   except ValueError as e:
-    raise loop.UsageError(str(e)) from None
+    raise UsageError(str(e)) from None
   run_config = components.net_config(config, section, classes=union)
   run_config.amalgamation = copy.deepcopy(cfg)
   run_config.teachers = [t["origin"] for t in teachers]
   if claim:
-    loop.check_resumable(workdir, run_config.data, run_config.train_split, union)
-    loop.claim_workdir(workdir, run_config)
+    resume.check_resumable(workdir, run_config.data, run_config.train_split, union)
+    resume.claim_workdir(workdir, run_config)
 
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(run_config.batch_size, mesh)
@@ -83,10 +84,7 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
   info = data.get_info(config.data, classes=union)
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(config.seed))
   variables = step_lib.init_params(plan, rng_init, info.image_shape)
-  state = TrainState(
-      step=np.zeros((), np.int32), params=variables["params"], batch_stats=variables["batch_stats"],
-      opt_state=tx.init(variables["params"]), rng=np.asarray(rng_train, np.uint32),
-  )
+  state = TrainState.create(variables=variables, tx=tx, rng=rng_train)
   frozen = {"teachers": [t["variables"] for t in teachers]}
   if cfg.selection in ("teacher_card", "pool_lda"):
     frozen["cards"] = [t["card"] for t in teachers]
@@ -119,13 +117,19 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
     student_vars = checkpoint.variables_of({"params": state.params, "batch_stats": state.batch_stats}, "student")
     return evaluator(student_vars, run_config, union)
 
-  train_step = step_lib.make_step(plan, cfg, tx, total_steps=steps_per_epoch * run_config.num_epochs)
-  state, meta = loop.fit(
-      run_config, workdir, state=state, train_step=train_step, frozen=frozen, evaluate=evaluate, meta=meta,
-      mesh=mesh, steps_per_epoch=steps_per_epoch, classes=union,
-      split=run_config.train_split, items={f"teacher_{i}": t["variables"] for i, t in enumerate(teachers)},
+  task = loop.Task(
+      state=state,
+      train_step=step_lib.make_step(plan, cfg, tx, total_steps=steps_per_epoch * run_config.num_epochs),
+      evaluate=evaluate,
+      steps_per_epoch=steps_per_epoch,
+      meta=meta,
+      frozen=frozen,
+      items={f"teacher_{i}": t["variables"] for i, t in enumerate(teachers)},
       prepare_batch=lambda batch: {"image": batch["image"]},  # labels never reach the step
+      split=run_config.train_split,
+      classes=union,
   )
+  state, meta = loop.fit(run_config, workdir, task, mesh=mesh)
   results = {
       **meta["history"][-1],
       "union_classes": union,
@@ -134,7 +138,7 @@ def amalgamate(config, workdir: str, teachers: list[dict], *, section: str = "am
       "config": run_config.to_dict(),
   }
   if run_config.on_nonfinite == "skip":
-    results["skipped_steps"] = sum(h.get("skipped_steps", 0) for h in meta["history"])
+    results["skipped_steps"] = loop.skipped_steps(meta["history"])
   loop.finish(workdir, results, meta["history"], title=f"amalgamation ({config.data.name})", panels={
       "loss": ["train_loss", "train_feature_loss", "train_logit_loss"],
       "test accuracy": ["test_accuracy", "routing_accuracy"] + [f"student_task_{i}_accuracy" for i in range(len(teachers))],
@@ -313,7 +317,7 @@ def run(config, workdir: str) -> dict:
   specs = teacher_specs(config, info.num_classes)  # validates before anything is written
   if config.supervised:  # the baseline: the same student, trained with labels on the union
     if any(s["external"] for s in specs):
-      raise loop.UsageError("supervised=True trains the student on teacher_classes; unset teacher_workdirs")
+      raise UsageError("supervised=True trains the student on teacher_classes; unset teacher_workdirs")
     union = [c for s in specs for c in s["classes"]]
     widths = components.parse_blocks(config.student_blocks, 1, name="student_blocks")[0]
     # The amalgamation's schedule: the same student, the same number of steps.
@@ -327,7 +331,7 @@ def run(config, workdir: str) -> dict:
     try:
       _, union = build_plan(config, teachers)
     except ValueError as e:
-      raise loop.UsageError(str(e)) from None
+      raise UsageError(str(e)) from None
     if os.path.isdir(checkpoint.checkpoint_dir(workdir)):  # resuming: the same teachers only
       components.verify_teacher_origins(checkpoint.read_meta(workdir))
   else:
@@ -335,7 +339,7 @@ def run(config, workdir: str) -> dict:
     validate_plan(config, specs)
     union = [c for s in specs for c in s["classes"]]
   check_batches(config, "amalgamation", union, what="the amalgamation")
-  loop.claim_workdir(workdir, config)
+  resume.claim_workdir(workdir, config)
   if teachers is None:
     teachers = [
         components.load_teacher(build_teacher(config, workdir, t, spec), config=config, external=False)
@@ -363,7 +367,7 @@ def validate_plan(config, specs) -> None:
           pairs=tuple(pairs),
       )
     except ValueError as e:
-      raise loop.UsageError(f"{context}{e}") from None
+      raise UsageError(f"{context}{e}") from None
   for t, spec in enumerate(specs):  # enough training data for one batch of each net
     if config.sources_per_task >= 2:
       for i in range(config.sources_per_task):
@@ -380,8 +384,8 @@ def check_batches(config, section: str, classes, split: str | None = None, *, wh
   try:
     net = components.net_config(config, section, classes=classes, split=split, announce=False)
     loop.steps_per_epoch_of(net, classes, split)
-  except loop.UsageError as e:
-    raise loop.UsageError(f"{what} (classes {list(classes)}, split {split}): {e}") from None
+  except UsageError as e:
+    raise UsageError(f"{what} (classes {list(classes)}, split {split}): {e}") from None
 
 
 def source_split(i: int, n: int, config) -> str:

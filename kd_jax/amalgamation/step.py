@@ -23,10 +23,10 @@ import numpy as np
 import optax
 from jax import lax
 
-from kd_jax import losses, models, routing
-from kd_jax.amalgamation import objective
+from kd_jax import losses, models
+from kd_jax.amalgamation import objective, routing
 from kd_jax.train.mesh import AXIS
-from kd_jax.train.steps import for_data_parallel, keep_if_finite
+from kd_jax.train.steps import apply_gradients, for_data_parallel, local
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +149,9 @@ def pooled_blocks(features, grid: int = 1) -> jax.Array:
   """What `selection=pool_lda` reads of a teacher: every block's output average-pooled over
   a `grid × grid` of near-equal cells (fewer along a side shorter than `grid`; 1 is global
   average pooling), concatenated block by block, cell by cell in row-major order:
-  `[B, Σ_k cells_k · C_k]`. On Fashion-MNIST 0–3 all blocks route better than the last one
-  alone, and a 2×2 grid better than global pooling: where on the image a feature fires
-  tells T-shirts from pullovers and dresses (README)."""
+  `[B, Σ_k cells_k · C_k]`. All blocks, not the last alone, and a grid rather than a
+  global average: where on the image a feature fires tells apart classes such as T-shirts
+  and pullovers (docs/results.md)."""
   pooled = []
   for f in features:
     f = f.astype(jnp.float32)
@@ -252,19 +252,10 @@ def make_step(plan: Plan, cfg, tx: optax.GradientTransformation, *, total_steps:
         metrics["self_training/overruled"] = jnp.mean(jnp.argmax(weights, -1) != jnp.argmax(routed, -1))
       return loss, (metrics, updates)
 
-    # This device's copy of the params (see kd_jax.train.steps): gradients per shard, then mean.
-    params = lax.pcast(state.params, AXIS, to="varying")
-    (_, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    grads = lax.pmean(grads, AXIS)
-    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, param_updates),
-        batch_stats={"student": updates["batch_stats"]} if "batch_stats" in updates else state.batch_stats,
-        opt_state=opt_state,
-    )
+    (_, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(local(state.params))
+    batch_stats = {"student": updates["batch_stats"]} if "batch_stats" in updates else state.batch_stats
     terms = {name: metrics[name] for name in ("feature_loss", "logit_loss", "unit_norm_penalty", "loss")}
-    new_state, nonfinite = keep_if_finite(state, new_state, {**terms, "gradient": grads})
+    new_state, nonfinite = apply_gradients(state, tx, grads, batch_stats=batch_stats, terms=terms)
     for t in range(len(plan.teachers)):
       metrics[f"routed_to/teacher_{t}"] = jnp.mean(routed[:, t])
     return new_state, {**lax.pmean(metrics, AXIS), "nonfinite": nonfinite}

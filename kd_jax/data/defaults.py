@@ -1,4 +1,4 @@
-"""The data config's fields and their defaults (see `kd_jax.data.pipeline` for what each means).
+"""The data config's fields and their defaults (see `kd_jax.data` for what each means).
 
 Apart from the pipeline so that building and validating a config needs no TensorFlow.
 """

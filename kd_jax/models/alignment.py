@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from kd_jax.ops.pointwise import pointwise_conv
+
 
 def unit_filter_orthogonal(key: jax.Array, shape: Sequence[int],
                            dtype: jnp.dtype = jnp.float32) -> jax.Array:
@@ -25,28 +27,6 @@ def unit_filter_orthogonal(key: jax.Array, shape: Sequence[int],
   w = nn.initializers.orthogonal()(key, shape, dtype)
   norms = jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(w.ndim - 1)), keepdims=True))
   return w / norms
-
-
-def pointwise_conv(lhs: jax.Array, rhs: jax.Array, window_strides, padding, *, lhs_dilation=None,
-                   rhs_dilation=None, dimension_numbers=None, feature_group_count: int = 1,
-                   precision=None) -> jax.Array:
-  """`lax.conv_general_dilated` of NHWC `lhs` with a 1×1 HWIO kernel, as one matrix product
-  over the flattened pixels (`nn.Conv(conv_general_dilated=...)` calls it so).
-
-  The same values; why: XLA's CPU backend computes a 1×1 convolution's weight gradient as a
-  convolution with the whole map as its window, after copying both operands into batch-minor
-  layouts, while a matrix product's is a matrix product (a `dot_general` on the 4-D operands
-  was slower still). The amalgamation step 1.05× faster (BENCHMARKS.md).
-  """
-  del lhs_dilation, rhs_dilation  # moot for a 1×1 kernel at unit strides
-  no_padding = padding in ('SAME', 'VALID') or all(tuple(p) == (0, 0) for p in padding)
-  if rhs.shape[:2] != (1, 1) or tuple(window_strides) != (1, 1) or feature_group_count != 1 or not no_padding:
-    raise ValueError(f'pointwise_conv takes a 1×1 kernel at unit strides without padding, got kernel '
-                     f'{rhs.shape}, strides {window_strides}, padding {padding}, {feature_group_count} groups')
-  if dimension_numbers is not None and tuple(dimension_numbers.lhs_spec) != (0, 3, 1, 2):
-    raise ValueError(f'pointwise_conv takes NHWC inputs, got {dimension_numbers}')
-  out = jnp.dot(lhs.reshape(-1, lhs.shape[-1]), rhs[0, 0], precision=precision)
-  return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
 class FeatureAlignment(nn.Module):

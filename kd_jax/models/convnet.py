@@ -9,10 +9,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models import pooling
+from kd_jax.choices import CONVNET_NORMS
+from kd_jax.ops import pooling
 from kd_jax.models.dropout import Dropout
 
-_NORMS = ('batch', 'none')
+_NORMS = CONVNET_NORMS
 
 
 def penultimate(features: Sequence[jax.Array]) -> jax.Array:
@@ -65,8 +66,8 @@ class ConvNet(nn.Module):
     # Without training, a block's last ReLU follows the pool: they commute exactly, and in
     # front of the pool XLA's CPU backend writes a tensor of zeros the size of the conv output
     # for the ReLU's max (conv, norm and pool fuse into one library call that takes no
-    # broadcast): frozen teachers' forward 1.15× faster (BENCHMARKS.md). In training the ReLU
-    # stays in front, where the step is faster.
+    # broadcast; docs/performance.md). In training the ReLU stays in front, where the step is
+    # faster.
     relu_after_pool = not train and self.convs_per_block > 0
     features = []
     for i, width in enumerate(self.block_widths):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 
 from kd_jax.models.dropout import Dropout
 from kd_jax.models.nin import scaled
-from kd_jax.models.conv_pool import ConvMaxPool
+from kd_jax.ops.conv_pool import ConvMaxPool
 
 # The seed's student was built for 28×28 / 32×32 inputs; the layers alone would accept 14×14
 # (→ 1×1 after the second pool), but below 28 the net is no longer the seed's student.
@@ -46,7 +46,7 @@ class LeNet(nn.Module):
 
     # Each conv and the pool after it in one module (same parameters as nn.Conv), which computes
     # thin layers in polyphase form and, on the CPU, trains a wide conv2 in the frequency domain
-    # (kd_jax.models.conv_pool).
+    # (kd_jax.ops.conv_pool).
     x = ConvMaxPool(scaled(64, self.width), activation=act, dtype=self.dtype, name='conv1')(x)
     x = ConvMaxPool(scaled(128, self.width), activation=act, dtype=self.dtype, name='conv2')(x)
 

@@ -1,7 +1,7 @@
 """Network in Network (Lin, Chen & Yan, 2014): the distillation teacher.
 
-The layer stack is the Caffe `cifar10_nin` graph used by the distillation seed (see
-REFERENCE.md §2). Two heads are offered:
+The layer stack is the Caffe `cifar10_nin` graph that the distillation seed uses (the
+paper's CIFAR-10 network: three mlpconv stages, max/avg pools, dropout). Two heads are offered:
 
 * ``'gap'`` (default): the Caffe/paper head, a 1×1 conv to ``num_classes`` maps, ReLU, global
   average pool.
@@ -12,10 +12,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from kd_jax.models import pooling
+from kd_jax.choices import NIN_HEADS
+from kd_jax.ops import pooling
 from kd_jax.models.dropout import Dropout
 
-_HEADS = ('gap', 'fc')
+_HEADS = NIN_HEADS
 
 
 def scaled(features: int, width: float) -> int:

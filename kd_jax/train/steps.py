@@ -27,11 +27,10 @@ import optax
 from jax import lax
 
 from kd_jax import losses, models, seed_compat
+from kd_jax.choices import METHODS
 from kd_jax.models.dropout import example_keys
 from kd_jax.train.mesh import AXIS
 from kd_jax.train.state import TrainState
-
-METHODS = ("ground_truth", "logit_regression", "noisy_teacher", "hinton_kd")
 
 # What a step checks for finiteness, one bit each in its `metrics['nonfinite']` mask: the
 # loss terms (the amalgamation step has several), the averaged gradient, the updated state.
@@ -117,20 +116,10 @@ def make_train_step(
       logits = models.logits_of(out).astype(jnp.float32)
       return objective(logits, teacher_logits, labels, loss_keys), (logits, updates)
 
-    # Differentiate this device's copy of the parameters ('varying' over the axis). The
-    # replicated state's are 'invariant', and shard_map would then sum the shards' gradients
-    # itself (n × the global gradient) before the pmean below, which would be a no-op.
-    params = lax.pcast(state.params, AXIS, to="varying")
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    grads = lax.pmean(grads, AXIS)  # Equal shards: the mean of shard gradients is the global one.
-    param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, param_updates),
-        batch_stats=updates.get("batch_stats", state.batch_stats),
-        opt_state=opt_state,
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(local(state.params))
+    new_state, nonfinite = apply_gradients(
+        state, tx, grads, batch_stats=updates.get("batch_stats", state.batch_stats), terms={"loss": loss}
     )
-    new_state, nonfinite = keep_if_finite(state, new_state, {"loss": loss, "gradient": grads})
     prediction = jnp.argmax(logits, -1)
     metrics = {"loss": loss, "accuracy": jnp.mean(prediction == labels)}
     if teacher_logits is not None:
@@ -138,6 +127,35 @@ def make_train_step(
     return new_state, {**lax.pmean(metrics, AXIS), "nonfinite": nonfinite}
 
   return step
+
+
+def local(params):
+  """This device's copy of replicated `params`, to differentiate inside the step's shard_map.
+
+  The replicated state's parameters are 'invariant' over the 'data' axis: differentiated as
+  they are, shard_map would sum the shards' gradients itself (n × the global gradient) before
+  `apply_gradients` averages them. Marked 'varying', each device gets its own shard's gradient.
+  """
+  return lax.pcast(params, AXIS, to="varying")
+
+
+def apply_gradients(state: TrainState, tx, grads, *, batch_stats, terms: dict):
+  """The update every step ends with; returns `(state, nonfinite mask)`.
+
+  Averages this shard's `grads` over the 'data' axis (equal shards: the mean of the shard
+  gradients is the global one), applies the optimizer, installs the new BatchNorm
+  `batch_stats`, and keeps the old state if a loss term in `terms`, the gradient or the new
+  state is not finite (`keep_if_finite`).
+  """
+  grads = lax.pmean(grads, AXIS)
+  param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=optax.apply_updates(state.params, param_updates),
+      batch_stats=batch_stats,
+      opt_state=opt_state,
+  )
+  return keep_if_finite(state, new_state, {**terms, "gradient": grads})
 
 
 def all_finite(tree) -> jax.Array:

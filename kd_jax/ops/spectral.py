@@ -13,11 +13,11 @@ exact on the VALID region (a circular correlation of period H wraps only outside
 2-D real DFT of an H×W map written as a constant matrix (H·(W//2+1) frequencies, real and
 imaginary parts as rows), every part of the layer, and by autodiff every part of its
 gradient, is a dense matrix product: the transforms contract the H·W pixels, the per-frequency
-products (three real ones per complex product, Gauss's trick) the channels. At the seed's conv2,
-batch 256, the forward and both gradients are 10 GFLOP instead of 31 (XLA's cost analysis), on
-XLA's matrix kernels, which reach more of this CPU's peak than its convolutions do. It does not
-pay for few input channels (LeNet's conv1: the transforms then cost more than the direct
-products) nor for large maps (the transforms grow as (H·W)²).
+products (three real ones per complex product, Gauss's trick) the channels. At the seed's conv2
+the forward and both gradients take about a third of the direct form's FLOPs (XLA's cost
+analysis), on XLA's matrix kernels, which reach more of a CPU's peak than its convolutions do.
+It does not pay for few input channels (LeNet's conv1: the transforms then cost more than the
+direct products) nor for large maps (the transforms grow as (H·W)²).
 
 `conv_spectral_grad` is the form to train with: its value without differentiation is XLA's
 direct convolution (bit-identical to `lax.conv_general_dilated`, and faster alone, so inference

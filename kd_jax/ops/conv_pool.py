@@ -6,19 +6,16 @@ channels (space-to-depth, 4·C_in channels at half the resolution), one convolut
 ⌊k/2⌋+1-square kernel produces each 2×2 pooling window's four conv outputs as 4·C_out
 channels, and the pool becomes a max over those four (`phase_max`). Same parameters (`kernel`
 [k, k, C_in, C_out], `bias`, as `nn.Conv`), same outputs up to float rounding (the polyphase
-kernel holds the same weights and zeros), about 1.44× the FLOPs for k = 5. Alone, a block with
-C_out ≤ 16 ran 1.2–1.8× faster on this project's CPU, from 32 up even or slower
-(`benchmarks/conv_pool.py`); inside LeNet's training step, since `phase_max` stores the max
-once, every layer up to 64 outputs that does not train in the frequency domain (below) makes
-the step faster in polyphase form (BENCHMARKS.md). Hence `POLYPHASE_MAX_CHANNELS`, on the CPU
-only: other backends keep the earlier limit, 16 (no GPU measured).
+kernel holds the same weights and zeros), more FLOPs (about 1.44× for k = 5) on far faster
+kernels. Inside LeNet's training step, since `phase_max` stores the max once, a layer of up to
+64 outputs that does not train in the frequency domain (below) is faster in polyphase form
+(`benchmarks/conv_pool.py` times a block alone; docs/performance.md has the numbers). Hence
+`POLYPHASE_MAX_CHANNELS`, on the CPU only: other backends keep the earlier limit, 16.
 
 The direct form, with many input channels on a small map (LeNet's conv2 from width 0.5), trains
-its convolution in the frequency domain (`kd_jax.models.spectral`): the same values and
-gradients up to float rounding at a third of the FLOPs; LeNet's training step 1.34× faster at
-the seed's width, 1.14× at 0.5 on this project's CPU (BENCHMARKS.md). Hence
-`SPECTRAL_MIN_INPUT_CHANNELS` and `SPECTRAL_MAX_PIXELS` (16×16, above the sizes measured:
-12×12 and 14×14).
+its convolution in the frequency domain (`kd_jax.ops.spectral`): the same values and gradients
+up to float rounding at a third of the FLOPs. Hence `SPECTRAL_MIN_INPUT_CHANNELS` and
+`SPECTRAL_MAX_PIXELS` (16×16, just above the map sizes LeNet has).
 
 The activation must be monotone non-decreasing (ReLU, identity): it is applied after the max,
 where it commutes with it. Gradients follow the first maximum of each window in row-major
@@ -32,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kd_jax.models import pooling, spectral
+from kd_jax.ops import pooling, spectral
 
 POLYPHASE_MAX_CHANNELS = 64
 # Not measured on a GPU: other backends keep the limit set before the CPU's was raised.
@@ -130,8 +127,7 @@ def phase_max(y: jax.Array) -> jax.Array:
   computes it (YNNPACK's CPU reduce-max can drop a NaN, which must reach the loss for the
   divergence guard to see it), and its result is stored once. Elementwise maxima were fused
   into every consumer instead, among them the batch-minor transpose that feeds conv2's weight
-  gradient, which then read the 4-phase conv output in the worst order. This and the derivative
-  below made the LeNet step at width 0.125 1.4× faster (BENCHMARKS.md).
+  gradient, which then read the 4-phase conv output in the worst order.
   """
   nan_max = lambda a, b: jnp.where(jnp.isnan(a), a, jnp.maximum(a, b))
   return jax.lax.reduce(y, np.array(-np.inf, y.dtype), nan_max, (3,))

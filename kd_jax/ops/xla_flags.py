@@ -1,13 +1,13 @@
 """XLA flags that make kd_jax's steps faster on the CPU backend, set by the entry points.
 
 XLA's CPU backend hands each convolution to YNNPACK by default; its own convolution emitter is
-faster for the LeNet and NiN steps (1.35–1.8× in BENCHMARKS.md's before/after run; no
-measurable change on the amalgamation ConvNet). To get the same in your own program, set,
-before JAX starts a backend (before the first computation):
+faster for the LeNet and NiN steps (docs/performance.md). To get the same in your own program,
+set, before JAX starts a backend (before the first computation):
 
   XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION
 
-or call `kd_jax.xla_flags.configure_cpu()` before importing jax.
+or call `kd_jax.ops.xla_flags.configure_cpu()` before importing jax. This module imports
+nothing of JAX, so importing it does not start a backend.
 """
 
 from __future__ import annotations

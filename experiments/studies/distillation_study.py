@@ -1,15 +1,14 @@
 """The distillation study: a NiN teacher, then LeNet students by each method and seed.
 
-  python experiments/distillation_study.py --workdir_root=runs/distill
+  python experiments/studies/distillation_study.py --workdir_root=runs/distill
 
-The defaults are the README's full-data study on real Fashion-MNIST (the Debian package's
-files in --manual_dir): NiN teacher at width 0.25 with the seed's fc head for 15 epochs,
-LeNet students at width 0.125 for 15 epochs, seeds 0, 1, 2. On a shared 2-core CPU the
-teacher took 50 min and each student 4–11 min; once the teacher has finished, two copies of
-the command with disjoint --methods can run side by side. The README's label-scarce study
-(students see the first 6,000 training images, the teacher all 60,000) is
+The defaults are the full-data study of docs/results.md on real Fashion-MNIST (the Debian
+package's files in --manual_dir): NiN teacher at width 0.25 with the seed's fc head for 15
+epochs, LeNet students at width 0.125 for 15 epochs, seeds 0, 1, 2. Once the teacher has
+finished, two copies of the command with disjoint --methods can run side by side. The
+label-scarce study (students see the first 6,000 training images, the teacher all 60,000) is
 
-  python experiments/distillation_study.py --workdir_root=runs/distill_6k \
+  python experiments/studies/distillation_study.py --workdir_root=runs/distill_6k \
       --student_width=0.25 --student_epochs=120 --student_train_split='train[:6000]' \
       --batch_size=128 --eval_every_epochs=5 --teacher_workdir=runs/distill/teacher
 
@@ -36,7 +35,7 @@ import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 METHODS = ("ground_truth", "logit_regression", "noisy_teacher", "hinton_kd")
 
 

@@ -1,9 +1,9 @@
 """Pooling written as reshapes, strided slices and elementwise max/add.
 
 Why not `nn.max_pool` / `nn.avg_pool`: XLA's CPU backend lowers their `reduce_window` and,
-worse, the max pool's gradient (`select_and_scatter` over index tensors) to slow loops; in the
-LeNet training step the 2×2 max-pool gradient was about a third of the op time. The forms here
-compile to plain vectorised elementwise code, forward and backward.
+worse, the max pool's gradient (`select_and_scatter` over index tensors) to slow loops, a large
+share of the LeNet training step. The forms here compile to plain vectorised elementwise code,
+forward and backward.
 
 Outputs equal `nn.max_pool` / `nn.avg_pool` with the same window, stride and padding (the
 average up to float rounding: it sums in another order). The 2×2 max pool's gradient equals
@@ -47,7 +47,7 @@ def _window_max_jvp(primals, tangents):
   # reduce_window's does (select_and_scatter), rather than jnp.max's even split among ties.
   # Ties are common: a ReLU'd region of zeros gives a conv without bias a constant output.
   # (conv_pool.phase_max's stored reduction and min-index mask made the steps using this pool
-  # slower, 0.88–0.98×: here XLA does better fusing the max into its consumers. BENCHMARKS.md)
+  # slower: here XLA does better fusing the max into its consumers.)
   (windows,), (tangent,) = primals, tangents
   out = _window_max(windows)
   hit = windows == out[:, :, None, :, None, :]

@@ -1,11 +1,11 @@
 """How often each selection rule routes a test image to the teacher that owns its class.
 
-  python experiments/routing_study.py --workdir=runs/ka [--workdir=runs/ka_seed1 ...]
+  python experiments/studies/routing_study.py --workdir=runs/ka [--workdir=runs/ka_seed1 ...]
 
 Reads the trained teachers of amalgamation runs (their `teachers/teacher_<t>` or
 `teacher_workdirs`), scores every test image of the union's classes by every rule of
-`kd_jax.routing`, and prints a Markdown table of routing accuracy (mean ± std over the
-given runs). Energy is standardised per teacher, and the pool_lda router fitted, on the
+`kd_jax.amalgamation.routing`, and prints a Markdown table of routing accuracy (mean ± std over
+the given runs). Energy is standardised per teacher, and the pool_lda router fitted, on the
 unlabelled training pool (`train_split`), with the run's `amalgamation.pool_grid` unless
 `--pool_grid` is given.
 """
@@ -15,14 +15,15 @@ import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kd_jax.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (CPU-only speed flags, before JAX starts)
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+from kd_jax.ops.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (CPU-only speed flags, before JAX starts)
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from kd_jax import checkpoint, data, models, routing  # noqa: E402
+from kd_jax import checkpoint, data, models  # noqa: E402
+from kd_jax.amalgamation import routing  # noqa: E402
 from kd_jax.amalgamation import step as step_lib  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """The amalgamation study: routing rules and students, over seeds, on one dataset.
 
-  python experiments/amalgamation_study.py --workdir_root=runs/ka_study --dataset=fashion_mnist
+  python experiments/studies/amalgamation_study.py --workdir_root=runs/ka_study --dataset=fashion_mnist
 
 Per seed, as `python -m kd_jax.main` subprocesses (finished runs are skipped, so re-running
 resumes):
@@ -8,7 +8,7 @@ resumes):
   teacher_card_s<seed>  teacher-card routing, amalgamating the same components;
   entropy_s<seed>       the paper's entropy rule, on the same components;
   supervised_s<seed>    the baseline: the same student trained with labels on the union.
-Then the routing accuracy of every rule on those teachers (experiments/routing_study.py)
+Then the routing accuracy of every rule on those teachers (experiments/studies/routing_study.py)
 and a Markdown table (mean ± sample std over seeds) in WORKDIR_ROOT/study.md.
 
 `--teachers=DIR` amalgamates already-trained components instead (`DIR/teacher_<t>`, with
@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RUNS = ("default", "teacher_card", "entropy", "supervised")
 
 
@@ -111,7 +111,7 @@ def main():
   ]
   default_dirs = [os.path.join(root, f"default_s{s}") for s in args.seeds.split(",")]
   routing = subprocess.run(
-      [sys.executable, "experiments/routing_study.py", *(f"--workdir={d}" for d in default_dirs if os.path.isdir(d))],
+      [sys.executable, "experiments/studies/routing_study.py", *(f"--workdir={d}" for d in default_dirs if os.path.isdir(d))],
       cwd=REPO, capture_output=True, text=True, check=False,
   ).stdout
   table = "\n".join(lines) + "\n\nRouting accuracy of every rule on the same teachers:\n\n" + routing
