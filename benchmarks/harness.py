@@ -129,8 +129,13 @@ class Worker:
       flags.append(f"{DEVICES_FLAG}={devices}")
     env["XLA_FLAGS"] = " ".join(flags)
     self.proc = subprocess.Popen(
-        [sys.executable, ENTRY, "--worker", name, "--settings", cfg_path],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=suite.REPO)
+      [sys.executable, ENTRY, "--worker", name, "--settings", cfg_path],
+      stdin=subprocess.PIPE,
+      stdout=subprocess.PIPE,
+      text=True,
+      env=env,
+      cwd=suite.REPO,
+    )
 
   def request(self, line: str | None) -> dict:
     """Sends `line` (None: nothing) and returns the worker's reply."""
@@ -166,16 +171,18 @@ def time_benchmarks(names, cfg: dict, args, user_xla_flags: str) -> dict:
   load after each round and each worker's peak RSS.
   """
   started = time.time()
-  cfg_path = os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                          f"step_time_settings_{os.getpid()}.json")
+  cfg_path = os.path.join(
+    os.environ.get("TMPDIR", "/tmp"), f"step_time_settings_{os.getpid()}.json"
+  )
   with open(cfg_path, "w", encoding="utf-8") as f:
     json.dump(cfg, f)
   pending, workers, ready, skipped = {}, {}, {}, {}
   try:
     log(f"starting {len(names)} workers: {', '.join(names)}")
     for name in names:
-      pending[name] = Worker(name, cfg_path, user_xla_flags=user_xla_flags,
-                             before_tree=args.before_tree)
+      pending[name] = Worker(
+        name, cfg_path, user_xla_flags=user_xla_flags, before_tree=args.before_tree
+      )
     for name, w in pending.items():
       reply = w.request(None)
       if "skip" in reply:
@@ -187,11 +194,15 @@ def time_benchmarks(names, cfg: dict, args, user_xla_flags: str) -> dict:
       tree = reply["ready"].get("kd_jax_tree")
       if tree and (tree == suite.REPO) == name.startswith("before_"):  # a twin runs other code
         raise RuntimeError(f"{name} imported kd_jax from {tree}")
-      log(f"{name}: ready after {time.time() - started:.0f} s; "
-          f"warm step {1e3 * reply['ready']['warm_step_s']:.0f} ms")
+      log(
+        f"{name}: ready after {time.time() - started:.0f} s; "
+        f"warm step {1e3 * reply['ready']['warm_step_s']:.0f} ms"
+      )
 
-    chunk = {n: max(args.min_steps, min(200, round(args.chunk_seconds / ready[n]["warm_step_s"])))
-             for n in workers}
+    chunk = {
+      n: max(args.min_steps, min(200, round(args.chunk_seconds / ready[n]["warm_step_s"])))
+      for n in workers
+    }
     rounds = {n: [] for n in workers}  # per round: median seconds per step in the chunk
     cpu_step = {n: [] for n in workers}  # per round: process CPU seconds per step
     raw = {n: [] for n in workers}
@@ -199,9 +210,12 @@ def time_benchmarks(names, cfg: dict, args, user_xla_flags: str) -> dict:
     order = list(workers)
     timing_started = time.time()
     r = 0
-    while order and r < args.rounds and (
-        r < args.min_rounds or time.time() - timing_started < args.budget_seconds):
-      for name in order[r % len(order):] + order[:r % len(order)]:
+    while (
+      order
+      and r < args.rounds
+      and (r < args.min_rounds or time.time() - timing_started < args.budget_seconds)
+    ):
+      for name in order[r % len(order) :] + order[: r % len(order)]:
         reply = workers[name].request(f"run {chunk[name]}")
         rounds[name].append(statistics.median(reply["wall"]))
         cpu_step[name].append(reply["cpu"] / len(reply["wall"]))
@@ -216,8 +230,17 @@ def time_benchmarks(names, cfg: dict, args, user_xla_flags: str) -> dict:
     for w in pending.values():
       w.close()
     os.remove(cfg_path)
-  return {"ready": ready, "skipped": skipped, "rounds": rounds, "cpu_step": cpu_step, "raw": raw,
-          "chunk": chunk, "loads": loads, "psi": psi, "rss": rss}
+  return {
+    "ready": ready,
+    "skipped": skipped,
+    "rounds": rounds,
+    "cpu_step": cpu_step,
+    "raw": raw,
+    "chunk": chunk,
+    "loads": loads,
+    "psi": psi,
+    "rss": rss,
+  }
 
 
 # ------------------------------------------------------------------------------ statistics
@@ -234,9 +257,9 @@ def quantile(values, q: float) -> float:
 def spread(values, fmt: str) -> dict:
   """Median, interquartile range and range of `values`, formatted with `fmt`."""
   return {
-      "median": fmt.format(statistics.median(values)),
-      "iqr": f"{fmt.format(quantile(values, .25))}–{fmt.format(quantile(values, .75))}",
-      "range": f"{fmt.format(min(values))}–{fmt.format(max(values))}",
+    "median": fmt.format(statistics.median(values)),
+    "iqr": f"{fmt.format(quantile(values, 0.25))}–{fmt.format(quantile(values, 0.75))}",
+    "range": f"{fmt.format(min(values))}–{fmt.format(max(values))}",
   }
 
 
@@ -247,8 +270,9 @@ def peak_gflop_s(timed: dict) -> tuple[list, list]:
   probes = [n for n in ("jax_matmul", "torch_matmul") if n in rounds]
   if not probes:
     return probes, []
-  return probes, [max(ready[n]["flops"] / rounds[n][r] for n in probes) / 1e9
-                  for r in range(n_rounds)]
+  return probes, [
+    max(ready[n]["flops"] / rounds[n][r] for n in probes) / 1e9 for r in range(n_rounds)
+  ]
 
 
 def rows(timed: dict, peak: list) -> list[dict]:
@@ -264,24 +288,26 @@ def rows(timed: dict, peak: list) -> list[dict]:
     gflop = info["flops"] / 1e9
     jax = suite.framework(name) == "jax"
     row = {
-        "name": name, "what": suite.describe(name), "framework": suite.framework(name),
-        "batch": info["batch"],
-        "images_per_s": info["batch"] / wall_s if info["batch"] else None,
-        "ms_per_step": 1e3 * wall_s,
-        "cpu_ms_per_step": 1e3 * statistics.median(timed["cpu_step"][name]),
-        "gflop_per_step": gflop,
-        "gflop_source": ("XLA cost analysis, direct convolutions" if jax
-                         else "torch flop counter"),
-        "program_gflop_per_step": (info["program_flops"] / 1e9 if "program_flops" in info
-                                   else None),
-        "gflop_per_s": gflop / wall_s,
-        "fraction_of_peak": (statistics.median(gflop / w / pk for w, pk in zip(walls, peak))
-                             if peak else None),
-        "student_params": info.get("student_params"),
-        "teacher_params": info.get("teacher_params"),
-        "rounds": len(walls), "steps_per_chunk": timed["chunk"][name],
-        "start_up_cpu_s": info["first_step_cpu_s"],
-        "peak_rss_mb": timed["rss"][name],
+      "name": name,
+      "what": suite.describe(name),
+      "framework": suite.framework(name),
+      "batch": info["batch"],
+      "images_per_s": info["batch"] / wall_s if info["batch"] else None,
+      "ms_per_step": 1e3 * wall_s,
+      "cpu_ms_per_step": 1e3 * statistics.median(timed["cpu_step"][name]),
+      "gflop_per_step": gflop,
+      "gflop_source": ("XLA cost analysis, direct convolutions" if jax else "torch flop counter"),
+      "program_gflop_per_step": (info["program_flops"] / 1e9 if "program_flops" in info else None),
+      "gflop_per_s": gflop / wall_s,
+      "fraction_of_peak": (
+        statistics.median(gflop / w / pk for w, pk in zip(walls, peak)) if peak else None
+      ),
+      "student_params": info.get("student_params"),
+      "teacher_params": info.get("teacher_params"),
+      "rounds": len(walls),
+      "steps_per_chunk": timed["chunk"][name],
+      "start_up_cpu_s": info["first_step_cpu_s"],
+      "peak_rss_mb": timed["rss"][name],
     }
     row["gflop_per_cpu_s"] = gflop / row["cpu_ms_per_step"] * 1e3
     out.append(row)
@@ -296,17 +322,28 @@ def ratios(timed: dict) -> list[dict]:
     base = suite.base_name(name)
     if base != name:
       reading = "> 1: this code faster" if name.startswith("before_") else "> 1: the CPU flags help"
-      twin_ratios.append((f"{name[:-len(base)]}{base} / {base}", name, base, reading))
+      twin_ratios.append((f"{name[: -len(base)]}{base} / {base}", name, base, reading))
   out = []
   for label, num, den, reading in (*suite.RATIOS, *twin_ratios):
     if num in rounds and den in rounds:
       values = [x / y for x, y in zip(rounds[num], rounds[den])]
       cpu = [x / y for x, y in zip(cpu_step[num], cpu_step[den])]
-      out.append({"name": label, "numerator": num, "denominator": den, "reading": reading,
-                  "median": statistics.median(values), "q25": quantile(values, .25),
-                  "q75": quantile(values, .75), "min": min(values), "max": max(values),
-                  "cpu_median": statistics.median(cpu), "cpu_q25": quantile(cpu, .25),
-                  "cpu_q75": quantile(cpu, .75)})
+      out.append(
+        {
+          "name": label,
+          "numerator": num,
+          "denominator": den,
+          "reading": reading,
+          "median": statistics.median(values),
+          "q25": quantile(values, 0.25),
+          "q75": quantile(values, 0.75),
+          "min": min(values),
+          "max": max(values),
+          "cpu_median": statistics.median(cpu),
+          "cpu_q25": quantile(cpu, 0.25),
+          "cpu_q75": quantile(cpu, 0.75),
+        }
+      )
   return out
 
 
@@ -346,8 +383,13 @@ def machine() -> dict:
       versions[pkg] = importlib.metadata.version(pkg)
     except importlib.metadata.PackageNotFoundError:
       versions[pkg] = "not installed"
-  return {"nproc": os.cpu_count(), "cpu": cpu, "ram_gb": mem_kb / 2**20,
-          "python": platform.python_version(), "versions": versions}
+  return {
+    "nproc": os.cpu_count(),
+    "cpu": cpu,
+    "ram_gb": mem_kb / 2**20,
+    "python": platform.python_version(),
+    "versions": versions,
+  }
 
 
 def loadavg() -> str:

@@ -55,7 +55,8 @@ def build(name: str, cfg: dict):
   tree = os.path.dirname(os.path.dirname(os.path.abspath(kd_jax.__file__)))
   if jax.config.read("jax_disable_most_optimizations"):
     raise SystemExit(
-        "jax_disable_most_optimizations is set: refusing to benchmark unoptimised code")
+      "jax_disable_most_optimizations is set: refusing to benchmark unoptimised code"
+    )
   mesh = mesh_lib.make_mesh()
   expected = suite.BENCHES[name][1]
   if mesh.size != expected:
@@ -75,8 +76,9 @@ def build(name: str, cfg: dict):
   step_fn, state, frozen, batch = built
   if loop_bench:
     data_cfg = cfg["amalgamation" if name == "jax_amalgamation" else "distill"]
-    return whole_loop(data_cfg, step_fn, state, frozen, mesh, info,
-                      labels=name != "jax_amalgamation")
+    return whole_loop(
+      data_cfg, step_fn, state, frozen, mesh, info, labels=name != "jax_amalgamation"
+    )
   compiled = mesh_lib.data_parallel_step(step_fn, mesh)
   box = {"state": mesh_lib.replicate(state, mesh)}
   frozen = mesh_lib.replicate(frozen, mesh)
@@ -124,14 +126,19 @@ def _distillation(name, cfg, mesh, rng, info, bf16):
   d = cfg["distill"]
   batch_size, image_shape = d["batch_size"], tuple(d["image_shape"])
   mesh_lib.check_batch_size(batch_size, mesh)
-  student = models.build({**model_kwargs(d["student"]), "num_classes": NUM_CLASSES,
-                          **({"dtype": "bfloat16"} if bf16 else {})})
+  student = models.build(
+    {
+      **model_kwargs(d["student"]),
+      "num_classes": NUM_CLASSES,
+      **({"dtype": "bfloat16"} if bf16 else {}),
+    }
+  )
   teacher = models.build({**model_kwargs(d["teacher"]), "num_classes": NUM_CLASSES})
   dummy = np.zeros((1, *image_shape), np.float32)
   teacher_vars = teacher.init(jax.random.PRNGKey(1), dummy, train=False)
   batch = {
-      "image": rng.standard_normal((batch_size, *image_shape)).astype(np.float32),
-      "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
+    "image": rng.standard_normal((batch_size, *image_shape)).astype(np.float32),
+    "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
   }
   info.update(batch=batch_size, student_params=None, teacher_params=_n_params(teacher_vars))
   if name == "jax_teacher_fwd":
@@ -144,11 +151,14 @@ def _distillation(name, cfg, mesh, rng, info, bf16):
   in_step_teacher = name == "jax_kd"
   if name == "jax_kd_cached":  # what the training loop's cache feeds the step
     batch["teacher_logits"] = np.asarray(
-        steps.apply_model(teacher, teacher_vars, batch["image"], train=False))
+      steps.apply_model(teacher, teacher_vars, batch["image"], train=False)
+    )
   step_fn = steps.make_train_step(
-      student=student, tx=tx, objective=steps.make_objective(method, distill),
-      teacher=teacher if in_step_teacher else None,
-      teacher_dropout=bool(distill.get("teacher_dropout", False)),
+    student=student,
+    tx=tx,
+    objective=steps.make_objective(method, distill),
+    teacher=teacher if in_step_teacher else None,
+    teacher_dropout=bool(distill.get("teacher_dropout", False)),
   )
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
   variables = student.init(init_rng, dummy, train=False)
@@ -188,31 +198,45 @@ def _amalgamation(name, cfg, mesh, rng, info, bf16):
   amal_cfg = ml_collections.ConfigDict(a["cfg"])
   if amal_cfg.selection not in routing.RULES:
     raise SystemExit(
-        f"{name}: the kd_jax of {info['kd_jax_tree']} has no selection {amal_cfg.selection!r} "
-        f"(it has {', '.join(routing.RULES)}): pass --amal_selection=teacher_card")
+      f"{name}: the kd_jax of {info['kd_jax_tree']} has no selection {amal_cfg.selection!r} "
+      f"(it has {', '.join(routing.RULES)}): pass --amal_selection=teacher_card"
+    )
   if bf16:
     amal_cfg.update(dict(dtype="bfloat16", teacher_dtype="bfloat16"))
   union = list(dict.fromkeys(c for classes in a["class_sets"] for c in classes))
   convnet = lambda classes, widths: models.ConvNet(
-      num_classes=classes, block_widths=tuple(widths), convs_per_block=a["convs_per_block"],
-      norm="batch")
-  teachers = tuple(convnet(len(classes), widths)
-                   for classes, widths in zip(a["class_sets"], a["teacher_blocks"]))
+    num_classes=classes,
+    block_widths=tuple(widths),
+    convs_per_block=a["convs_per_block"],
+    norm="batch",
+  )
+  teachers = tuple(
+    convnet(len(classes), widths) for classes, widths in zip(a["class_sets"], a["teacher_blocks"])
+  )
   student = convnet(len(union), a["student_blocks"])
   plan = amal_step.Plan(
-      student=student, teachers=teachers,
-      class_index=tuple(tuple(union.index(c) for c in classes) for classes in a["class_sets"]),
-      pairs=tuple(amal_step.auto_pairs(len(student.block_widths), len(t.block_widths))
-                  for t in teachers),
+    student=student,
+    teachers=teachers,
+    class_index=tuple(tuple(union.index(c) for c in classes) for classes in a["class_sets"]),
+    pairs=tuple(
+      amal_step.auto_pairs(len(student.block_widths), len(t.block_widths)) for t in teachers
+    ),
   )
   dummy = np.zeros((1, *AMAL_IMAGE_SHAPE), np.float32)
-  teacher_vars = [t.init(jax.random.PRNGKey(10 + i), dummy, train=False)
-                  for i, t in enumerate(teachers)]
+  teacher_vars = [
+    t.init(jax.random.PRNGKey(10 + i), dummy, train=False) for i, t in enumerate(teachers)
+  ]
   cards = []
   for t, classes in zip(teachers, a["class_sets"]):  # cards fitted on random features
     features = rng.standard_normal((1024, t.block_widths[-1])).astype(np.float32)
-    cards.append(routing.fit_teacher_card(features, np.arange(1024) % len(classes),
-                                          num_classes=len(classes), shrinkage=a["card_shrinkage"]))
+    cards.append(
+      routing.fit_teacher_card(
+        features,
+        np.arange(1024) % len(classes),
+        num_classes=len(classes),
+        shrinkage=a["card_shrinkage"],
+      )
+    )
   frozen = {"teachers": teacher_vars}
   if amal_cfg.selection in ("teacher_card", "pool_lda"):
     frozen["cards"] = cards
@@ -220,36 +244,56 @@ def _amalgamation(name, cfg, mesh, rng, info, bf16):
     _, feats, _ = amal_step.teacher_outputs(plan, teacher_vars, dummy)
     dims = [amal_step.pooled_blocks(f, amal_cfg.get("pool_grid", 1)).shape[-1] for f in feats]
     frozen["pool_router"] = routing.fit_pool_router(
-        [rng.standard_normal((1024, d)).astype(np.float32) for d in dims],
-        np.arange(1024) % len(union), plan.class_index)
+      [rng.standard_normal((1024, d)).astype(np.float32) for d in dims],
+      np.arange(1024) % len(union),
+      plan.class_index,
+    )
   images = rng.standard_normal((batch_size, *AMAL_IMAGE_SHAPE)).astype(np.float32)
-  info.update(batch=batch_size, selection=amal_cfg.selection, routing=amal_cfg.routing,
-              teacher_params=sum(_n_params(v["params"]) for v in teacher_vars))
+  info.update(
+    batch=batch_size,
+    selection=amal_cfg.selection,
+    routing=amal_cfg.routing,
+    teacher_params=sum(_n_params(v["params"]) for v in teacher_vars),
+  )
   if name == "jax_amal_teachers":
+
     def teachers_fwd(frozen, x):
       logits, feats, penultimate = amal_step.teacher_outputs(plan, frozen["teachers"], x)
       weights = amal_step.routing_weights(amal_cfg, logits, penultimate, frozen, blocks=feats)
       return logits, weights
+
     return Forward(jax.jit(teachers_fwd), (frozen, images))
 
-  tx = steps.make_optimizer(ml_collections.ConfigDict(dict(
-      learning_rate=amal_cfg.learning_rate, decay_at=amal_cfg.decay_at,
-      decay_factor=amal_cfg.decay_factor, weight_decay=0.0)), total_steps=10_000)
+  tx = steps.make_optimizer(
+    ml_collections.ConfigDict(
+      dict(
+        learning_rate=amal_cfg.learning_rate,
+        decay_at=amal_cfg.decay_at,
+        decay_factor=amal_cfg.decay_factor,
+        weight_decay=0.0,
+      )
+    ),
+    total_steps=10_000,
+  )
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(0))
   if name == "jax_amalgamation":
     variables = amal_step.init_params(plan, init_rng, AMAL_IMAGE_SHAPE)
     state = TrainState(
-        step=np.zeros((), np.int32), params=variables["params"],
-        batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]),
-        rng=np.asarray(train_rng, np.uint32))
+      step=np.zeros((), np.int32),
+      params=variables["params"],
+      batch_stats=variables["batch_stats"],
+      opt_state=tx.init(variables["params"]),
+      rng=np.asarray(train_rng, np.uint32),
+    )
     info["student_params"] = _n_params(state.params["student"])
     batch = {"image": images}  # labels never reach the amalgamation step
     return Step(amal_step.make_step(plan, amal_cfg, tx), state, frozen, batch)
   # jax_convnet_gt
   variables = student.init(init_rng, dummy, train=False)
   state = TrainState.create(variables=variables, tx=tx, rng=train_rng)
-  step_fn = steps.make_train_step(student=student, tx=tx,
-                                  objective=steps.make_objective("ground_truth", {}))
+  step_fn = steps.make_train_step(
+    student=student, tx=tx, objective=steps.make_objective("ground_truth", {})
+  )
   labels = rng.integers(0, len(union), batch_size).astype(np.int32)
   info.update(teacher_params=None, student_params=_n_params(state.params))
   return Step(step_fn, state, {}, {"image": images, "label": labels})
@@ -261,6 +305,7 @@ def _loop_parts():
 
   try:
     from kd_jax.train import faults
+
     return loop.host_batches, loop.compile_step, loop.zero_sums, faults.NonfiniteGuard
   except (ImportError, AttributeError):  # a --before_tree from before these were public
     return loop._host_batches, loop._step_with_sums, loop._zero_sums, _old_guard(loop)
@@ -290,15 +335,25 @@ def whole_loop(cfg: dict, step_fn, state, frozen, mesh, info, *, labels: bool):
   from kd_jax.train import mesh as mesh_lib
 
   host_batches, compile_step, zero_sums, NonfiniteGuard = _loop_parts()
-  classes = (list(dict.fromkeys(c for cs in cfg["class_sets"] for c in cs))
-             if "class_sets" in cfg else None)
-  config = ml_collections.ConfigDict(dict(
-      data=cfg["data"], batch_size=cfg["batch_size"], seed=0, num_epochs=10_000,
-      steps_per_epoch=0, log_every_steps=50, checkpoint_every_steps=500))
+  classes = (
+    list(dict.fromkeys(c for cs in cfg["class_sets"] for c in cs)) if "class_sets" in cfg else None
+  )
+  config = ml_collections.ConfigDict(
+    dict(
+      data=cfg["data"],
+      batch_size=cfg["batch_size"],
+      seed=0,
+      num_epochs=10_000,
+      steps_per_epoch=0,
+      log_every_steps=50,
+      checkpoint_every_steps=500,
+    )
+  )
   steps_per_epoch = loop.steps_per_epoch_of(config, classes)
   prepare = None if labels else (lambda batch: {"image": batch["image"]})
   batches = mesh_lib.prefetch(
-      host_batches(config, "train", classes, steps_per_epoch, 0, prepare), mesh)
+    host_batches(config, "train", classes, steps_per_epoch, 0, prepare), mesh
+  )
   compiled = compile_step(step_fn, mesh, data.device_preprocess(config.data))
   frozen = mesh_lib.replicate(frozen, mesh)
   box = {"state": mesh_lib.replicate(state, mesh), "step": 0, "sums": None}
@@ -309,7 +364,8 @@ def whole_loop(cfg: dict, step_fn, state, frozen, mesh, info, *, labels: bool):
     if box["sums"] is None:
       box["sums"] = mesh_lib.replicate(zero_sums(compiled, box["state"], batch, frozen), mesh)
     box["state"], metrics, nonfinite, box["sums"] = compiled(
-        box["state"], batch, frozen, box["sums"])
+      box["state"], batch, frozen, box["sums"]
+    )
     box["step"] = step = box["step"] + 1
     guard.record(step, nonfinite)  # checks the previous step's mask
     if step % config.log_every_steps == 0:
@@ -357,8 +413,11 @@ def model_flops(count_flops) -> float:
   conv_pool = _conv_pool()
   if conv_pool is None:
     return count_flops()
-  direct = {"SPECTRAL_MIN_INPUT_CHANNELS": sys.maxsize, "POLYPHASE_MAX_CHANNELS": 0,
-            "POLYPHASE_MAX_CHANNELS_ELSEWHERE": 0}
+  direct = {
+    "SPECTRAL_MIN_INPUT_CHANNELS": sys.maxsize,
+    "POLYPHASE_MAX_CHANNELS": 0,
+    "POLYPHASE_MAX_CHANNELS_ELSEWHERE": 0,
+  }
   saved = {name: getattr(conv_pool, name) for name in direct if hasattr(conv_pool, name)}
   for name in saved:
     setattr(conv_pool, name, direct[name])

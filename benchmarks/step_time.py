@@ -94,40 +94,66 @@ import suite
 
 def parse_args(argv=None):
   """The flags, and the parser (for its errors)."""
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--rounds", type=int, default=12, help="at most this many timed rounds")
-  p.add_argument("--min_rounds", type=int, default=4,
-                 help="at least this many, whatever the budget")
-  p.add_argument("--budget_seconds", type=float, default=120.0,
-                 help="no new round starts after this much time in the timed rounds")
+  p.add_argument(
+    "--min_rounds", type=int, default=4, help="at least this many, whatever the budget"
+  )
+  p.add_argument(
+    "--budget_seconds",
+    type=float,
+    default=120.0,
+    help="no new round starts after this much time in the timed rounds",
+  )
   p.add_argument("--chunk_seconds", type=float, default=1.0, help="approximate time per chunk")
   p.add_argument("--min_steps", type=int, default=2, help="at least this many steps per chunk")
-  p.add_argument("--recipe", choices=sorted(suite.RECIPES), default="study",
-                 help="distillation setting: study (Fashion-MNIST 28×28×1, LeNet 0.5, NiN 0.25; "
-                      "all benchmarks by default) or seed (CIFAR 32×32×3, LeNet 1.0, NiN 1.0 with "
-                      "the Caffe head; the distillation benchmarks and the peak probes by default)")
-  p.add_argument("--student_width", type=float, default=None,
-                 help="LeNet width (default: the recipe's)")
-  p.add_argument("--teacher_width", type=float, default=None,
-                 help="NiN width (default: the recipe's)")
+  p.add_argument(
+    "--recipe",
+    choices=sorted(suite.RECIPES),
+    default="study",
+    help="distillation setting: study (Fashion-MNIST 28×28×1, LeNet 0.5, NiN 0.25; "
+    "all benchmarks by default) or seed (CIFAR 32×32×3, LeNet 1.0, NiN 1.0 with "
+    "the Caffe head; the distillation benchmarks and the peak probes by default)",
+  )
+  p.add_argument(
+    "--student_width", type=float, default=None, help="LeNet width (default: the recipe's)"
+  )
+  p.add_argument(
+    "--teacher_width", type=float, default=None, help="NiN width (default: the recipe's)"
+  )
   p.add_argument("--kd_batch", type=int, default=256)
   p.add_argument("--amal_batch", type=int, default=128)
-  p.add_argument("--amal_selection", default=None,
-                 help="the amalgamation benchmarks' routing rule (default: the experiment's, "
-                      "pool_lda; issue 12's before/after target is stated for teacher_card, which "
-                      "the trees before pool_lda also have)")
-  p.add_argument("--amal_teacher_blocks", default="",
-                 help="the amalgamation teachers' block widths, e.g. 32-64-128 (issue 12's "
-                      "setting; default: the experiment's teacher_blocks)")
-  p.add_argument("--only", default="",
-                 help="comma-separated benchmark names; a JAX one prefixed before_ runs the code "
-                      "of --before_tree, prefixed noflag_ runs without kd_jax's CPU XLA flags")
-  p.add_argument("--before_tree", default="",
-                 help="a kd_jax checkout (e.g. a worktree of an older commit) for the before_ "
-                      "benchmarks")
-  p.add_argument("--twin_xla_flags", default=None,
-                 help="XLA_FLAGS of the before_ and noflag_ twins (default: the user's XLA_FLAGS)")
+  p.add_argument(
+    "--amal_selection",
+    default=None,
+    help="the amalgamation benchmarks' routing rule (default: the experiment's, "
+    "pool_lda; issue 12's before/after target is stated for teacher_card, which "
+    "the trees before pool_lda also have)",
+  )
+  p.add_argument(
+    "--amal_teacher_blocks",
+    default="",
+    help="the amalgamation teachers' block widths, e.g. 32-64-128 (issue 12's "
+    "setting; default: the experiment's teacher_blocks)",
+  )
+  p.add_argument(
+    "--only",
+    default="",
+    help="comma-separated benchmark names; a JAX one prefixed before_ runs the code "
+    "of --before_tree, prefixed noflag_ runs without kd_jax's CPU XLA flags",
+  )
+  p.add_argument(
+    "--before_tree",
+    default="",
+    help="a kd_jax checkout (e.g. a worktree of an older commit) for the before_ benchmarks",
+  )
+  p.add_argument(
+    "--twin_xla_flags",
+    default=None,
+    help="XLA_FLAGS of the before_ and noflag_ twins (default: the user's XLA_FLAGS)",
+  )
   p.add_argument("--json", default="", help="also write the raw timings here")
   p.add_argument("--worker", default="", help=argparse.SUPPRESS)
   p.add_argument("--settings", default="", help=argparse.SUPPRESS)
@@ -143,8 +169,9 @@ def main(argv=None) -> None:
 
   # As the entry points do, before any JAX backend starts (the workers inherit it); the
   # user's own XLA_FLAGS are kept for the twins that run without kd_jax's flags.
-  user_xla_flags = (os.environ.get("XLA_FLAGS", "") if args.twin_xla_flags is None
-                    else args.twin_xla_flags)
+  user_xla_flags = (
+    os.environ.get("XLA_FLAGS", "") if args.twin_xla_flags is None else args.twin_xla_flags
+  )
   sys.path.insert(0, suite.REPO)  # here, not at the top: a before_ worker imports the old kd_jax
   from kd_jax.ops import xla_flags  # pylint: disable=g-import-not-at-top  (no JAX import)
 
@@ -154,20 +181,32 @@ def main(argv=None) -> None:
   names = [n for n in args.only.split(",") if n] or list(default)
   unknown = suite.unknown(names)
   if unknown:
-    p.error(f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(suite.BENCHES)} "
-            f"(JAX ones also prefixed {' or '.join(suite.TWINS)})")
-  if (any(n.startswith("before_") for n in names)
-      and not os.path.isdir(os.path.join(args.before_tree, "kd_jax"))):
-    p.error("before_ benchmarks need --before_tree, a directory holding kd_jax; "
-            f"got {args.before_tree!r}")
+    p.error(
+      f"unknown benchmarks {sorted(unknown)}; choose from {', '.join(suite.BENCHES)} "
+      f"(JAX ones also prefixed {' or '.join(suite.TWINS)})"
+    )
+  if any(n.startswith("before_") for n in names) and not os.path.isdir(
+    os.path.join(args.before_tree, "kd_jax")
+  ):
+    p.error(
+      f"before_ benchmarks need --before_tree, a directory holding kd_jax; got {args.before_tree!r}"
+    )
   date = subprocess.run(["date"], capture_output=True, text=True, check=False).stdout.strip()
   load_before, psi_before = harness.loadavg(), harness.cpu_pressure()
   cfg = suite.settings(args)
   timed = harness.time_benchmarks(names, cfg, args, user_xla_flags)
-  run = {"settings": cfg, "timed": timed, "date": date, "machine": harness.machine(),
-         "load_before": load_before, "load_after": harness.loadavg(), "psi_before": psi_before,
-         "elapsed": time.time() - started, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-         "user_xla_flags": user_xla_flags}
+  run = {
+    "settings": cfg,
+    "timed": timed,
+    "date": date,
+    "machine": harness.machine(),
+    "load_before": load_before,
+    "load_after": harness.loadavg(),
+    "psi_before": psi_before,
+    "elapsed": time.time() - started,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "user_xla_flags": user_xla_flags,
+  }
   rounds = timed["rounds"]
   run["n_rounds"] = len(next(iter(rounds.values()))) if rounds else 0
   run["probes"], run["peak"] = harness.peak_gflop_s(timed)

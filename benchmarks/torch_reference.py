@@ -30,11 +30,20 @@ class NiN(nn.Module):
       return [nn.Conv2d(cin, cout, k, padding=k // 2), nn.ReLU()]
 
     self.body = nn.Sequential(
-        *conv(channels, w(192), 5), *conv(w(192), w(160), 1), *conv(w(160), w(96), 1),
-        nn.MaxPool2d(3, 2, padding=1), nn.Dropout(dropout),
-        *conv(w(96), w(192), 5), *conv(w(192), w(192), 1), *conv(w(192), w(192), 1),
-        nn.AvgPool2d(3, 2, padding=1, count_include_pad=False), nn.Dropout(dropout),
-        *conv(w(192), w(192), 3), *conv(w(192), w(192), 1), *conv(w(192), NUM_CLASSES, 1))
+      *conv(channels, w(192), 5),
+      *conv(w(192), w(160), 1),
+      *conv(w(160), w(96), 1),
+      nn.MaxPool2d(3, 2, padding=1),
+      nn.Dropout(dropout),
+      *conv(w(96), w(192), 5),
+      *conv(w(192), w(192), 1),
+      *conv(w(192), w(192), 1),
+      nn.AvgPool2d(3, 2, padding=1, count_include_pad=False),
+      nn.Dropout(dropout),
+      *conv(w(192), w(192), 3),
+      *conv(w(192), w(192), 1),
+      *conv(w(192), NUM_CLASSES, 1),
+    )
 
   def forward(self, x):
     return self.body(x).mean(dim=(2, 3))
@@ -60,12 +69,14 @@ class LeNet(nn.Module):
 
 def _count_flops(fn):
   """A call counting `fn()`'s FLOPs with torch's flop counter (convolutions and matmuls)."""
+
   def count():
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
       fn()
     return float(counter.get_total_flops())
+
   return count
 
 
@@ -79,15 +90,23 @@ def build(name: str, cfg: dict):
   torch.manual_seed(0)
   if name == "torch_matmul":
     a = torch.randn(MATMUL_SIZE, MATMUL_SIZE)
-    info = {"batch": None, "threads": torch.get_num_threads(), "student_params": None,
-            "teacher_params": None}
+    info = {
+      "batch": None,
+      "threads": torch.get_num_threads(),
+      "student_params": None,
+      "teacher_params": None,
+    }
     return (lambda: a @ a), info, lambda: 2.0 * MATMUL_SIZE**3
   d = cfg["distill"]
   image_h, image_w, channels = d["image_shape"]
-  if (not d["student"]["relu_after_conv"] or d["student"]["dropout_rate"]
-      or d["teacher"]["head"] != "gap"):
+  if (
+    not d["student"]["relu_after_conv"]
+    or d["student"]["dropout_rate"]
+    or d["teacher"]["head"] != "gap"
+  ):
     raise SystemExit(
-        "the PyTorch port covers LeNet(relu_after_conv, no dropout) and NiN(head='gap') only")
+      "the PyTorch port covers LeNet(relu_after_conv, no dropout) and NiN(head='gap') only"
+    )
   batch_size = d["batch_size"]
   rng = np.random.default_rng(0)
   images = rng.standard_normal((batch_size, channels, image_h, image_w)).astype(np.float32)
@@ -96,13 +115,18 @@ def build(name: str, cfg: dict):
   teacher = NiN(channels, d["teacher"]["width"], d["teacher"]["dropout_rate"]).eval()
   for p in teacher.parameters():
     p.requires_grad_(False)
-  info = {"batch": batch_size, "threads": torch.get_num_threads(),
-          "teacher_params": _n_params(teacher)}
+  info = {
+    "batch": batch_size,
+    "threads": torch.get_num_threads(),
+    "teacher_params": _n_params(teacher),
+  }
 
   if name == "torch_teacher_fwd":
+
     def fwd():
       with torch.no_grad():
         teacher(x)
+
     return fwd, info, _count_flops(fwd)
 
   student = LeNet(d["image_shape"], d["student"]["width"]).train()
@@ -122,8 +146,15 @@ def build(name: str, cfg: dict):
     hard = F.cross_entropy(s, y)
     # α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1 − α)·CE, as kd_jax.losses.hinton_kd
     if distill:
-      soft = F.kl_div(F.log_softmax(s / temperature, -1), F.log_softmax(t / temperature, -1),
-                      reduction="batchmean", log_target=True) * temperature**2
+      soft = (
+        F.kl_div(
+          F.log_softmax(s / temperature, -1),
+          F.log_softmax(t / temperature, -1),
+          reduction="batchmean",
+          log_target=True,
+        )
+        * temperature**2
+      )
       loss = alpha * soft + (1 - alpha) * hard
     else:
       loss = hard

@@ -31,11 +31,18 @@ from kd_jax import configs
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configs.parse_arg(
-      arg,
-      allowed=dict(
-          dataset="mnist", teacher_classes="0+1/2+3", selection="pool_lda", routing="hard",
-          seed=0, smoke=False, dual_stage=False, seed_compat=False, supervised=False,
-      ),
+    arg,
+    allowed=dict(
+      dataset="mnist",
+      teacher_classes="0+1/2+3",
+      selection="pool_lda",
+      routing="hard",
+      seed=0,
+      smoke=False,
+      dual_stage=False,
+      seed_compat=False,
+      supervised=False,
+    ),
   )
   config = configs.base_config(dataset=args["dataset"], seed=args["seed"])
   config.experiment = "amalgamate"
@@ -54,9 +61,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   def stage(epochs, learning_rate, batch_size=128, min_steps=0):
     # min_steps: raise the epochs of a small pool until the stage makes that many steps.
-    return ml_collections.ConfigDict(dict(
-        epochs=epochs, min_steps=min_steps, learning_rate=learning_rate, batch_size=batch_size,
-        decay_at=0.8, decay_factor=0.1))
+    return ml_collections.ConfigDict(
+      dict(
+        epochs=epochs,
+        min_steps=min_steps,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        decay_at=0.8,
+        decay_factor=0.1,
+      )
+    )
 
   # Epochs, and a floor of optimizer steps so that a small pool trains as long as a full one.
   # On a full data set's classes the epochs give more steps than the floors, which then bind
@@ -65,24 +79,35 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   def amalgamation(**kw):
     cfg = stage(epochs=3, learning_rate=1e-3, min_steps=500)
-    cfg.update(dict(
-        selection=args["selection"], routing=args["routing"], routing_temperature=1.0,
-        logit_loss="kl", temperature=2.0,
-        feature_weight=1.0, logit_weight=1.0, unit_norm_weight=0.1, seed_compat=args["seed_compat"],
+    cfg.update(
+      dict(
+        selection=args["selection"],
+        routing=args["routing"],
+        routing_temperature=1.0,
+        logit_loss="kl",
+        temperature=2.0,
+        feature_weight=1.0,
+        logit_weight=1.0,
+        unit_norm_weight=0.1,
+        seed_compat=args["seed_compat"],
         # Compute dtypes of the student (and alignment projections) and of the frozen teachers:
         # 'bfloat16' computes in it; parameters, optimizer state and every loss stay float32.
-        dtype="float32", teacher_dtype="float32",
+        dtype="float32",
+        teacher_dtype="float32",
         # Self-training: the student's own task probabilities join the routing, ramped in
         # between these fractions of the stage (kd_jax/amalgamation/objective.py). Off by
         # default: it did not change accuracy measurably (docs/results.md).
-        self_training=0.0, self_training_start=0.3, self_training_end=0.6,
+        self_training=0.0,
+        self_training_start=0.3,
+        self_training_end=0.6,
         # pool_lda reads each teacher block averaged over a pool_grid × pool_grid grid
         # (1: global average): where a feature fires helps routing (docs/results.md).
         pool_grid=2,
         # One refit of the pool router on pseudo-classes balanced to the teachers' class mix
         # (routing.fit_pool_router; ablation in docs/results.md).
         pool_balance_rounds=1,
-    ))
+      )
+    )
     cfg.update(kw)
     return cfg
 
@@ -93,8 +118,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # ambiguous source per sample (entropy), which is sound when they share classes.
   config.dual_stage = amalgamation(selection="entropy", routing="hard", self_training=0.0)
   if args["seed_compat"]:
-    config.amalgamation.update(dict(logit_loss="l2", selection="entropy", routing="hard",
-                                    feature_weight=1.0, logit_weight=1.0, unit_norm_weight=1.0))
+    config.amalgamation.update(
+      dict(
+        logit_loss="l2",
+        selection="entropy",
+        routing="hard",
+        feature_weight=1.0,
+        logit_weight=1.0,
+        unit_norm_weight=1.0,
+      )
+    )
   config.supervised = args["supervised"]
   if args["smoke"]:
     configs.apply_smoke(config)

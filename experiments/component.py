@@ -15,7 +15,10 @@ from kd_jax import configs
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configs.parse_arg(
-      arg, allowed=dict(dataset="mnist", classes="0+1", blocks="64-128-256", seed=0, epochs=4, smoke=False)
+    arg,
+    allowed=dict(
+      dataset="mnist", classes="0+1", blocks="64-128-256", seed=0, epochs=4, smoke=False
+    ),
   )
   config = configs.base_config(dataset=args["dataset"], seed=args["seed"])
   config.experiment = "component"
@@ -29,8 +32,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.batch_size = 128
   config.num_epochs = args["epochs"]
   config.model = ml_collections.ConfigDict(
-      dict(name="convnet", block_widths=[int(w) for w in args["blocks"].split("-")], convs_per_block=1, norm="batch",
-           dtype="float32")
+    dict(
+      name="convnet",
+      block_widths=[int(w) for w in args["blocks"].split("-")],
+      convs_per_block=1,
+      norm="batch",
+      dtype="float32",
+    )
   )
   if args["smoke"]:
     configs.apply_smoke(config)

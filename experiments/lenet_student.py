@@ -19,8 +19,8 @@ from kd_jax import configs
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configs.parse_arg(
-      arg,
-      allowed=dict(method="hinton_kd", dataset="cifar10", seed=0, width=1.0, epochs=100, smoke=False),
+    arg,
+    allowed=dict(method="hinton_kd", dataset="cifar10", seed=0, width=1.0, epochs=100, smoke=False),
   )
   config = configs.base_config(dataset=args["dataset"], seed=args["seed"])
   config.experiment = "lenet_student"
@@ -28,27 +28,27 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.teacher_workdir = ""
   # relu_after_conv=False is the seed's LeNet (no ReLU after its convolutions).
   config.model = ml_collections.ConfigDict(
-      # dtype: 'bfloat16' computes in it (parameters and optimizer state stay float32).
-      dict(name="lenet", width=args["width"], relu_after_conv=True, dropout_rate=0.0, dtype="float32")
+    # dtype: 'bfloat16' computes in it (parameters and optimizer state stay float32).
+    dict(name="lenet", width=args["width"], relu_after_conv=True, dropout_rate=0.0, dtype="float32")
   )
   config.distill = ml_collections.ConfigDict(
-      dict(
-          # Hinton et al.: soft targets at a high temperature, the hard term weighted low.
-          temperature=4.0,
-          soft_weight=0.9,
-          # Sau & Balasubramanian: perturb half the samples, with the seed's sigma.
-          noise_ratio=0.5,
-          noise_std=0.1,
-          # The seed keeps teacher dropout on while distilling; the papers use a fixed teacher.
-          teacher_dropout=False,
-          # Without teacher dropout and augmentation the teacher's logits depend on the image
-          # alone: compute them once per run, not in every step (same numbers, faster steps).
-          cache_teacher_logits=True,
-          # The frozen teacher's compute dtype, independent of the student's ('bfloat16': faster
-          # on hardware that has it; its logits are cast to float32 before the loss).
-          teacher_dtype="float32",
-          seed_compat=False,
-      )
+    dict(
+      # Hinton et al.: soft targets at a high temperature, the hard term weighted low.
+      temperature=4.0,
+      soft_weight=0.9,
+      # Sau & Balasubramanian: perturb half the samples, with the seed's sigma.
+      noise_ratio=0.5,
+      noise_std=0.1,
+      # The seed keeps teacher dropout on while distilling; the papers use a fixed teacher.
+      teacher_dropout=False,
+      # Without teacher dropout and augmentation the teacher's logits depend on the image
+      # alone: compute them once per run, not in every step (same numbers, faster steps).
+      cache_teacher_logits=True,
+      # The frozen teacher's compute dtype, independent of the student's ('bfloat16': faster
+      # on hardware that has it; its logits are cast to float32 before the loss).
+      teacher_dtype="float32",
+      seed_compat=False,
+    )
   )
   config.num_epochs = args["epochs"]
   if args["smoke"]:

@@ -15,15 +15,15 @@ from kd_jax import configs
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = configs.parse_arg(
-      arg, allowed=dict(dataset="cifar10", seed=0, width=1.0, head="gap", epochs=100, smoke=False)
+    arg, allowed=dict(dataset="cifar10", seed=0, width=1.0, head="gap", epochs=100, smoke=False)
   )
   config = configs.base_config(dataset=args["dataset"], seed=args["seed"])
   config.experiment = "nin_teacher"
   config.method = "ground_truth"
   config.teacher_workdir = ""
   config.model = ml_collections.ConfigDict(
-      # dtype: 'bfloat16' computes in it (parameters and optimizer state stay float32).
-      dict(name="nin", width=args["width"], head=args["head"], dropout_rate=0.5, dtype="float32")
+    # dtype: 'bfloat16' computes in it (parameters and optimizer state stay float32).
+    dict(name="nin", width=args["width"], head=args["head"], dropout_rate=0.5, dtype="float32")
   )
   config.num_epochs = args["epochs"]
   if args["smoke"]:

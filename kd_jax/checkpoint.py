@@ -76,15 +76,17 @@ def model_entry(model, *, item: str = "state", subtree: str | None = None, **ext
 class Checkpoints:
   """The run's `ocp.CheckpointManager`: periodic asynchronous saves, the last few kept."""
 
-  def __init__(self, workdir: str, *, save_every_steps: int = 1, keep: int = 3, read_only: bool = False):
+  def __init__(
+    self, workdir: str, *, save_every_steps: int = 1, keep: int = 3, read_only: bool = False
+  ):
     if read_only:
       options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     else:
       options = ocp.CheckpointManagerOptions(
-          save_interval_steps=max(1, save_every_steps),
-          preservation_policy=preservation_policy.LatestN(keep),
-          enable_async_checkpointing=True,
-          cleanup_tmp_directories=True,  # a killed save leaves a tmp dir, never a step
+        save_interval_steps=max(1, save_every_steps),
+        preservation_policy=preservation_policy.LatestN(keep),
+        enable_async_checkpointing=True,
+        cleanup_tmp_directories=True,  # a killed save leaves a tmp dir, never a step
       )
     self.directory = checkpoint_dir(workdir)
     if not read_only:
@@ -123,7 +125,9 @@ class Checkpoints:
     self.manager.reload()
     self._intact = None
 
-  def save(self, step: int, items: Mapping[str, Any], meta: Mapping, *, force: bool = False) -> bool:
+  def save(
+    self, step: int, items: Mapping[str, Any], meta: Mapping, *, force: bool = False
+  ) -> bool:
     """Saves `items` (pytrees) and `meta` (JSON) at `step`, in the background.
 
     `meta` is deep-copied: the caller may change it (e.g. append to its history) while the
@@ -136,7 +140,9 @@ class Checkpoints:
 
   def restore_meta(self, step: int | None = None) -> dict:
     step = self._step(step)
-    return dict(self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META])
+    return dict(
+      self.manager.restore(step, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))[META]
+    )
 
   def restore(self, step: int | None, targets: Mapping[str, Any], *, sharding=None) -> dict:
     """Restores named items. A target is a pytree whose structure, shapes and dtypes are
@@ -144,15 +150,19 @@ class Checkpoints:
     item as saved, as NumPy arrays on the host."""
     step = self._step(step)
     args = {
-        name: ocp.args.StandardRestore(self._host_target(step, name) if target is None else _abstract(target, sharding))
-        for name, target in targets.items()
+      name: ocp.args.StandardRestore(
+        self._host_target(step, name) if target is None else _abstract(target, sharding)
+      )
+      for name, target in targets.items()
     }
     return dict(self.manager.restore(step, args=ocp.args.Composite(**args)))
 
   def _host_target(self, step: int, name: str):
     """NumPy arrays of the saved shapes and dtypes: Orbax restores into NumPy what it is
     given NumPy for (host memory is the same on any number of processes and devices)."""
-    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / name).tree
+    saved = (
+      ocp.StandardCheckpointHandler().metadata(epath.Path(self.directory) / str(step) / name).tree
+    )
     return jax.tree.map(lambda m: np.zeros(m.shape, m.dtype) if hasattr(m, "dtype") else m, saved)
 
   def wait(self) -> None:
@@ -176,13 +186,15 @@ class Checkpoints:
         if why is None:
           self._intact = (step, damaged)
           break
-        logging.warning("Skipping the damaged checkpoint at step %d in %s: %s.", step, self.directory, why)
+        logging.warning(
+          "Skipping the damaged checkpoint at step %d in %s: %s.", step, self.directory, why
+        )
         damaged[step] = why
       else:
         if damaged:
           listed = "; ".join(f"step {s}: {why}" for s, why in damaged.items())
           raise CheckpointError(
-              f"no intact checkpoint in {self.directory} ({listed}): move it aside to start afresh"
+            f"no intact checkpoint in {self.directory} ({listed}): move it aside to start afresh"
           )
         self._intact = (None, {})
     return self._intact
@@ -220,15 +232,19 @@ def _gist(error: Exception) -> str:
 
 def _abstract(tree, sharding=None):
   def abstract(x):
-    return jax.ShapeDtypeStruct(np.shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype,
-                                sharding=sharding)
+    return jax.ShapeDtypeStruct(
+      np.shape(x), x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype, sharding=sharding
+    )
+
   return jax.tree.map(abstract, tree)
 
 
 def _open(workdir: str) -> Checkpoints:
   """A read-only view of `workdir`'s checkpoints, with a clear error if it has none."""
   if not os.path.isdir(checkpoint_dir(workdir)):
-    raise CheckpointError(f"{workdir} holds no checkpoints ({checkpoint_dir(workdir)} is missing): train it first")
+    raise CheckpointError(
+      f"{workdir} holds no checkpoints ({checkpoint_dir(workdir)} is missing): train it first"
+    )
   return Checkpoints(workdir, read_only=True)
 
 

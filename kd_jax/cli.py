@@ -11,8 +11,7 @@ import logging
 import os
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 
 from kd_jax import errors
@@ -33,8 +32,8 @@ def one_line_errors():
     sys.exit(errors.UsageError.exit_status)
   except KeyboardInterrupt:
     print(
-        "interrupted: SIGINT before training started; nothing to save: run the same command again",
-        file=sys.stderr,
+      "interrupted: SIGINT before training started; nothing to save: run the same command again",
+      file=sys.stderr,
     )
     sys.exit(130)
 
@@ -45,8 +44,12 @@ class _QuietLibraries(logging.Filter):
   NOISY = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/", "/ml_collections/")
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if record.name == "asyncio" and record.getMessage().startswith("Task exception was never retrieved"):
-      return False  # Orbax's other parallel reads of a damaged checkpoint (see _quiet_abandoned_reads)
+    if record.name == "asyncio" and record.getMessage().startswith(
+      "Task exception was never retrieved"
+    ):
+      return (
+        False  # Orbax's other parallel reads of a damaged checkpoint (see _quiet_abandoned_reads)
+      )
     return record.levelno >= logging.ERROR or not any(p in record.pathname for p in self.NOISY)
 
 
@@ -76,7 +79,9 @@ def _unknown_config_field(error: Exception, argv) -> str:
   hint = " ".join(line.strip() for line in lines[1:])
   overrides = [arg[2:].split("=", 1)[0] for arg in argv[1:] if arg.startswith("--config.")]
   culprits = [o for o in overrides if o.split(".")[-1] == key] or overrides
-  return f"--{' --'.join(culprits)}: the config has no field {key!r}" + (f" ({hint})" if hint else "")
+  return f"--{' --'.join(culprits)}: the config has no field {key!r}" + (
+    f" ({hint})" if hint else ""
+  )
 
 
 def _config_file(argv) -> str | None:
@@ -85,7 +90,7 @@ def _config_file(argv) -> str | None:
     if arg == "--":
       break
     if arg.startswith("--config="):
-      return arg[len("--config="):].split(":", 1)[0]
+      return arg[len("--config=") :].split(":", 1)[0]
     if arg == "--config" and i + 1 < len(argv):
       return argv[i + 1].split(":", 1)[0]
   return None
@@ -111,10 +116,10 @@ def config_file_problem(path: str) -> str | None:
   except ValueError as e:  # e.g. null bytes: not a text file
     return f"{shown} is not valid Python: {e}"
   defines = any(
-      (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "get_config")
-      or (isinstance(node, ast.Name) and node.id == "get_config" and isinstance(node.ctx, ast.Store))
-      or (isinstance(node, ast.alias) and "get_config" in (node.name, node.asname, "*"))
-      for node in ast.walk(tree)
+    (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == "get_config")
+    or (isinstance(node, ast.Name) and node.id == "get_config" and isinstance(node.ctx, ast.Store))
+    or (isinstance(node, ast.alias) and "get_config" in (node.name, node.asname, "*"))
+    for node in ast.walk(tree)
   )
   if not defines:
     return f"{shown} defines no get_config(arg=None) returning an ml_collections.ConfigDict"
@@ -130,7 +135,9 @@ def loaded_config(config):
   except OSError as e:  # ml_collections reports an unloadable config file only on first use
     raise ValueError(f"cannot load --config: {str(e).strip().splitlines()[-1].strip()}") from None
   if not isinstance(config, ml_collections.ConfigDict):
-    raise ValueError(f"--config: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict")
+    raise ValueError(
+      f"--config: get_config() returned {type(config).__name__}, not an ml_collections.ConfigDict"
+    )
   return config
 
 
@@ -144,11 +151,15 @@ def _parse_flags(argv):
     except flags.Error as e:
       message = _one_line(str(e))
       if "--config must have a value other than None" in message:
-        message = f"--config={config_file}: get_config() returned None, not an ml_collections.ConfigDict"
+        message = (
+          f"--config={config_file}: get_config() returned None, not an ml_collections.ConfigDict"
+        )
     except (AttributeError, KeyError) as e:  # ml_collections: --config.KEY with an unknown KEY
       message = _unknown_config_field(e, argv)
       if "<class 'NoneType'>" in message:  # --config.KEY on a get_config() that returned None
-        message = f"--config={config_file}: get_config() returned None, not an ml_collections.ConfigDict"
+        message = (
+          f"--config={config_file}: get_config() returned None, not an ml_collections.ConfigDict"
+        )
     except Exception as e:  # pylint: disable=broad-except  (the config file raised while loading)
       message = f"--config={config_file}: loading it raised {type(e).__name__}: {_one_line(str(e))}"
   print(f"error: {message}", file=sys.stderr)
@@ -158,7 +169,9 @@ def _parse_flags(argv):
 def _quiet_abandoned_reads(unraisable, default=sys.unraisablehook) -> None:
   """Drops 'Event loop is closed' from Orbax's parallel reads that finish after a restore
   already failed on a damaged checkpoint (kd_jax.checkpoint reports that in one line)."""
-  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+  if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(
+    unraisable.exc_value
+  ):
     return
   default(unraisable)
 
@@ -167,14 +180,14 @@ def define_process_flags():
   """Defines the multi-process flags of an entry point; returns `join()`, which joins the job
   they describe (`kd_jax.distributed.initialize`; call it before anything starts JAX)."""
   coordinator = flags.DEFINE_string(
-      "coordinator_address",
-      None,
-      "HOST:PORT of process 0 (multi-process runs; default: $JAX_COORDINATOR_ADDRESS or the "
-      "cluster launcher's).",
+    "coordinator_address",
+    None,
+    "HOST:PORT of process 0 (multi-process runs; default: $JAX_COORDINATOR_ADDRESS or the "
+    "cluster launcher's).",
   )
   num_processes = flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run.")
   process_id = flags.DEFINE_integer(
-      "process_id", None, "This process's index in [0, num_processes)."
+    "process_id", None, "This process's index in [0, num_processes)."
   )
 
   def join() -> None:

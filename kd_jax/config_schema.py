@@ -25,18 +25,18 @@ from typing import Any
 
 # The allowed values live in `kd_jax.choices`, read by the code that acts on them too.
 from kd_jax.choices import (
-    CONVNET_NORMS,
-    DATASETS,
-    DTYPES,
-    LOGIT_LOSSES,
-    MATMUL_PRECISIONS,
-    METHODS,
-    MODELS,
-    NIN_HEADS,
-    ON_NONFINITE,
-    PREPROCESS,
-    ROUTINGS,
-    SELECTIONS,
+  CONVNET_NORMS,
+  DATASETS,
+  DTYPES,
+  LOGIT_LOSSES,
+  MATMUL_PRECISIONS,
+  METHODS,
+  MODELS,
+  NIN_HEADS,
+  ON_NONFINITE,
+  PREPROCESS,
+  ROUTINGS,
+  SELECTIONS,
 )
 from kd_jax.errors import UsageError
 
@@ -49,13 +49,18 @@ MAX_SEED = 2**31 - 1  # the pipeline derives teachers' seeds as seed * 1000 + t:
 def parse_class_sets(text: str) -> list[list[int]]:
   """'0+1/2+3' → [[0, 1], [2, 3]]: one class set per teacher ('' between slashes: empty)."""
   try:
-    return [[int(c) for c in group.split("+")] if group.strip() else [] for group in text.split("/")]
+    return [
+      [int(c) for c in group.split("+")] if group.strip() else [] for group in text.split("/")
+    ]
   except ValueError:
-    raise UsageError("not like '0+1/2+3' ('+' between a teacher's classes, '/' between teachers)") from None
+    raise UsageError(
+      "not like '0+1/2+3' ('+' between a teacher's classes, '/' between teachers)"
+    ) from None
 
 
-def check_class_sets(class_sets: Sequence[Sequence[int]], num_classes: int | None = None, *,
-                     shared: bool = False) -> None:
+def check_class_sets(
+  class_sets: Sequence[Sequence[int]], num_classes: int | None = None, *, shared: bool = False
+) -> None:
   """At least 2 teachers, each with at least 2 distinct classes, disjoint unless `shared`
   (and inside 0..num_classes-1 when the dataset's class count is given)."""
   if len(class_sets) < 2:
@@ -65,7 +70,9 @@ def check_class_sets(class_sets: Sequence[Sequence[int]], num_classes: int | Non
     if not classes:
       raise UsageError(f"teacher {t} has an empty class set")
     if len(classes) < 2:  # a 1-class net learns nothing from labels and routes by nothing
-      raise UsageError(f"teacher {t} has the single class {classes[0]}: each teacher needs at least 2 classes")
+      raise UsageError(
+        f"teacher {t} has the single class {classes[0]}: each teacher needs at least 2 classes"
+      )
     upper = num_classes if num_classes is not None else math.inf
     outside = [c for c in classes if not 0 <= c < upper]
     if outside:
@@ -84,7 +91,9 @@ def parse_widths(text: str) -> list[list[int]]:
   try:
     widths = [[int(w) for w in group.split("-")] for group in text.split("/")]
   except ValueError:
-    raise UsageError("not like '32-64-128' or '32-64/16-32-64' (block widths, '/' between nets)") from None
+    raise UsageError(
+      "not like '32-64-128' or '32-64/16-32-64' (block widths, '/' between nets)"
+    ) from None
   if any(w < 1 for net in widths for w in net):
     raise UsageError("every block width must be >= 1")
   return widths
@@ -95,11 +104,16 @@ def parse_block_pairs(text: str) -> list[tuple[tuple[int, ...], ...]] | None:
   if text == "auto":
     return None
   try:
-    groups = [tuple(tuple(int(i) for i in pair.split(":")) for pair in g.split("+")) for g in text.split("/")]
+    groups = [
+      tuple(tuple(int(i) for i in pair.split(":")) for pair in g.split("+"))
+      for g in text.split("/")
+    ]
   except ValueError:
     groups = None
   if groups is None or any(len(pair) != 2 for g in groups for pair in g):
-    raise UsageError("not 'auto' or like '0:0+2:1' (student block:teacher block pairs, '/' per teacher)")
+    raise UsageError(
+      "not 'auto' or like '0:0+2:1' (student block:teacher block pairs, '/' per teacher)"
+    )
   return groups
 
 
@@ -124,7 +138,9 @@ def check_train_split(split: str) -> None:
   name = re.match(r"\s*([\w-]*)", split).group(1)
   example = "use 'train' or a slice of it, such as 'train[:6000]' or 'train[10%:60%]'"
   if name == "test":
-    raise UsageError(f"names the test split, which evaluation reports on, so training on it is refused: {example}")
+    raise UsageError(
+      f"names the test split, which evaluation reports on, so training on it is refused: {example}"
+    )
   if name != "train" or "+" in split:
     raise UsageError(f"is not the train split or one slice of it: {example}")
   from tensorflow_datasets.core import splits  # pylint: disable=g-import-not-at-top  (no TensorFlow)
@@ -142,7 +158,7 @@ def _check_not_empty(text: str) -> None:
 
 
 def check_classes(
-    classes: Sequence[int], num_classes: int | None = None, *, fewest: int = 2
+  classes: Sequence[int], num_classes: int | None = None, *, fewest: int = 2
 ) -> tuple[int, ...]:
   """Checks a class subset; returns it as a tuple of ints.
 
@@ -197,11 +213,18 @@ class Field:
   def allowed(self) -> str:
     if self.choices:
       return "one of " + ", ".join(self.choices)
-    noun = {bool: "True or False", int: "an integer", float: "a finite number", str: "a string",
-            list: "a list of integers"}[self.kind]
+    noun = {
+      bool: "True or False",
+      int: "an integer",
+      float: "a finite number",
+      str: "a string",
+      list: "a list of integers",
+    }[self.kind]
     if self.low is not None and self.high is not None:
-      return f"{noun} in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}" + (
-          ")" if self.high_open else "]")
+      return (
+        f"{noun} in {'(' if self.low_open else '['}{_number(self.low)}, {_number(self.high)}"
+        + (")" if self.high_open else "]")
+      )
     if self.low is not None:
       return f"{noun} {'>' if self.low_open else '>='} {_number(self.low)}"
     return noun
@@ -212,8 +235,9 @@ class Field:
       return f"{self.meaning} must be {self.allowed()}"
     numbers = [value] if self.kind in (int, float) else value if self.kind is list else []
     for x in numbers:
-      if ((self.low is not None and (x < self.low or (self.low_open and x == self.low)))
-          or (self.high is not None and (x > self.high or (self.high_open and x == self.high)))):
+      if (self.low is not None and (x < self.low or (self.low_open and x == self.low))) or (
+        self.high is not None and (x > self.high or (self.high_open and x == self.high))
+      ):
         return f"{self.meaning} must be {self.allowed()}"
     if self.choices and value not in self.choices:
       return f"{self.meaning} must be {self.allowed()}"
@@ -268,109 +292,145 @@ def _text(meaning, check=None):
 def _stage(name: str) -> dict[str, Field]:
   """The fields every training stage of `experiments/amalgamate.py` has."""
   return {
-      f"{name}.epochs": _int(f"the {name} stage's number of epochs", low=1),
-      f"{name}.min_steps": _int(f"the fewest optimizer steps of the {name} stage (its epochs are raised "
-                                "to reach them; 0: epochs alone)", low=0),
-      f"{name}.learning_rate": _positive(f"the {name} stage's learning rate"),
-      f"{name}.batch_size": _int(f"the {name} stage's global batch size", low=1),
-      f"{name}.decay_at": _fraction(f"the fraction of the {name} stage after which its learning rate decays"),
-      f"{name}.decay_factor": _positive(f"the {name} stage's learning-rate decay factor"),
+    f"{name}.epochs": _int(f"the {name} stage's number of epochs", low=1),
+    f"{name}.min_steps": _int(
+      f"the fewest optimizer steps of the {name} stage (its epochs are raised "
+      "to reach them; 0: epochs alone)",
+      low=0,
+    ),
+    f"{name}.learning_rate": _positive(f"the {name} stage's learning rate"),
+    f"{name}.batch_size": _int(f"the {name} stage's global batch size", low=1),
+    f"{name}.decay_at": _fraction(
+      f"the fraction of the {name} stage after which its learning rate decays"
+    ),
+    f"{name}.decay_factor": _positive(f"the {name} stage's learning-rate decay factor"),
   }
 
 
 def _amalgamation(name: str) -> dict[str, Field]:
   """The fields of an amalgamation stage (`amalgamation`, and `dual_stage`'s stage 1)."""
   return {
-      **_stage(name),
-      f"{name}.selection": _choice(f"{name}'s per-sample teacher rule", SELECTIONS),
-      f"{name}.routing": _choice(f"{name}'s routing (one teacher per sample, or weights over them)", ROUTINGS),
-      f"{name}.routing_temperature": _positive(f"{name}'s soft-routing temperature"),
-      f"{name}.logit_loss": _choice(f"{name}'s logit term (KL to the union target, or the paper's L2)",
-                                    LOGIT_LOSSES),
-      f"{name}.temperature": _positive(f"{name}'s softmax temperature of the KL logit term"),
-      f"{name}.feature_weight": Field(f"{name}'s weight of the feature-alignment term", float, low=0),
-      f"{name}.logit_weight": Field(f"{name}'s weight of the logit term", float, low=0),
-      f"{name}.unit_norm_weight": Field(f"{name}'s weight of the unit-norm penalty", float, low=0),
-      f"{name}.seed_compat": _flag(f"whether {name} uses the seed's recipe instead of the paper's"),
-      f"{name}.dtype": _choice(f"{name}'s compute dtype of the student and alignment projections", DTYPES),
-      f"{name}.teacher_dtype": _choice(f"{name}'s compute dtype of the frozen teachers", DTYPES),
-      f"{name}.self_training": _fraction(f"{name}'s weight of the student's own task probabilities in the "
-                                         "routing (0: off)"),
-      f"{name}.self_training_start": _fraction(f"the fraction of {name} where the self-training ramp starts"),
-      f"{name}.self_training_end": _fraction(f"the fraction of {name} where the self-training ramp ends"),
-      f"{name}.pool_grid": _int(f"{name}'s pool_lda grid: each teacher block averaged over pool_grid × pool_grid "
-                                "cells (1: global average)", low=1, high=16),
-      f"{name}.pool_balance_rounds": _int(f"{name}'s pool_lda refits on class-balanced pseudo-classes "
-                                          "(0: off)", low=0, high=20),
+    **_stage(name),
+    f"{name}.selection": _choice(f"{name}'s per-sample teacher rule", SELECTIONS),
+    f"{name}.routing": _choice(
+      f"{name}'s routing (one teacher per sample, or weights over them)", ROUTINGS
+    ),
+    f"{name}.routing_temperature": _positive(f"{name}'s soft-routing temperature"),
+    f"{name}.logit_loss": _choice(
+      f"{name}'s logit term (KL to the union target, or the paper's L2)", LOGIT_LOSSES
+    ),
+    f"{name}.temperature": _positive(f"{name}'s softmax temperature of the KL logit term"),
+    f"{name}.feature_weight": Field(f"{name}'s weight of the feature-alignment term", float, low=0),
+    f"{name}.logit_weight": Field(f"{name}'s weight of the logit term", float, low=0),
+    f"{name}.unit_norm_weight": Field(f"{name}'s weight of the unit-norm penalty", float, low=0),
+    f"{name}.seed_compat": _flag(f"whether {name} uses the seed's recipe instead of the paper's"),
+    f"{name}.dtype": _choice(
+      f"{name}'s compute dtype of the student and alignment projections", DTYPES
+    ),
+    f"{name}.teacher_dtype": _choice(f"{name}'s compute dtype of the frozen teachers", DTYPES),
+    f"{name}.self_training": _fraction(
+      f"{name}'s weight of the student's own task probabilities in the routing (0: off)"
+    ),
+    f"{name}.self_training_start": _fraction(
+      f"the fraction of {name} where the self-training ramp starts"
+    ),
+    f"{name}.self_training_end": _fraction(
+      f"the fraction of {name} where the self-training ramp ends"
+    ),
+    f"{name}.pool_grid": _int(
+      f"{name}'s pool_lda grid: each teacher block averaged over pool_grid × pool_grid "
+      "cells (1: global average)",
+      low=1,
+      high=16,
+    ),
+    f"{name}.pool_balance_rounds": _int(
+      f"{name}'s pool_lda refits on class-balanced pseudo-classes (0: off)", low=0, high=20
+    ),
   }
 
 
 SCHEMA: dict[str, Field] = {
-    # Every experiment (kd_jax/configs.py: base_config).
-    "experiment": _text("the experiment's name", check=_check_not_empty),
-    "seed": _int("the random seed", low=0, high=MAX_SEED),
-    "batch_size": _int("the global batch size", low=1),
-    "num_epochs": _int("the number of training epochs", low=1),
-    "steps_per_epoch": _int("the steps per epoch (0: a full pass over the training split)", low=0),
-    "train_split": _text("the TFDS split trained on", check=check_train_split),
-    "optim.learning_rate": _positive("the learning rate"),
-    "optim.decay_at": _fraction("the fraction of training after which the learning rate decays"),
-    "optim.decay_factor": _positive("the learning-rate decay factor"),
-    "optim.weight_decay": Field("the AdamW weight decay (0: plain Adam)", float, low=0),
-    "log_every_steps": _int("the steps between logged training metrics", low=1),
-    "checkpoint_every_steps": _int("the steps between periodic checkpoints", low=1),
-    "keep_checkpoints": _int("the number of checkpoints kept (the newest)", low=1),
-    "eval_every_epochs": _int("the epochs between test evaluations", low=1),
-    "on_nonfinite": _choice("what a non-finite loss or gradient does (stop the run, or skip the update)",
-                            ON_NONFINITE),
-    "allow_unfinished_teacher": _flag("whether a teacher without results.json (an unfinished run) is used"),
-    "matmul_precision": _choice("the float32 matmul precision ('default': JAX's; 'highest': no TF32 on GPUs)",
-                                MATMUL_PRECISIONS),
-    # Data (kd_jax/data/defaults.py: default_data_config, kd_jax/configs.py: data_config).
-    "data.name": _choice("the dataset", DATASETS),
-    "data.data_dir": _text("the TFDS data directory ('' for TFDS's default)"),
-    "data.manual_dir": _text("the directory of raw data files ('' for none: download)"),
-    "data.preprocess": _choice("the preprocessing", PREPROCESS),
-    "data.augment": _flag("whether training images get pad-and-crop augmentation"),
-    "data.download": _flag("whether TFDS may download the dataset when no manual_dir is set"),
-    "data.shuffle_buffer": _int("the shuffle block size (0: a uniform permutation of the split)", low=0),
-    # Teachers and students (experiments/nin_teacher.py, lenet_student.py, component.py).
-    "method": _choice("the training method", METHODS),
-    "teacher_workdir": _text("the distillation teacher's workdir ('' for none)"),
-    "model.name": _choice("the model", MODELS),
-    "model.width": _positive("the width multiplier"),
-    "model.head": _choice("the NiN head (Caffe's global-average-pool head, or the seed's fc head)", NIN_HEADS),
-    "model.dropout_rate": Field("the dropout rate", float, low=0, high=1, high_open=True),
-    "model.relu_after_conv": _flag("whether the LeNet has a ReLU after each convolution"),
-    "model.block_widths": Field("the ConvNet's block widths", list, low=1),
-    "model.convs_per_block": _int("the ConvNet's convolutions per block", low=1),
-    "model.norm": _choice("the ConvNet's normalisation", CONVNET_NORMS),
-    "model.dtype": _choice("the model's compute dtype (parameters stay float32)", DTYPES),
-    "distill.temperature": _positive("Hinton KD's softmax temperature"),
-    "distill.soft_weight": _fraction("Hinton KD's weight of the soft (teacher) term"),
-    "distill.noise_ratio": _fraction("the noisy teacher's fraction of perturbed samples"),
-    "distill.noise_std": Field("the noisy teacher's noise standard deviation", float, low=0),
-    "distill.teacher_dropout": _flag("whether the teacher's dropout stays on while distilling"),
-    "distill.cache_teacher_logits": _flag("whether a deterministic teacher's logits are computed once"),
-    "distill.teacher_dtype": _choice("the frozen teacher's compute dtype", DTYPES),
-    "distill.seed_compat": _flag("whether distillation uses the seed's formulas instead of the papers'"),
-    "classes": Field("the classes a component net is trained on", list, low=0, check=check_classes),
-    "card_shrinkage": _fraction("the teacher cards' covariance shrinkage"),
-    # Amalgamation (experiments/amalgamate.py).
-    "teacher_classes": _text("the teachers' class sets",
-                             check=lambda v: check_class_sets(parse_class_sets(v))),
-    "teacher_workdirs": _text("the external teachers' workdirs", check=parse_teacher_workdirs),
-    "teacher_blocks": _text("the teachers' block widths", check=parse_widths),
-    "student_blocks": _text("the student's block widths", check=parse_widths),
-    "source_blocks": _text("the dual stage's source nets' block widths",
-                           check=lambda v: v and parse_widths(v)),
-    "convs_per_block": _int("the convolutions per block of every amalgamation net", low=1),
-    "block_pairs": _text("the tapped (student block, teacher block) pairs", check=parse_block_pairs),
-    "sources_per_task": Field("the source nets per task of the dual stage", int, check=_check_sources_per_task),
-    "supervised": _flag("whether the student is the supervised baseline (labels on the union)"),
-    **_stage("component"),
-    **_amalgamation("amalgamation"),
-    **_amalgamation("dual_stage"),
+  # Every experiment (kd_jax/configs.py: base_config).
+  "experiment": _text("the experiment's name", check=_check_not_empty),
+  "seed": _int("the random seed", low=0, high=MAX_SEED),
+  "batch_size": _int("the global batch size", low=1),
+  "num_epochs": _int("the number of training epochs", low=1),
+  "steps_per_epoch": _int("the steps per epoch (0: a full pass over the training split)", low=0),
+  "train_split": _text("the TFDS split trained on", check=check_train_split),
+  "optim.learning_rate": _positive("the learning rate"),
+  "optim.decay_at": _fraction("the fraction of training after which the learning rate decays"),
+  "optim.decay_factor": _positive("the learning-rate decay factor"),
+  "optim.weight_decay": Field("the AdamW weight decay (0: plain Adam)", float, low=0),
+  "log_every_steps": _int("the steps between logged training metrics", low=1),
+  "checkpoint_every_steps": _int("the steps between periodic checkpoints", low=1),
+  "keep_checkpoints": _int("the number of checkpoints kept (the newest)", low=1),
+  "eval_every_epochs": _int("the epochs between test evaluations", low=1),
+  "on_nonfinite": _choice(
+    "what a non-finite loss or gradient does (stop the run, or skip the update)", ON_NONFINITE
+  ),
+  "allow_unfinished_teacher": _flag(
+    "whether a teacher without results.json (an unfinished run) is used"
+  ),
+  "matmul_precision": _choice(
+    "the float32 matmul precision ('default': JAX's; 'highest': no TF32 on GPUs)", MATMUL_PRECISIONS
+  ),
+  # Data (kd_jax/data/defaults.py: default_data_config, kd_jax/configs.py: data_config).
+  "data.name": _choice("the dataset", DATASETS),
+  "data.data_dir": _text("the TFDS data directory ('' for TFDS's default)"),
+  "data.manual_dir": _text("the directory of raw data files ('' for none: download)"),
+  "data.preprocess": _choice("the preprocessing", PREPROCESS),
+  "data.augment": _flag("whether training images get pad-and-crop augmentation"),
+  "data.download": _flag("whether TFDS may download the dataset when no manual_dir is set"),
+  "data.shuffle_buffer": _int(
+    "the shuffle block size (0: a uniform permutation of the split)", low=0
+  ),
+  # Teachers and students (experiments/nin_teacher.py, lenet_student.py, component.py).
+  "method": _choice("the training method", METHODS),
+  "teacher_workdir": _text("the distillation teacher's workdir ('' for none)"),
+  "model.name": _choice("the model", MODELS),
+  "model.width": _positive("the width multiplier"),
+  "model.head": _choice(
+    "the NiN head (Caffe's global-average-pool head, or the seed's fc head)", NIN_HEADS
+  ),
+  "model.dropout_rate": Field("the dropout rate", float, low=0, high=1, high_open=True),
+  "model.relu_after_conv": _flag("whether the LeNet has a ReLU after each convolution"),
+  "model.block_widths": Field("the ConvNet's block widths", list, low=1),
+  "model.convs_per_block": _int("the ConvNet's convolutions per block", low=1),
+  "model.norm": _choice("the ConvNet's normalisation", CONVNET_NORMS),
+  "model.dtype": _choice("the model's compute dtype (parameters stay float32)", DTYPES),
+  "distill.temperature": _positive("Hinton KD's softmax temperature"),
+  "distill.soft_weight": _fraction("Hinton KD's weight of the soft (teacher) term"),
+  "distill.noise_ratio": _fraction("the noisy teacher's fraction of perturbed samples"),
+  "distill.noise_std": Field("the noisy teacher's noise standard deviation", float, low=0),
+  "distill.teacher_dropout": _flag("whether the teacher's dropout stays on while distilling"),
+  "distill.cache_teacher_logits": _flag(
+    "whether a deterministic teacher's logits are computed once"
+  ),
+  "distill.teacher_dtype": _choice("the frozen teacher's compute dtype", DTYPES),
+  "distill.seed_compat": _flag(
+    "whether distillation uses the seed's formulas instead of the papers'"
+  ),
+  "classes": Field("the classes a component net is trained on", list, low=0, check=check_classes),
+  "card_shrinkage": _fraction("the teacher cards' covariance shrinkage"),
+  # Amalgamation (experiments/amalgamate.py).
+  "teacher_classes": _text(
+    "the teachers' class sets", check=lambda v: check_class_sets(parse_class_sets(v))
+  ),
+  "teacher_workdirs": _text("the external teachers' workdirs", check=parse_teacher_workdirs),
+  "teacher_blocks": _text("the teachers' block widths", check=parse_widths),
+  "student_blocks": _text("the student's block widths", check=parse_widths),
+  "source_blocks": _text(
+    "the dual stage's source nets' block widths", check=lambda v: v and parse_widths(v)
+  ),
+  "convs_per_block": _int("the convolutions per block of every amalgamation net", low=1),
+  "block_pairs": _text("the tapped (student block, teacher block) pairs", check=parse_block_pairs),
+  "sources_per_task": Field(
+    "the source nets per task of the dual stage", int, check=_check_sources_per_task
+  ),
+  "supervised": _flag("whether the student is the supervised baseline (labels on the union)"),
+  **_stage("component"),
+  **_amalgamation("amalgamation"),
+  **_amalgamation("dual_stage"),
 }
 
 
@@ -384,7 +444,9 @@ def flatten(config) -> dict[str, Any]:
       if isinstance(value, Mapping):
         walk(value, f"{prefix}{key}.")
       else:
-        flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value  # as JSON has it
+        flat[f"{prefix}{key}"] = (
+          list(value) if isinstance(value, tuple) else value
+        )  # as JSON has it
 
   walk(tree, "")
   return flat
@@ -406,14 +468,21 @@ def validate(config) -> None:
   method, teacher = values.get("method"), values.get("teacher_workdir")
   if method not in (None, "ground_truth") and not teacher:
     raise UsageError(
-        f"--config.method={method!r} needs a trained teacher: set --config.teacher_workdir=DIR "
-        "to the workdir of an experiments/nin_teacher.py run"
+      f"--config.method={method!r} needs a trained teacher: set --config.teacher_workdir=DIR "
+      "to the workdir of an experiments/nin_teacher.py run"
     )
   for stage in ("amalgamation", "dual_stage"):
-    start, end = values.get(f"{stage}.self_training_start"), values.get(f"{stage}.self_training_end")
+    start, end = (
+      values.get(f"{stage}.self_training_start"),
+      values.get(f"{stage}.self_training_end"),
+    )
     if start is not None and end is not None and start > end:
-      raise UsageError(f"--config.{stage}.self_training_start={start!r} is after --config.{stage}.self_training_end="
-                       f"{end!r}: the ramp must start before it ends")
+      raise UsageError(
+        f"--config.{stage}.self_training_start={start!r} is after --config.{stage}.self_training_end="
+        f"{end!r}: the ramp must start before it ends"
+      )
   if values.get("sources_per_task", 0) >= 2 and values.get("dual_stage.self_training"):
-    raise UsageError("--config.dual_stage.self_training must be 0: the dual stage's sources share their task's "
-                     "classes, so the student has no task of its own to prefer")
+    raise UsageError(
+      "--config.dual_stage.self_training must be 0: the dual stage's sources share their task's "
+      "classes, so the student has no task of its own to prefer"
+    )

@@ -27,7 +27,9 @@ def parse_arg(arg: str | None, *, allowed: dict[str, object]) -> dict[str, objec
     key, sep, raw = part.partition("=")
     key = key.strip()
     if key not in allowed:
-      raise ValueError(f"unknown config argument {key!r}; this experiment takes {', '.join(sorted(allowed))}")
+      raise ValueError(
+        f"unknown config argument {key!r}; this experiment takes {', '.join(sorted(allowed))}"
+      )
     default = allowed[key]
     if not sep:
       if not isinstance(default, bool):
@@ -35,7 +37,9 @@ def parse_arg(arg: str | None, *, allowed: dict[str, object]) -> dict[str, objec
       values[key] = True
     elif isinstance(default, bool):
       if raw.lower() not in _BOOLEANS:
-        raise ValueError(f"config argument {key}={raw!r} is not a boolean: use {key}=true or {key}=false")
+        raise ValueError(
+          f"config argument {key}={raw!r} is not a boolean: use {key}=true or {key}=false"
+        )
       values[key] = _BOOLEANS[raw.lower()]
     elif isinstance(default, (int, float)):
       try:
@@ -75,13 +79,15 @@ def base_config(*, dataset: str, seed: int) -> ml_collections.ConfigDict:
   # statistics still come from the whole train split.
   config.train_split = "train"
   config.optim = ml_collections.ConfigDict(
-      dict(learning_rate=1e-3, decay_at=0.8, decay_factor=0.1, weight_decay=0.0)
+    dict(learning_rate=1e-3, decay_at=0.8, decay_factor=0.1, weight_decay=0.0)
   )
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
   config.keep_checkpoints = 3
   config.eval_every_epochs = 1
-  config.on_nonfinite = "stop"  # a non-finite loss or gradient: 'stop' the run, or 'skip' the update and count it
+  config.on_nonfinite = (
+    "stop"  # a non-finite loss or gradient: 'stop' the run, or 'skip' the update and count it
+  )
   # A teacher must be a finished run (its results.json written); True distils from the
   # latest checkpoint of an unfinished one.
   config.allow_unfinished_teacher = False

@@ -22,13 +22,16 @@ from kd_jax.errors import UsageError
 
 # Launchers JAX's cluster detection knows: (variable with the task count, variable that
 # JAX needs to find the rest, e.g. only `srun` sets SLURM_STEP_NODELIST, not `sbatch`).
-_LAUNCHERS = (("SLURM_NTASKS", "SLURM_STEP_NODELIST"), ("OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri"))
+_LAUNCHERS = (
+  ("SLURM_NTASKS", "SLURM_STEP_NODELIST"),
+  ("OMPI_COMM_WORLD_SIZE", "OMPI_MCA_orte_hnp_uri"),
+)
 
 
 def initialize(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
 ) -> None:
   """Joins the job that the arguments (the entry points' flags of the same names) or the
   environment describe (see the module docstring); must run before anything starts a JAX
@@ -46,7 +49,9 @@ def initialize(
   multihost_utils.sync_global_devices("kd_jax start")
 
 
-def settings(coordinator: str | None, num_processes: int | None, process_id: int | None, *, environ) -> dict | None:
+def settings(
+  coordinator: str | None, num_processes: int | None, process_id: int | None, *, environ
+) -> dict | None:
   """The arguments of `jax.distributed.initialize` (None: a single-process job), checked.
 
   A launcher's variables fill what the flags leave unset (JAX reads them itself); without
@@ -57,24 +62,41 @@ def settings(coordinator: str | None, num_processes: int | None, process_id: int
   launcher = _launcher_tasks(environ)
   if num_processes is not None and num_processes < 1:
     raise UsageError(f"--num_processes={num_processes}: give the number of processes, at least 1")
-  if process_id is not None and (process_id < 0 or (num_processes is not None and process_id >= num_processes)):
+  if process_id is not None and (
+    process_id < 0 or (num_processes is not None and process_id >= num_processes)
+  ):
     bound = f"in [0, {num_processes})" if num_processes is not None else "0 or more"
     raise UsageError(f"--process_id={process_id}: must be {bound}, one id per process")
-  if coordinator is not None and (":" not in coordinator or not coordinator.rsplit(":", 1)[1].isdigit()):
-    raise UsageError(f"--coordinator_address={coordinator}: give HOST:PORT of process 0, e.g. 10.0.0.1:1234")
+  if coordinator is not None and (
+    ":" not in coordinator or not coordinator.rsplit(":", 1)[1].isdigit()
+  ):
+    raise UsageError(
+      f"--coordinator_address={coordinator}: give HOST:PORT of process 0, e.g. 10.0.0.1:1234"
+    )
   if coordinator is None and num_processes is None and process_id is None:
     return {} if launcher > 1 else None  # {}: JAX detects everything from the launcher
   if launcher <= 1:
     if num_processes == 1 and coordinator is None and process_id in (None, 0):
       return None  # a job of one process: nothing to join
-    missing = [name for name, value in (("--coordinator_address", coordinator), ("--num_processes", num_processes),
-                                        ("--process_id", process_id)) if value is None]
+    missing = [
+      name
+      for name, value in (
+        ("--coordinator_address", coordinator),
+        ("--num_processes", num_processes),
+        ("--process_id", process_id),
+      )
+      if value is None
+    ]
     if missing:
       raise UsageError(
-          f"a multi-process run needs {', '.join(missing)} too (or a cluster launcher such as srun): give every "
-          "process --coordinator_address=HOST:PORT of process 0, --num_processes=N and its own --process_id"
+        f"a multi-process run needs {', '.join(missing)} too (or a cluster launcher such as srun): give every "
+        "process --coordinator_address=HOST:PORT of process 0, --num_processes=N and its own --process_id"
       )
-  return {"coordinator_address": coordinator, "num_processes": num_processes, "process_id": process_id}
+  return {
+    "coordinator_address": coordinator,
+    "num_processes": num_processes,
+    "process_id": process_id,
+  }
 
 
 def _launcher_tasks(environ) -> int:

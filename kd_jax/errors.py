@@ -43,6 +43,6 @@ class Interrupted(KdJaxError, RuntimeError):
   def __init__(self, signum: int, step: int, total_steps: int):
     self.exit_status = 128 + signum  # the shell's status for a process ended by the signal
     super().__init__(
-        f"{signal.Signals(signum).name} after step {step} of {total_steps}; the checkpoint of "
-        f"step {step} is saved: run the same command again to resume"
+      f"{signal.Signals(signum).name} after step {step} of {total_steps}; the checkpoint of "
+      f"step {step} is saved: run the same command again to resume"
     )

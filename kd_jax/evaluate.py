@@ -10,7 +10,10 @@ import json
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-from kd_jax.ops.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (CPU-only speed flags, before JAX starts)
+from kd_jax.ops.xla_flags import configure_cpu  # noqa: E402  isort: skip
+
+configure_cpu()  # CPU-only speed flags, before JAX starts
+# isort: split
 
 from absl import app, flags  # noqa: E402
 
@@ -25,7 +28,9 @@ _JOIN_PROCESSES = cli.define_process_flags()
 flags.mark_flag_as_required("workdir")
 
 
-def evaluate_workdir(workdir: str, *, item=None, data_dir=None, manual_dir=None, batch_size=256) -> dict:
+def evaluate_workdir(
+  workdir: str, *, item=None, data_dir=None, manual_dir=None, batch_size=256
+) -> dict:
   """Test metrics of `item` (default: the main model) of the run in `workdir`."""
   import ml_collections  # pylint: disable=g-import-not-at-top
 
@@ -52,20 +57,20 @@ def evaluate_workdir(workdir: str, *, item=None, data_dir=None, manual_dir=None,
   batch_size = max(devices.size, batch_size - batch_size % devices.size)
   classes = meta["models"][name].get("classes")
   labels, logits = evaluation.predict(
-      data_config,
-      "test",
-      {name: evaluation.Predictor(model, variables, devices)},
-      batch_size=batch_size,
-      classes=classes,
+    data_config,
+    "test",
+    {name: evaluation.Predictor(model, variables, devices)},
+    batch_size=batch_size,
+    classes=classes,
   )
   return {
-      "workdir": os.path.abspath(workdir),
-      "model": name,
-      "dataset": data_config.name,
-      "classes": classes,
-      "test_examples": int(len(labels)),
-      "test_accuracy": evaluation.accuracy(logits[name], labels),
-      "test_loss": evaluation.cross_entropy(logits[name], labels),
+    "workdir": os.path.abspath(workdir),
+    "model": name,
+    "dataset": data_config.name,
+    "classes": classes,
+    "test_examples": int(len(labels)),
+    "test_accuracy": evaluation.accuracy(logits[name], labels),
+    "test_loss": evaluation.cross_entropy(logits[name], labels),
   }
 
 
@@ -75,11 +80,11 @@ def main(argv):
   with cli.one_line_errors():
     _JOIN_PROCESSES()  # before anything starts JAX's backend
     metrics = evaluate_workdir(
-        _WORKDIR.value,
-        item=_ITEM.value,
-        data_dir=_DATA_DIR.value,
-        manual_dir=_MANUAL_DIR.value,
-        batch_size=_BATCH_SIZE.value,
+      _WORKDIR.value,
+      item=_ITEM.value,
+      data_dir=_DATA_DIR.value,
+      manual_dir=_MANUAL_DIR.value,
+      batch_size=_BATCH_SIZE.value,
     )
   if distributed.is_primary():
     print(json.dumps(metrics, indent=2))

@@ -9,14 +9,19 @@ and `--process_id`, or under a cluster launcher (`kd_jax.distributed`).
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-from kd_jax.ops.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (CPU-only speed flags, before JAX starts)
+from kd_jax.ops.xla_flags import configure_cpu  # noqa: E402  isort: skip
+
+configure_cpu()  # CPU-only speed flags, before JAX starts
+# isort: split
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from kd_jax import cli, config_schema, distributed, workdir  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.", lock_config=True)
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "Experiment config file.", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and results.")
 _JOIN_PROCESSES = cli.define_process_flags()
 flags.mark_flags_as_required(["config", "workdir"])
@@ -34,7 +39,9 @@ def main(argv):
     workdir.check_path(_WORKDIR.value)
     from kd_jax import data  # pylint: disable=g-import-not-at-top
 
-    distributed.primary_first(lambda: data.get_info(config.data), what="to find or prepare the data")
+    distributed.primary_first(
+      lambda: data.get_info(config.data), what="to find or prepare the data"
+    )
     if config.experiment in ("amalgamate", "component"):
       from kd_jax.amalgamation import pipeline  # pylint: disable=g-import-not-at-top
 
@@ -44,7 +51,9 @@ def main(argv):
 
       results = distill.train_and_evaluate(config, _WORKDIR.value)
   if distributed.is_primary():
-    print(f"test_accuracy={results['test_accuracy']:.4f}  results: {os.path.join(_WORKDIR.value, 'results.json')}")
+    print(
+      f"test_accuracy={results['test_accuracy']:.4f}  results: {os.path.join(_WORKDIR.value, 'results.json')}"
+    )
 
 
 if __name__ == "__main__":

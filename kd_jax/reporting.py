@@ -18,7 +18,9 @@ class JsonlWriter(metric_writers.MetricWriter):
   """Appends `{"step": s, name: value, ...}` lines to `metrics.jsonl` (easy to grep and load)."""
 
   def __init__(self, path: str):
-    self._file = open(path, "a", encoding="utf-8", buffering=1)  # line-buffered: readable while training
+    self._file = open(
+      path, "a", encoding="utf-8", buffering=1
+    )  # line-buffered: readable while training
 
   def write_scalars(self, step, scalars):
     record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
@@ -68,14 +70,14 @@ def progress_bar(*, total: int, initial: int, description: str):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   return tqdm(
-      total=total,
-      initial=initial,
-      desc=description,
-      unit="step",
-      file=sys.stderr,
-      disable=jax.process_index() > 0,
-      dynamic_ncols=True,
-      mininterval=1.0,
+    total=total,
+    initial=initial,
+    desc=description,
+    unit="step",
+    file=sys.stderr,
+    disable=jax.process_index() > 0,
+    dynamic_ncols=True,
+    mininterval=1.0,
   )
 
 
@@ -83,7 +85,9 @@ def write_json_atomic(path: str, payload) -> None:
   """Writes JSON through a temporary file and a rename: never a half-written file."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp", encoding="utf-8") as f:
+  with tempfile.NamedTemporaryFile(
+    "w", dir=directory, delete=False, suffix=".tmp", encoding="utf-8"
+  ) as f:
     json.dump(strict_json(payload), f, indent=2, sort_keys=True, allow_nan=False)
     f.write("\n")
     tmp = f.name
@@ -128,18 +132,20 @@ def truncate_jsonl(path: str, *, max_step: int) -> None:
   if len(kept) == len(lines) and all(line.endswith("\n") for line in kept):
     return
   directory = os.path.dirname(os.path.abspath(path))
-  with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp", encoding="utf-8") as f:
+  with tempfile.NamedTemporaryFile(
+    "w", dir=directory, delete=False, suffix=".tmp", encoding="utf-8"
+  ) as f:
     f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
     tmp = f.name
   os.replace(tmp, path)
 
 
 def plot_curves(
-    path: str,
-    history: Sequence[Mapping[str, float]],
-    *,
-    panels: Mapping[str, Sequence[str]],
-    title: str = "",
+  path: str,
+  history: Sequence[Mapping[str, float]],
+  *,
+  panels: Mapping[str, Sequence[str]],
+  title: str = "",
 ) -> None:
   """Saves one PNG with a panel per entry of `panels` (title → metric names) over epochs."""
   import matplotlib  # pylint: disable=g-import-not-at-top
@@ -167,7 +173,9 @@ def plot_curves(
   os.replace(tmp, path)
 
 
-def plot_series(path: str, *, steps, series: Mapping[str, Sequence[float]], title: str, ylabel: str) -> None:
+def plot_series(
+  path: str, *, steps, series: Mapping[str, Sequence[float]], title: str, ylabel: str
+) -> None:
   """Saves one PNG of several named curves over training steps (log-scale y)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
 

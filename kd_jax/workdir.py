@@ -47,32 +47,42 @@ def check_path(workdir: str) -> str:
   then still fail (e.g. below /proc), which `claim` reports in one line.
   """
   if not workdir or not workdir.strip():
-    raise UsageError("--workdir is empty: give the directory for the run's checkpoints and results, "
-                     "e.g. --workdir=runs/teacher")
+    raise UsageError(
+      "--workdir is empty: give the directory for the run's checkpoints and results, "
+      "e.g. --workdir=runs/teacher"
+    )
   path = os.path.abspath(os.path.expanduser(workdir))
   existing = _nearest_existing(path)
   name_max = _pathconf(existing, "PC_NAME_MAX", 255)
   path_max = _pathconf(existing, "PC_PATH_MAX", 4096)
   for part in path.split(os.sep):
     if len(os.fsencode(part)) > name_max:
-      raise UsageError(f"--workdir={workdir}: the name {part[:24]}… is {len(os.fsencode(part))} bytes long; "
-                       f"the file system allows {name_max} (NAME_MAX): choose a shorter name")
+      raise UsageError(
+        f"--workdir={workdir}: the name {part[:24]}… is {len(os.fsencode(part))} bytes long; "
+        f"the file system allows {name_max} (NAME_MAX): choose a shorter name"
+      )
   if len(os.fsencode(path)) + DEEPEST_FILE > path_max:
     raise UsageError(
-        f"--workdir={path[:24]}…: the path is {len(os.fsencode(path))} bytes long; with the files a run "
-        f"writes below it (up to {DEEPEST_FILE} bytes more) it would exceed the limit of {path_max} "
-        "(PATH_MAX): choose a shorter path"
+      f"--workdir={path[:24]}…: the path is {len(os.fsencode(path))} bytes long; with the files a run "
+      f"writes below it (up to {DEEPEST_FILE} bytes more) it would exceed the limit of {path_max} "
+      "(PATH_MAX): choose a shorter path"
     )
   if not os.path.isdir(existing):
     if existing == path:
       raise UsageError(f"--workdir={workdir} is a file, not a directory: choose a new --workdir")
-    raise UsageError(f"--workdir={workdir} is below the file {existing}, which cannot hold directories: "
-                     "choose a new --workdir")
+    raise UsageError(
+      f"--workdir={workdir} is below the file {existing}, which cannot hold directories: "
+      "choose a new --workdir"
+    )
   if not os.access(existing, os.W_OK | os.X_OK):
     if existing == path:
-      raise UsageError(f"--workdir={workdir} is not writable by this user: choose a writable directory")
-    raise UsageError(f"--workdir={workdir} cannot be created: its nearest existing parent {existing} is not "
-                     "writable by this user; choose a writable directory")
+      raise UsageError(
+        f"--workdir={workdir} is not writable by this user: choose a writable directory"
+      )
+    raise UsageError(
+      f"--workdir={workdir} cannot be created: its nearest existing parent {existing} is not "
+      "writable by this user; choose a writable directory"
+    )
   return path
 
 
@@ -92,8 +102,10 @@ def claim(workdir: str, config, *, resumable=(), added=None) -> None:
     if not distributed.agree(True):
       raise UsageError(f"process 0 refused the workdir {workdir} (its error line says why)")
     if not _claimed(workdir, current, resumable, added):
-      raise UsageError(f"workdir {workdir}: this process does not see the {RUN_FILE} process 0 wrote there: give "
-                       "every process the same workdir on a file system they share")
+      raise UsageError(
+        f"workdir {workdir}: this process does not see the {RUN_FILE} process 0 wrote there: give "
+        "every process the same workdir on a file system they share"
+      )
     return
   try:
     _claimed(workdir, current, resumable, added)  # refused before the lock: nothing written
@@ -125,8 +137,8 @@ def lock(workdir: str) -> None:
     holder = _holder(fd)
     os.close(fd)
     raise UsageError(
-        f"workdir {workdir} is in use by another run ({holder}, which holds {os.path.join(workdir, LOCK_FILE)}): "
-        "wait for it to end, or use a new --workdir"
+      f"workdir {workdir} is in use by another run ({holder}, which holds {os.path.join(workdir, LOCK_FILE)}): "
+      "wait for it to end, or use a new --workdir"
     ) from None
   os.ftruncate(fd, 0)
   os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode(), 0)
@@ -160,9 +172,9 @@ def check_finished(teacher_workdir: str, *, allowed: bool, field: str) -> None:
   if allowed or os.path.exists(os.path.join(teacher_workdir, RESULTS_FILE)):
     return
   raise UsageError(
-      f"{field}: {teacher_workdir} holds an unfinished run (no {RESULTS_FILE}: it was interrupted or is "
-      "still training): finish it by re-running its command, or set --config.allow_unfinished_teacher=True "
-      "to use its latest checkpoint"
+    f"{field}: {teacher_workdir} holds an unfinished run (no {RESULTS_FILE}: it was interrupted or is "
+    "still training): finish it by re-running its command, or set --config.allow_unfinished_teacher=True "
+    "to use its latest checkpoint"
   )
 
 
@@ -173,21 +185,30 @@ def _claimed(workdir: str, current: dict, resumable, added: dict) -> bool:
     try:
       with open(marker, encoding="utf-8") as f:
         # An added key counts only for configs that have it (e.g. amalgamation stages' keys).
-        saved = {**{k: v for k, v in added.items() if k in current}, **flatten(json.load(f)["config"])}
+        saved = {
+          **{k: v for k, v in added.items() if k in current},
+          **flatten(json.load(f)["config"]),
+        }
     except (OSError, ValueError, KeyError, TypeError) as e:
-      raise UsageError(f"workdir {workdir} has an unreadable {RUN_FILE} ({type(e).__name__}: {e}): "
-                       "use a new --workdir") from None
+      raise UsageError(
+        f"workdir {workdir} has an unreadable {RUN_FILE} ({type(e).__name__}: {e}): "
+        "use a new --workdir"
+      ) from None
     differences = sorted(
-        k for k in saved.keys() | current.keys() if k not in resumable and saved.get(k) != current.get(k)
+      k
+      for k in saved.keys() | current.keys()
+      if k not in resumable and saved.get(k) != current.get(k)
     )
     if differences:
       raise UsageError(
-          f"workdir {workdir} holds a run with a different config ({', '.join(differences)} differ): "
-          "use a new --workdir, or the same config to resume"
+        f"workdir {workdir} holds a run with a different config ({', '.join(differences)} differ): "
+        "use a new --workdir, or the same config to resume"
       )
     return True
   if os.path.isdir(workdir) and set(os.listdir(workdir)) - {LOCK_FILE}:
-    raise UsageError(f"workdir {workdir} is not empty and holds no kd_jax run: choose a new --workdir")
+    raise UsageError(
+      f"workdir {workdir} is not empty and holds no kd_jax run: choose a new --workdir"
+    )
   return False
 
 

@@ -1,9 +1,8 @@
 """Shared pieces of the amalgamation tests: one small IDX dataset per test session and
 amalgamation configs pointing at it (import the fixture into a test module to use it)."""
 
-import pytest
-
 import fake_data
+import pytest
 from helpers import experiment, override, tree_snapshot  # noqa: F401 (re-exported)
 
 # 512 training images: each class pair has ~100 (3 batches of 32 per epoch) and each half

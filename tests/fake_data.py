@@ -13,7 +13,9 @@ def _write_idx(path: str, array: np.ndarray, magic: int) -> None:
     f.write(header + array.astype(np.uint8).tobytes())
 
 
-def write_idx_dataset(directory: str, *, num_train: int = 256, num_test: int = 64, seed: int = 0) -> str:
+def write_idx_dataset(
+  directory: str, *, num_train: int = 256, num_test: int = 64, seed: int = 0
+) -> str:
   """Writes the four gzipped IDX files of a 10-class 28×28 dataset into `directory`.
 
   Each class is a fixed random template plus noise, so a small net learns it in a

@@ -15,8 +15,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def experiment(name: str):
   """The module `experiments/<name>.py`, e.g. "amalgamate" or "studies/routing_study" (the
   directory is not a package)."""
-  spec = importlib.util.spec_from_file_location(f"experiments_{name.replace('/', '_')}",
-                                                os.path.join(ROOT, "experiments", f"{name}.py"))
+  spec = importlib.util.spec_from_file_location(
+    f"experiments_{name.replace('/', '_')}", os.path.join(ROOT, "experiments", f"{name}.py")
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
@@ -94,6 +95,7 @@ def obeying_permissions(command: list[str]) -> list[str]:
 def final_params(workdir: str):
   """The variables of a run's saved main model, on the host."""
   import jax  # pylint: disable=g-import-not-at-top
+
   from kd_jax import checkpoint  # pylint: disable=g-import-not-at-top
 
   return jax.device_get(checkpoint.load(workdir)[1])
@@ -140,11 +142,24 @@ def maxdiff(a, b):
 def run_on_four_devices(body: str, *, noise_std: float, teacher_dropout_rate: float) -> dict:
   """Runs FOUR_DEVICE_PREAMBLE + `body` in a subprocess with 4 forced host CPU devices; returns
   the JSON the script printed after 'RESULT '."""
-  script = FOUR_DEVICE_PREAMBLE.format(noise_std=noise_std, teacher_dropout_rate=teacher_dropout_rate)
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-             TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, "-c", script + textwrap.dedent(body)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  script = FOUR_DEVICE_PREAMBLE.format(
+    noise_std=noise_std, teacher_dropout_rate=teacher_dropout_rate
+  )
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    JAX_PLATFORMS="cpu",
+    TF_CPP_MIN_LOG_LEVEL="3",
+    PYTHONPATH=ROOT,
+  )
+  proc = subprocess.run(
+    [sys.executable, "-c", script + textwrap.dedent(body)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+  return json.loads(line[len("RESULT ") :])

@@ -15,19 +15,17 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-
-from amalgamation_fixtures import (  # noqa: F401 (idx_data is a fixture)
-    amalgamate_config,
-    experiment,
-    idx_data,
-    tree_snapshot,
+from amalgamation_fixtures import (
+  amalgamate_config,
+  experiment,
+  tree_snapshot,
 )
-from kd_jax import checkpoint, models
+
+from kd_jax import checkpoint, errors, models
 from kd_jax.amalgamation import components, objective, pipeline, routing
 from kd_jax.amalgamation import step as step_lib
-from kd_jax import errors
-from kd_jax.train import steps
 from kd_jax.train import mesh as mesh_lib
+from kd_jax.train import steps
 from kd_jax.train.state import TrainState
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -59,11 +57,13 @@ def _logits(rng, batch=6):
 def test_union_targets_matches_numpy(hard):
   rng = np.random.default_rng(0)
   z, w, temperature = _logits(rng), _routing(rng, 6, 3, hard), 2.0
-  got = np.asarray(objective.union_targets(z, w, CLASS_INDEX, num_classes=7, temperature=temperature))
+  got = np.asarray(
+    objective.union_targets(z, w, CLASS_INDEX, num_classes=7, temperature=temperature)
+  )
 
   want = np.zeros((6, 7))
   for t, index in enumerate(CLASS_INDEX):
-    want[:, index] += w[:, t:t + 1] * _softmax(z[t] / temperature)
+    want[:, index] += w[:, t : t + 1] * _softmax(z[t] / temperature)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)
   if hard:  # the routed teacher's tempered softmax at its classes, 0 elsewhere
@@ -96,7 +96,8 @@ def test_routed_logit_regression_matches_numpy():
   z, w = _logits(rng), _routing(rng, 6, 3, hard=False)
   s = rng.normal(size=(6, 7)).astype(np.float32)
   want = sum(
-      (w[:, t] * ((s[:, list(index)] - z[t]) ** 2).sum(-1)).sum() for t, index in enumerate(CLASS_INDEX)
+    (w[:, t] * ((s[:, list(index)] - z[t]) ** 2).sum(-1)).sum()
+    for t, index in enumerate(CLASS_INDEX)
   ) / (2 * 6)
   got = float(objective.routed_logit_regression(s, z, w, CLASS_INDEX))
   np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -109,7 +110,7 @@ def test_seed_logit_loss_matches_numpy(hard):
   s = rng.normal(size=(6, 7)).astype(np.float32)
   padded = np.zeros((6, 7))
   for t, index in enumerate(CLASS_INDEX):
-    padded[:, index] += w[:, t:t + 1] * z[t]
+    padded[:, index] += w[:, t : t + 1] * z[t]
   want = 200.0 * np.mean((s - padded) ** 2)
   got = float(objective.seed_logit_loss(s, z, w, CLASS_INDEX, num_classes=7))
   np.testing.assert_allclose(got, want, rtol=1e-5)
@@ -122,7 +123,9 @@ def test_student_task_probs_matches_numpy():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(got.sum(-1), 1.0, rtol=1e-5)
   # A target: no gradient flows back into the student's logits.
-  grad = jax.grad(lambda x: jnp.sum(objective.student_task_probs(x, CLASS_INDEX) ** 2))(jnp.asarray(s))
+  grad = jax.grad(lambda x: jnp.sum(objective.student_task_probs(x, CLASS_INDEX) ** 2))(
+    jnp.asarray(s)
+  )
   np.testing.assert_array_equal(np.asarray(grad), 0.0)
 
 
@@ -132,7 +135,11 @@ def test_self_training_mix_ramps_linearly(ramp):
   for step in range(0, 60, 5):
     got = float(objective.self_training_mix(step, total_steps=total, weight=weight, ramp=ramp))
     start, end = ramp[0] * total, ramp[1] * total
-    want = weight * (step >= start) if end == start else weight * np.interp(step, [start, end], [0.0, 1.0])
+    want = (
+      weight * (step >= start)
+      if end == start
+      else weight * np.interp(step, [start, end], [0.0, 1.0])
+    )
     assert got == pytest.approx(want, abs=1e-6), step
 
 
@@ -166,14 +173,14 @@ def test_resize_like_shapes():
 
 
 @pytest.mark.parametrize(
-    "blocks, want",
-    [
-        ((3, 3), ((0, 0), (1, 1), (2, 2))),
-        ((3, 2), ((0, 0), (2, 1))),
-        ((2, 4), ((0, 0), (1, 3))),
-        ((1, 3), ((0, 2),)),
-        ((3, 1), ((2, 0),)),
-    ],
+  "blocks, want",
+  [
+    ((3, 3), ((0, 0), (1, 1), (2, 2))),
+    ((3, 2), ((0, 0), (2, 1))),
+    ((2, 4), ((0, 0), (1, 3))),
+    ((1, 3), ((0, 2),)),
+    ((3, 1), ((2, 0),)),
+  ],
 )
 def test_auto_pairs(blocks, want):
   assert step_lib.auto_pairs(*blocks) == want
@@ -181,18 +188,18 @@ def test_auto_pairs(blocks, want):
 
 STUDENT = models.ConvNet(num_classes=4, block_widths=(8, 16), convs_per_block=1, norm="batch")
 TEACHERS = (
-    models.ConvNet(num_classes=2, block_widths=(8, 16), convs_per_block=1, norm="batch"),
-    models.ConvNet(num_classes=2, block_widths=(4, 8, 8), convs_per_block=1, norm="batch"),
+  models.ConvNet(num_classes=2, block_widths=(8, 16), convs_per_block=1, norm="batch"),
+  models.ConvNet(num_classes=2, block_widths=(4, 8, 8), convs_per_block=1, norm="batch"),
 )
 IMAGE_SHAPE = (16, 16, 1)
 
 
 def make_plan(**kw):
   fields = dict(
-      student=STUDENT,
-      teachers=TEACHERS,
-      class_index=((0, 1), (2, 3)),
-      pairs=(step_lib.auto_pairs(2, 2), step_lib.auto_pairs(2, 3)),
+    student=STUDENT,
+    teachers=TEACHERS,
+    class_index=((0, 1), (2, 3)),
+    pairs=(step_lib.auto_pairs(2, 2), step_lib.auto_pairs(2, 3)),
   )
   fields.update(kw)
   return step_lib.Plan(**fields)
@@ -224,7 +231,9 @@ def test_plan_refuses_one_teacher():
 
 
 def test_plan_refuses_mismatched_lengths():
-  with pytest.raises(ValueError, match="2 teachers need as many class_index and pairs entries, got 3 and 2"):
+  with pytest.raises(
+    ValueError, match="2 teachers need as many class_index and pairs entries, got 3 and 2"
+  ):
     make_plan(class_index=((0,), (1,), (2, 3)))
 
 
@@ -248,10 +257,12 @@ def amalgamation_cfg(**kw):
 def random_teacher_variables(seed=0):
   out = []
   for t, teacher in enumerate(TEACHERS):
-    variables = teacher.init(jax.random.key(seed * 10 + t), jnp.zeros((1, *IMAGE_SHAPE)), train=False)
+    variables = teacher.init(
+      jax.random.key(seed * 10 + t), jnp.zeros((1, *IMAGE_SHAPE)), train=False
+    )
     # Non-trivial BatchNorm statistics, as a trained teacher has.
     variables = jax.tree_util.tree_map_with_path(
-        lambda path, x: x + 0.1 if "var" in jax.tree_util.keystr(path) else x, variables
+      lambda path, x: x + 0.1 if "var" in jax.tree_util.keystr(path) else x, variables
     )
     out.append(variables)
   return out
@@ -262,8 +273,11 @@ def make_state(plan, tx, seed=0):
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(seed))
   variables = step_lib.init_params(plan, rng_init, IMAGE_SHAPE)
   return TrainState(
-      step=np.zeros((), np.int32), params=variables["params"], batch_stats=variables["batch_stats"],
-      opt_state=tx.init(variables["params"]), rng=np.asarray(rng_train, np.uint32),
+    step=np.zeros((), np.int32),
+    params=variables["params"],
+    batch_stats=variables["batch_stats"],
+    opt_state=tx.init(variables["params"]),
+    rng=np.asarray(rng_train, np.uint32),
   )
 
 
@@ -278,12 +292,17 @@ def test_init_params_compiled_equals_the_eager_initialisation():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), compiled, eager)
   # The student's own variables are drawn as `student.init` draws them.
   student = plan.student.init(jax.random.split(rng)[0], jnp.zeros((1, *IMAGE_SHAPE)), train=False)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
-               compiled["params"]["student"], student["params"])
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+    compiled["params"]["student"],
+    student["params"],
+  )
 
 
 def make_tx(learning_rate=1e-2):
-  optim = ml_collections.ConfigDict(dict(learning_rate=learning_rate, decay_at=0.8, decay_factor=0.1))
+  optim = ml_collections.ConfigDict(
+    dict(learning_rate=learning_rate, decay_at=0.8, decay_factor=0.1)
+  )
   return steps.make_optimizer(optim, total_steps=100)
 
 
@@ -296,9 +315,13 @@ def test_pooled_blocks_average_each_cell_of_the_grid(grid):
   """pool_lda's features against a NumPy loop over cells: rows and columns split as evenly as
   possible (7 → 4 + 3), a map shorter than the grid pooled into one cell per row/column."""
   rng = np.random.default_rng(0)
-  features = [rng.normal(size=(3, 7, 7, 4)).astype(np.float32), rng.normal(size=(3, 2, 2, 5)).astype(np.float32)]
+  features = [
+    rng.normal(size=(3, 7, 7, 4)).astype(np.float32),
+    rng.normal(size=(3, 2, 2, 5)).astype(np.float32),
+  ]
   expected = []
   for f in features:
+
     def bounds(n):  # the first n % cells cells one longer
       cells = min(grid, n)
       sizes = [n // cells + (i < n % cells) for i in range(cells)]
@@ -313,7 +336,9 @@ def test_pooled_blocks_average_each_cell_of_the_grid(grid):
   assert got.shape == (3, 4 * min(grid, 7) ** 2 + 5 * min(grid, 2) ** 2)
   np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
   if grid == 1:  # global average pooling, as before the grid existed
-    np.testing.assert_allclose(got, np.concatenate([f.mean(axis=(1, 2)) for f in features], -1), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+      got, np.concatenate([f.mean(axis=(1, 2)) for f in features], -1), rtol=1e-6, atol=1e-6
+    )
 
 
 def frozen_for(cfg, plan, teacher_vars):
@@ -321,10 +346,10 @@ def frozen_for(cfg, plan, teacher_vars):
   if cfg.selection == "teacher_card":
     rng = np.random.default_rng(5)
     frozen["cards"] = [
-        routing.fit_teacher_card(
-            rng.normal(size=(40, t.block_widths[-1])), np.arange(40) % 2, num_classes=2
-        )
-        for t in plan.teachers
+      routing.fit_teacher_card(
+        rng.normal(size=(40, t.block_widths[-1])), np.arange(40) % 2, num_classes=2
+      )
+      for t in plan.teachers
     ]
   if cfg.selection == "energy":
     logits, _, _ = step_lib.teacher_outputs(plan, teacher_vars, images(32, seed=7))
@@ -332,8 +357,9 @@ def frozen_for(cfg, plan, teacher_vars):
   if cfg.selection == "pool_lda":
     _, feats, _ = step_lib.teacher_outputs(plan, teacher_vars, images(64, seed=7))
     initial = np.random.default_rng(6).integers(0, plan.num_classes, 64)
-    frozen["pool_router"] = routing.fit_pool_router([step_lib.pooled_blocks(f, cfg.get("pool_grid", 1)) for f in feats],
-                                                    initial, plan.class_index)
+    frozen["pool_router"] = routing.fit_pool_router(
+      [step_lib.pooled_blocks(f, cfg.get("pool_grid", 1)) for f in feats], initial, plan.class_index
+    )
   return frozen
 
 
@@ -351,7 +377,9 @@ class Runner:
     self.teacher_vars = random_teacher_variables()
     self.frozen = mesh_lib.replicate(frozen_for(cfg, self.plan, self.teacher_vars), self.mesh)
     self.compiled = mesh_lib.data_parallel_step(
-        step_lib.make_step(self.plan, cfg, self.tx, total_steps=total_steps), self.mesh, donate_state=False
+      step_lib.make_step(self.plan, cfg, self.tx, total_steps=total_steps),
+      self.mesh,
+      donate_state=False,
     )
 
   def state(self):
@@ -376,8 +404,8 @@ def test_step_never_sees_labels(entropy_runner):
   y = np.arange(16) % 4
   scrambled = np.random.default_rng(0).permutation(y)[::-1].copy()
   outputs = [
-      run(run.state(), batch)
-      for batch in ({"image": x}, {"image": x, "label": y}, {"image": x, "label": scrambled})
+    run(run.state(), batch)
+    for batch in ({"image": x}, {"image": x, "label": y}, {"image": x, "label": scrambled})
   ]
   for state, metrics in outputs[1:]:
     assert_trees_equal(state, outputs[0][0])
@@ -394,7 +422,7 @@ def test_teachers_stay_frozen(entropy_runner):
   assert set(state.params) == {"student", "align"}
   assert set(state.batch_stats) == {"student"}
   assert checkpoint.fingerprint(state.params["student"]) != checkpoint.fingerprint(
-      run.state().params["student"]
+    run.state().params["student"]
   )
 
   # No gradient reaches a teacher: the step reads the teachers only through
@@ -406,8 +434,12 @@ def test_teachers_stay_frozen(entropy_runner):
   def through_teachers(teacher_vars):
     logits, feats, penultimate = step_lib.teacher_outputs(run.plan, teacher_vars, x)
     routed = step_lib.routing_weights(run.cfg, logits, penultimate, {})
-    return (sum(jnp.sum(z**2) for z in logits) + sum(jnp.sum(f**2) for fs in feats for f in fs)
-            + sum(jnp.sum(p**2) for p in penultimate) + jnp.sum(routed * weights))
+    return (
+      sum(jnp.sum(z**2) for z in logits)
+      + sum(jnp.sum(f**2) for fs in feats for f in fs)
+      + sum(jnp.sum(p**2) for p in penultimate)
+      + jnp.sum(routed * weights)
+    )
 
   grads = jax.jit(jax.grad(through_teachers))(run.teacher_vars)
   for leaf in jax.tree.leaves(grads):
@@ -416,14 +448,14 @@ def test_teachers_stay_frozen(entropy_runner):
 
 
 VARIANTS = {
-    "entropy": dict(selection="entropy"),
-    "max_softmax": dict(selection="max_softmax"),
-    "energy": dict(selection="energy"),
-    "teacher_card": dict(selection="teacher_card"),
-    "pool_lda": dict(selection="pool_lda"),
-    "soft_routing": dict(selection="entropy", routing="soft", routing_temperature=0.5),
-    "l2": dict(selection="max_softmax", logit_loss="l2"),
-    "seed_compat": dict(selection="entropy", logit_loss="l2", seed_compat=True, unit_norm_weight=1.0),
+  "entropy": dict(selection="entropy"),
+  "max_softmax": dict(selection="max_softmax"),
+  "energy": dict(selection="energy"),
+  "teacher_card": dict(selection="teacher_card"),
+  "pool_lda": dict(selection="pool_lda"),
+  "soft_routing": dict(selection="entropy", routing="soft", routing_temperature=0.5),
+  "l2": dict(selection="max_softmax", logit_loss="l2"),
+  "seed_compat": dict(selection="entropy", logit_loss="l2", seed_compat=True, unit_norm_weight=1.0),
 }
 
 
@@ -446,11 +478,17 @@ def test_step_variants_learn_on_a_fixed_batch(variant, entropy_runner):
     for t in range(2):
       share = float(metrics[f"routed_to/teacher_{t}"]) * 16
       assert abs(share - round(share)) < 1e-4  # a whole number of samples per teacher
-  assert {"align/teacher_0/block_0", "align/teacher_0/block_1", "align/teacher_1/block_1"} <= set(metrics)
+  assert {"align/teacher_0/block_0", "align/teacher_0/block_1", "align/teacher_1/block_1"} <= set(
+    metrics
+  )
 
 
 def assert_trees_close(a, b):
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6), a, b)
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6),
+    a,
+    b,
+  )
 
 
 def at_step(state, step):
@@ -462,15 +500,24 @@ def test_self_training_replaces_routing_by_the_students_view():
   alone: two routings that weigh the batch differently give the same step. Before the
   ramp it is the plain step. Labels never matter."""
   x = images(seed=2)
-  routings = {"hard": dict(selection="entropy"), "soft": dict(selection="entropy", routing="soft",
-                                                             routing_temperature=0.5)}
+  routings = {
+    "hard": dict(selection="entropy"),
+    "soft": dict(selection="entropy", routing="soft", routing_temperature=0.5),
+  }
   full = dict(self_training=1.0, self_training_start=0.5, self_training_end=0.5)
   # Plain SGD: Adam's first step is about sign(gradient), which float noise in a zero gradient flips.
   tx = optax.sgd(0.1)
-  runners = {name: Runner(amalgamation_cfg(**kw, **full), tx=tx, total_steps=4) for name, kw in routings.items()}
-  logits, _, penultimate = step_lib.teacher_outputs(runners["hard"].plan, runners["hard"].teacher_vars, x)
-  weights = {name: np.asarray(step_lib.routing_weights(run.cfg, logits, penultimate, {}))
-             for name, run in runners.items()}
+  runners = {
+    name: Runner(amalgamation_cfg(**kw, **full), tx=tx, total_steps=4)
+    for name, kw in routings.items()
+  }
+  logits, _, penultimate = step_lib.teacher_outputs(
+    runners["hard"].plan, runners["hard"].teacher_vars, x
+  )
+  weights = {
+    name: np.asarray(step_lib.routing_weights(run.cfg, logits, penultimate, {}))
+    for name, run in runners.items()
+  }
   assert np.abs(weights["hard"] - weights["soft"]).max() > 0.1  # the two routings differ
 
   after = {name: run(at_step(run.state(), 2), {"image": x}) for name, run in runners.items()}
@@ -478,7 +525,9 @@ def test_self_training_replaces_routing_by_the_students_view():
   assert float(after["hard"][1]["loss"]) == pytest.approx(float(after["soft"][1]["loss"]), rel=1e-6)
   for name, (_, metrics) in after.items():
     assert 0.0 <= float(metrics["self_training/overruled"]) <= 1.0
-    assert float(metrics["routed_to/teacher_0"]) == pytest.approx(weights[name][:, 0].mean(), rel=1e-5)
+    assert float(metrics["routed_to/teacher_0"]) == pytest.approx(
+      weights[name][:, 0].mean(), rel=1e-5
+    )
 
   plain = Runner(amalgamation_cfg(**routings["hard"]), tx=tx)
   routed = plain(plain.state(), {"image": x})
@@ -489,7 +538,9 @@ def test_self_training_replaces_routing_by_the_students_view():
 
   y = np.arange(16) % 4
   run = runners["hard"]
-  with_labels = run(at_step(run.state(), 2), {"image": x, "label": np.random.default_rng(0).permutation(y)})
+  with_labels = run(
+    at_step(run.state(), 2), {"image": x, "label": np.random.default_rng(0).permutation(y)}
+  )
   assert_trees_equal(with_labels, after["hard"])
 
 
@@ -507,12 +558,16 @@ def test_a_nonfinite_term_is_named_and_the_state_kept(entropy_runner):
   overflows float32 while the feature and logit terms stay finite."""
   run = entropy_runner
   state = make_state(run.plan, run.tx)
-  align = {name: {**sides, "teacher": jax.tree.map(lambda k: k * 1e10, sides["teacher"])}
-           for name, sides in state.params["align"].items()}
+  align = {
+    name: {**sides, "teacher": jax.tree.map(lambda k: k * 1e10, sides["teacher"])}
+    for name, sides in state.params["align"].items()
+  }
   state = mesh_lib.replicate(state.replace(params={**state.params, "align": align}), run.mesh)
   new_state, metrics = run(state, {"image": images()})
   terms = steps.nonfinite_terms(int(metrics["nonfinite"]))
-  assert {"unit_norm_penalty", "loss"} <= set(terms) and not {"feature_loss", "logit_loss"} & set(terms), terms
+  assert {"unit_norm_penalty", "loss"} <= set(terms) and not {"feature_loss", "logit_loss"} & set(
+    terms
+  ), terms
   assert np.isinf(float(metrics["unit_norm_penalty"])) and np.isfinite(float(metrics["logit_loss"]))
   assert int(new_state.step) == 1
   assert_trees_equal((new_state.params, new_state.opt_state), (state.params, state.opt_state))
@@ -534,8 +589,8 @@ def test_unit_norm_penalty_zero_at_init_and_grows(entropy_runner):
   def scaled(side, factor):
     state = make_state(run.plan, run.tx)
     align = {
-        name: {**sides, side: jax.tree.map(lambda k: k * factor, sides[side])}
-        for name, sides in state.params["align"].items()
+      name: {**sides, side: jax.tree.map(lambda k: k * factor, sides[side])}
+      for name, sides in state.params["align"].items()
     }
     return mesh_lib.replicate(state.replace(params={**state.params, "align": align}), run.mesh)
 
@@ -551,7 +606,7 @@ def test_unit_norm_penalty_zero_at_init_and_grows(entropy_runner):
 
 
 DATA_PARALLEL_SCRIPT = textwrap.dedent(
-    """
+  """
     import os, sys
     sys.path.insert(0, {tests!r})
     import jax
@@ -585,8 +640,12 @@ DATA_PARALLEL_SCRIPT = textwrap.dedent(
 def test_data_parallel_matches_one_device():
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
   proc = subprocess.run(
-      [sys.executable, "-c", DATA_PARALLEL_SCRIPT.format(tests=os.path.join(REPO, "tests"))],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    [sys.executable, "-c", DATA_PARALLEL_SCRIPT.format(tests=os.path.join(REPO, "tests"))],
+    cwd=REPO,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   line = [l for l in proc.stdout.splitlines() if l.startswith("WORST")][-1]
@@ -606,16 +665,16 @@ def _refused(config, workdir, match):
 
 
 @pytest.mark.parametrize(
-    "teacher_classes, match",
-    [
-        ("0+1/1+2", r"overlap on \[1\]"),
-        ("0+1/", "teacher 1 has an empty class set"),
-        ("0+1", "at least 2 teachers, got 1"),
-        ("0+1/2+99", r"teacher 1's classes \[99\] are outside the dataset's 0..9"),
-        ("0+1/2+2", "lists a class twice"),
-        ("0/1+2", "teacher 0 has the single class 0: each teacher needs at least 2 classes"),
-        ("0+a/2+3", "teacher_classes='0\\+a/2\\+3': not like '0\\+1/2\\+3'"),
-    ],
+  "teacher_classes, match",
+  [
+    ("0+1/1+2", r"overlap on \[1\]"),
+    ("0+1/", "teacher 1 has an empty class set"),
+    ("0+1", "at least 2 teachers, got 1"),
+    ("0+1/2+99", r"teacher 1's classes \[99\] are outside the dataset's 0..9"),
+    ("0+1/2+2", "lists a class twice"),
+    ("0/1+2", "teacher 0 has the single class 0: each teacher needs at least 2 classes"),
+    ("0+a/2+3", "teacher_classes='0\\+a/2\\+3': not like '0\\+1/2\\+3'"),
+  ],
 )
 def test_bad_class_sets_are_refused(idx_data, tmp_path, teacher_classes, match):
   config = amalgamate_config(idx_data, teacher_classes=teacher_classes)
@@ -623,20 +682,28 @@ def test_bad_class_sets_are_refused(idx_data, tmp_path, teacher_classes, match):
 
 
 @pytest.mark.parametrize(
-    "overrides, match",
-    [
-        ({"block_pairs": "0:5"}, "tapped block 5 of teacher 0 does not exist: it has 2 blocks"),
-        ({"block_pairs": "3:0"}, "tapped student block 3 does not exist"),
-        ({"block_pairs": "0"}, "block_pairs='0': not 'auto'"),
-        ({"block_pairs": "0:0/1:1/1:1"}, "pairs for 3 of 2 teachers"),
-        ({"teacher_blocks": "8-16/8-16/8"}, "3 nets' widths for 2 nets"),
-        ({"amalgamation.selection": "oracle"}, "amalgamation.selection='oracle': .* must be one of entropy"),
-        ({"component.batch_size": 512}, r"teacher 0 \(classes \[0, 1\].*batch_size=512 exceeds"),
-        ({"amalgamation.batch_size": 512}, "the amalgamation .*batch_size=512 exceeds"),
-        ({"amalgamation.self_training": 1.5}, r"amalgamation.self_training=1.5: .* must be a finite number in \[0, 1\]"),
-        ({"amalgamation.self_training_start": 0.7, "amalgamation.self_training_end": 0.4},
-         "self_training_start=0.7 is after .*self_training_end=0.4"),
-    ],
+  "overrides, match",
+  [
+    ({"block_pairs": "0:5"}, "tapped block 5 of teacher 0 does not exist: it has 2 blocks"),
+    ({"block_pairs": "3:0"}, "tapped student block 3 does not exist"),
+    ({"block_pairs": "0"}, "block_pairs='0': not 'auto'"),
+    ({"block_pairs": "0:0/1:1/1:1"}, "pairs for 3 of 2 teachers"),
+    ({"teacher_blocks": "8-16/8-16/8"}, "3 nets' widths for 2 nets"),
+    (
+      {"amalgamation.selection": "oracle"},
+      "amalgamation.selection='oracle': .* must be one of entropy",
+    ),
+    ({"component.batch_size": 512}, r"teacher 0 \(classes \[0, 1\].*batch_size=512 exceeds"),
+    ({"amalgamation.batch_size": 512}, "the amalgamation .*batch_size=512 exceeds"),
+    (
+      {"amalgamation.self_training": 1.5},
+      r"amalgamation.self_training=1.5: .* must be a finite number in \[0, 1\]",
+    ),
+    (
+      {"amalgamation.self_training_start": 0.7, "amalgamation.self_training_end": 0.4},
+      "self_training_start=0.7 is after .*self_training_end=0.4",
+    ),
+  ],
 )
 def test_bad_plans_are_refused(idx_data, tmp_path, overrides, match):
   config = amalgamate_config(idx_data, **overrides)
@@ -644,24 +711,53 @@ def test_bad_plans_are_refused(idx_data, tmp_path, overrides, match):
 
 
 def test_bad_dual_stage_is_refused(idx_data, tmp_path):
-  config = amalgamate_config(idx_data, "smoke,dual_stage", source_blocks="8-16/8-16-32", block_pairs="2:2",
-                             teacher_blocks="8-16-32", student_blocks="8-16-32")
-  _refused(config, str(tmp_path / "w"), r"dual stage of teacher 0 \(.*\): tapped block 2 of teacher 0 does not exist")
+  config = amalgamate_config(
+    idx_data,
+    "smoke,dual_stage",
+    source_blocks="8-16/8-16-32",
+    block_pairs="2:2",
+    teacher_blocks="8-16-32",
+    student_blocks="8-16-32",
+  )
+  _refused(
+    config,
+    str(tmp_path / "w"),
+    r"dual stage of teacher 0 \(.*\): tapped block 2 of teacher 0 does not exist",
+  )
   config = amalgamate_config(idx_data, "smoke,dual_stage", **{"dual_stage.self_training": 0.5})
-  _refused(config, str(tmp_path / "w"), "dual_stage.self_training must be 0: the dual stage's sources share")
+  _refused(
+    config,
+    str(tmp_path / "w"),
+    "dual_stage.self_training must be 0: the dual stage's sources share",
+  )
   config = amalgamate_config(idx_data, "smoke,dual_stage", **{"component.batch_size": 64})
-  _refused(config, str(tmp_path / "w"), r"source 0 of teacher 0 \(classes \[0, 1\], split train\[0%:50%\]\)")
+  _refused(
+    config,
+    str(tmp_path / "w"),
+    r"source 0 of teacher 0 \(classes \[0, 1\], split train\[0%:50%\]\)",
+  )
 
 
 def save_fake_teacher(workdir, model, *, classes, dataset="mnist"):
   """A checkpoint like a trained net's (untrained variables), without training."""
-  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(jnp.zeros((1, 28, 28, 1)))
+  variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(
+    jnp.zeros((1, 28, 28, 1))
+  )
   ckpts = checkpoint.Checkpoints(workdir)
-  ckpts.save(1, {"state": {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}}, {
-      "kind": "component", "main": "model",
-      "models": {"model": checkpoint.model_entry(model, num_classes=model.num_classes, classes=classes)},
-      "config": {"data": {"name": dataset}}, "history": [],
-  }, force=True)
+  ckpts.save(
+    1,
+    {"state": {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}},
+    {
+      "kind": "component",
+      "main": "model",
+      "models": {
+        "model": checkpoint.model_entry(model, num_classes=model.num_classes, classes=classes)
+      },
+      "config": {"data": {"name": dataset}},
+      "history": [],
+    },
+    force=True,
+  )
   ckpts.close()
   with open(os.path.join(workdir, "results.json"), "w") as f:  # a finished run's mark
     f.write("{}\n")
@@ -673,13 +769,21 @@ def fake_teachers(tmp_path_factory):
   root = tmp_path_factory.mktemp("fake_teachers")
   convnet = lambda k: models.ConvNet(num_classes=k, block_widths=(8, 16), convs_per_block=1)  # noqa: E731
   return {
-      "good": save_fake_teacher(str(root / "good"), convnet(2), classes=[2, 3]),
-      "good_overlapping": save_fake_teacher(str(root / "good_overlapping"), convnet(2), classes=[0, 2]),
-      "lenet": save_fake_teacher(str(root / "lenet"), models.LeNet(num_classes=2), classes=[0, 1]),
-      "nin": save_fake_teacher(str(root / "nin"), models.NiN(num_classes=10, width=0.25, fc_width=16), classes=None),
-      "no_classes": save_fake_teacher(str(root / "no_classes"), convnet(10), classes=None),
-      "fashion": save_fake_teacher(str(root / "fashion"), convnet(2), classes=[0, 1], dataset="fashion_mnist"),
-      "unfinished": _unfinished(save_fake_teacher(str(root / "unfinished"), convnet(2), classes=[0, 1])),
+    "good": save_fake_teacher(str(root / "good"), convnet(2), classes=[2, 3]),
+    "good_overlapping": save_fake_teacher(
+      str(root / "good_overlapping"), convnet(2), classes=[0, 2]
+    ),
+    "lenet": save_fake_teacher(str(root / "lenet"), models.LeNet(num_classes=2), classes=[0, 1]),
+    "nin": save_fake_teacher(
+      str(root / "nin"), models.NiN(num_classes=10, width=0.25, fc_width=16), classes=None
+    ),
+    "no_classes": save_fake_teacher(str(root / "no_classes"), convnet(10), classes=None),
+    "fashion": save_fake_teacher(
+      str(root / "fashion"), convnet(2), classes=[0, 1], dataset="fashion_mnist"
+    ),
+    "unfinished": _unfinished(
+      save_fake_teacher(str(root / "unfinished"), convnet(2), classes=[0, 1])
+    ),
   }
 
 
@@ -689,22 +793,28 @@ def _unfinished(workdir):
 
 
 @pytest.mark.parametrize(
-    "first, match",
-    [
-        ("missing", "teacher: .*holds no checkpoints"),
-        ("lenet", "is a LeNet; amalgamation needs ConvNet teachers"),
-        ("nin", "is a NiN; amalgamation needs ConvNet teachers"),
-        ("no_classes", "records no class subset"),
-        ("fashion", "trained on fashion_mnist, not mnist"),
-        ("good_overlapping", r"overlap on \[2\]"),
-        ("unfinished", r"^teacher_workdirs: .*unfinished holds an unfinished run \(no results.json.*"
-                       r"set --config.allow_unfinished_teacher=True"),
-    ],
+  "first, match",
+  [
+    ("missing", "teacher: .*holds no checkpoints"),
+    ("lenet", "is a LeNet; amalgamation needs ConvNet teachers"),
+    ("nin", "is a NiN; amalgamation needs ConvNet teachers"),
+    ("no_classes", "records no class subset"),
+    ("fashion", "trained on fashion_mnist, not mnist"),
+    ("good_overlapping", r"overlap on \[2\]"),
+    (
+      "unfinished",
+      r"^teacher_workdirs: .*unfinished holds an unfinished run \(no results.json.*"
+      r"set --config.allow_unfinished_teacher=True",
+    ),
+  ],
 )
 def test_bad_external_teachers_are_refused(idx_data, tmp_path, fake_teachers, first, match):
   path = fake_teachers.get(first, str(tmp_path / "missing"))
-  config = amalgamate_config(idx_data, teacher_workdirs=f"{path}:{fake_teachers['good']}",
-                             **{"amalgamation.selection": "entropy"})
+  config = amalgamate_config(
+    idx_data,
+    teacher_workdirs=f"{path}:{fake_teachers['good']}",
+    **{"amalgamation.selection": "entropy"},
+  )
   _refused(config, str(tmp_path / "w"), match)
   assert not os.path.exists(tmp_path / "missing")
 
@@ -714,8 +824,11 @@ def test_external_teachers_bad_pairs_and_count(idx_data, tmp_path, fake_teachers
   _refused(config, str(tmp_path / "w"), "at least 2 teachers")
   config = amalgamate_config(idx_data, teacher_workdirs=fake_teachers["good"] + ":")
   _refused(config, str(tmp_path / "w"), "has an empty path")
-  config = amalgamate_config(idx_data, teacher_workdirs=f"{fake_teachers['good']}:{fake_teachers['good']}",
-                             **{"amalgamation.selection": "entropy"})
+  config = amalgamate_config(
+    idx_data,
+    teacher_workdirs=f"{fake_teachers['good']}:{fake_teachers['good']}",
+    **{"amalgamation.selection": "entropy"},
+  )
   _refused(config, str(tmp_path / "w"), r"overlap on \[2, 3\]")
 
 
@@ -723,15 +836,28 @@ def test_main_reports_one_error_line_and_writes_nothing(idx_data, tmp_path):
   manual, data_dir = idx_data
   workdir = tmp_path / "w"
   proc = subprocess.run(
-      [sys.executable, "-m", "kd_jax.main", "--config=experiments/amalgamate.py:smoke,teacher_classes=0+1/1+2",
-       f"--config.data.manual_dir={manual}", f"--config.data.data_dir={data_dir}",
-       "--config.data.download=False", f"--workdir={workdir}"],
-      cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300,
+    [
+      sys.executable,
+      "-m",
+      "kd_jax.main",
+      "--config=experiments/amalgamate.py:smoke,teacher_classes=0+1/1+2",
+      f"--config.data.manual_dir={manual}",
+      f"--config.data.data_dir={data_dir}",
+      "--config.data.download=False",
+      f"--workdir={workdir}",
+    ],
+    cwd=REPO,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert proc.returncode != 0
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert errors == ["error: --config.teacher_classes='0+1/1+2': teachers' class sets overlap on [1]: they must be "
-                    "disjoint"], proc.stderr[-2000:]
+  assert errors == [
+    "error: --config.teacher_classes='0+1/1+2': teachers' class sets overlap on [1]: they must be "
+    "disjoint"
+  ], proc.stderr[-2000:]
   assert "Traceback" not in proc.stderr
   assert not workdir.exists()
 
@@ -747,7 +873,9 @@ def test_card_shrinkage_reaches_the_nets(idx_data):
 def test_shared_classes_union():
   """The dual stage's sources share their task's classes: the union lists each once."""
   teachers = [{"classes": [3, 5], "model": TEACHERS[0]}, {"classes": [3, 5], "model": TEACHERS[1]}]
-  config = ml_collections.ConfigDict(dict(student_blocks="8-16", convs_per_block=1, block_pairs="auto"))
+  config = ml_collections.ConfigDict(
+    dict(student_blocks="8-16", convs_per_block=1, block_pairs="auto")
+  )
   plan, union = pipeline.build_plan(config, teachers)
   assert union == [3, 5]
   assert plan.class_index == ((0, 1), (0, 1))

@@ -7,21 +7,19 @@ import json
 import os
 import sys
 
+import helpers
 import jax
 import numpy as np
 import pytest
-
-from amalgamation_fixtures import (  # noqa: F401 (idx_data is a fixture)
-    amalgamate_config,
-    component_config,
-    idx_data,
-    tree_snapshot,
+from amalgamation_fixtures import (
+  amalgamate_config,
+  component_config,
+  tree_snapshot,
 )
-import helpers
-from kd_jax import checkpoint, data, models, reporting
+
+from kd_jax import checkpoint, data, errors, models, reporting
 from kd_jax.amalgamation import components, pipeline, routing
 from kd_jax.evaluate import evaluate_workdir
-from kd_jax import errors
 from kd_jax.train import mesh as mesh_lib
 
 UNION = [0, 1, 2, 3]
@@ -39,8 +37,14 @@ def smoke(idx_data, tmp_path_factory):
 def test_smoke_writes_results_and_figures(smoke):
   _, workdir, results = smoke
   saved = reporting.load_json(os.path.join(workdir, "results.json"))
-  for key in ["test_accuracy", "routing_accuracy", "teacher_0_accuracy", "teacher_1_accuracy",
-              "student_task_0_accuracy", "student_task_1_accuracy"]:
+  for key in [
+    "test_accuracy",
+    "routing_accuracy",
+    "teacher_0_accuracy",
+    "teacher_1_accuracy",
+    "student_task_0_accuracy",
+    "student_task_1_accuracy",
+  ]:
     assert 0.0 <= saved[key] <= 1.0, key
     assert saved[key] == results[key]
   assert saved["union_classes"] == UNION
@@ -155,7 +159,9 @@ def external(idx_data, smoke, tmp_path_factory):
   component = pipeline.run(component_config(idx_data, "smoke,classes=0+1", num_epochs=1), teacher_a)
   teacher_b = os.path.join(smoke[1], "teachers", "teacher_1")
   workdir = str(root / "amalgamated")
-  config = amalgamate_config(idx_data, teacher_workdirs=f"{teacher_a}:{teacher_b}", **{"amalgamation.epochs": 1})
+  config = amalgamate_config(
+    idx_data, teacher_workdirs=f"{teacher_a}:{teacher_b}", **{"amalgamation.epochs": 1}
+  )
   results = pipeline.run(config, workdir)
   return config, workdir, results, teacher_a, component
 
@@ -173,7 +179,9 @@ def test_external_teachers_then_changed_teacher_is_refused(external):
   config, workdir, results, teacher_a, _ = external
   assert [t["external"] for t in results["teachers"]] == [True, True]
   assert results["union_classes"] == UNION
-  assert evaluate_workdir(workdir)["test_accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-6)
+  assert evaluate_workdir(workdir)["test_accuracy"] == pytest.approx(
+    results["test_accuracy"], abs=1e-6
+  )
 
   # Overwrite teacher a with different parameters, at a later step of its checkpoints.
   ckpts = checkpoint.Checkpoints(teacher_a)
@@ -183,11 +191,16 @@ def test_external_teachers_then_changed_teacher_is_refused(external):
     stored = ckpts.restore(step, {"state": None, components.CARD: None})
     state = stored["state"]
     state["params"] = jax.tree.map(lambda p: np.asarray(p) * 1.5, state["params"])
-    ckpts.save(step + 1, {"state": state, components.CARD: stored[components.CARD]}, meta, force=True)
+    ckpts.save(
+      step + 1, {"state": state, components.CARD: stored[components.CARD]}, meta, force=True
+    )
   finally:
     ckpts.close()
 
-  with pytest.raises(ValueError, match="teacher_0 was learned from .*teacher_a with fingerprint .*retrained or overwritten"):
+  with pytest.raises(
+    ValueError,
+    match="teacher_0 was learned from .*teacher_a with fingerprint .*retrained or overwritten",
+  ):
     evaluate_workdir(workdir)
   before = tree_snapshot(workdir)
   with pytest.raises(ValueError, match="fingerprint"):  # nor is the run resumed with it
@@ -201,8 +214,9 @@ def test_external_teachers_then_changed_teacher_is_refused(external):
 def test_dual_stage(idx_data, tmp_path):
   workdir = str(tmp_path / "dual")
   config = amalgamate_config(
-      idx_data, "smoke,dual_stage",
-      **{"component.epochs": 1, "dual_stage.epochs": 1, "amalgamation.epochs": 1},
+    idx_data,
+    "smoke,dual_stage",
+    **{"component.epochs": 1, "dual_stage.epochs": 1, "amalgamation.epochs": 1},
   )
   results = pipeline.run(config, workdir)
   for t, classes in enumerate([[0, 1], [2, 3]]):
@@ -239,8 +253,15 @@ def test_a_small_pool_trains_every_stage_on_it_for_min_steps(idx_data, tmp_path,
   small pool's epochs until each stage makes that many optimizer steps, and says so."""
   split, batch = "train[:192]", 32
   config = amalgamate_config(
-      idx_data, train_split=split, steps_per_epoch=0,
-      **{"component.epochs": 1, "component.min_steps": 5, "amalgamation.epochs": 1, "amalgamation.min_steps": 7},
+    idx_data,
+    train_split=split,
+    steps_per_epoch=0,
+    **{
+      "component.epochs": 1,
+      "component.min_steps": 5,
+      "amalgamation.epochs": 1,
+      "amalgamation.min_steps": 7,
+    },
   )
   with caplog.at_level("INFO"):
     results = pipeline.run(config, str(tmp_path / "run"))
@@ -254,7 +275,9 @@ def test_a_small_pool_trains_every_stage_on_it_for_min_steps(idx_data, tmp_path,
     return per_epoch * -(-min_steps // per_epoch)
 
   for t, classes in enumerate([[0, 1], [2, 3]]):
-    teacher = reporting.load_json(str(tmp_path / "run" / "teachers" / f"teacher_{t}" / "results.json"))
+    teacher = reporting.load_json(
+      str(tmp_path / "run" / "teachers" / f"teacher_{t}" / "results.json")
+    )
     assert teacher["config"]["train_split"] == split
     assert teacher["steps"] == expected_steps(classes, 5)
   assert results["step"] == expected_steps(UNION, 7)
@@ -275,15 +298,25 @@ def test_source_shards_split_a_sliced_pool(idx_data):
 # ------------------------------------------------------------- pool router, self-training
 
 
-def test_pool_lda_and_self_training_end_to_end_without_labels(idx_data, smoke, tmp_path, monkeypatch):
+def test_pool_lda_and_self_training_end_to_end_without_labels(
+  idx_data, smoke, tmp_path, monkeypatch
+):
   """`selection=pool_lda` with self-training and a class-balanced refit amalgamates the smoke
   run's teachers; the pool router is fitted from the pool's images alone: scrambled labels
   give the same router."""
   teachers = ":".join(os.path.join(smoke[1], "teachers", f"teacher_{t}") for t in range(2))
-  config = amalgamate_config(idx_data, teacher_workdirs=teachers, **{
-      "amalgamation.epochs": 1, "amalgamation.selection": "pool_lda", "amalgamation.self_training": 0.5,
-      "amalgamation.self_training_start": 0.0, "amalgamation.self_training_end": 0.5,
-      "amalgamation.pool_balance_rounds": 1})
+  config = amalgamate_config(
+    idx_data,
+    teacher_workdirs=teachers,
+    **{
+      "amalgamation.epochs": 1,
+      "amalgamation.selection": "pool_lda",
+      "amalgamation.self_training": 0.5,
+      "amalgamation.self_training_start": 0.0,
+      "amalgamation.self_training_end": 0.5,
+      "amalgamation.pool_balance_rounds": 1,
+    },
+  )
   workdir = str(tmp_path / "run")
   results = pipeline.run(config, workdir)
   assert 0.0 <= results["routing_accuracy"] <= 1.0
@@ -298,16 +331,27 @@ def test_pool_lda_and_self_training_end_to_end_without_labels(idx_data, smoke, t
   mesh = mesh_lib.make_mesh()
 
   def router():
-    return jax.tree.map(np.asarray, pipeline.pool_router(run_config, plan, frozen, union, mesh,
-                                                         grid=config.amalgamation.pool_grid,
-                                                         balance_rounds=config.amalgamation.pool_balance_rounds))
+    return jax.tree.map(
+      np.asarray,
+      pipeline.pool_router(
+        run_config,
+        plan,
+        frozen,
+        union,
+        mesh,
+        grid=config.amalgamation.pool_grid,
+        balance_rounds=config.amalgamation.pool_balance_rounds,
+      ),
+    )
 
   plain = router()
   as_numpy, rng = data.as_numpy, np.random.default_rng(0)
-  monkeypatch.setattr(data, "as_numpy", lambda ds: ({**b, "label": rng.permutation(b["label"])} for b in as_numpy(ds)))
+  monkeypatch.setattr(
+    data, "as_numpy", lambda ds: ({**b, "label": rng.permutation(b["label"])} for b in as_numpy(ds))
+  )
   scrambled = router()
   jax.tree.map(np.testing.assert_array_equal, plain, scrambled)
-  cells = config.amalgamation.pool_grid ** 2  # the smoke teachers' maps (14², 7²) hold the whole grid
+  cells = config.amalgamation.pool_grid**2  # the smoke teachers' maps (14², 7²) hold the whole grid
   assert np.isfinite(plain.weight).all() and plain.weight.shape == (2 * cells * (8 + 16), 4)
 
 
@@ -316,7 +360,9 @@ def test_routing_study_reproduces_the_runs_routing(smoke, monkeypatch, capsys):
   path (its own teacher passes, its own router fit); for the run's rule it must find the
   run's routing accuracy, up to an image whose score ties within float rounding."""
   config, workdir, results = smoke
-  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the script's import adds CPU flags
+  monkeypatch.setenv(
+    "XLA_FLAGS", os.environ.get("XLA_FLAGS", "")
+  )  # the script's import adds CPU flags
   study = helpers.experiment("studies/routing_study")
   found = study.routing_accuracies(workdir)
   assert set(found) == set(routing.RULES)
@@ -325,7 +371,9 @@ def test_routing_study_reproduces_the_runs_routing(smoke, monkeypatch, capsys):
   images = int(sum(b["mask"].sum() for b in data.as_numpy(test_split)))
   assert config.amalgamation.selection == "pool_lda"
   assert abs(found["pool_lda"] - results["routing_accuracy"]) <= 1.0 / images + 1e-9
-  monkeypatch.setattr(sys, "argv", ["routing_study.py", f"--workdir={workdir}", f"--workdir={workdir}"])
+  monkeypatch.setattr(
+    sys, "argv", ["routing_study.py", f"--workdir={workdir}", f"--workdir={workdir}"]
+  )
   study.main()
   table = capsys.readouterr().out
   for rule in routing.RULES:

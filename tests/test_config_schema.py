@@ -20,11 +20,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import helpers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 VARIANTS = [
-    ("nin_teacher", ""), ("nin_teacher", "smoke"), ("nin_teacher", "head=fc,width=0.5,dataset=mnist"),
-    *[("lenet_student", f"method={m}") for m in config_schema.METHODS], ("lenet_student", "smoke"),
-    ("component", ""), ("component", "smoke,classes=2+3+4"),
-    ("amalgamate", ""), ("amalgamate", "smoke"), ("amalgamate", "dual_stage"), ("amalgamate", "seed_compat"),
-    ("amalgamate", "supervised"), ("amalgamate", "smoke,dual_stage,seed_compat,routing=soft,selection=energy"),
+  ("nin_teacher", ""),
+  ("nin_teacher", "smoke"),
+  ("nin_teacher", "head=fc,width=0.5,dataset=mnist"),
+  *[("lenet_student", f"method={m}") for m in config_schema.METHODS],
+  ("lenet_student", "smoke"),
+  ("component", ""),
+  ("component", "smoke,classes=2+3+4"),
+  ("amalgamate", ""),
+  ("amalgamate", "smoke"),
+  ("amalgamate", "dual_stage"),
+  ("amalgamate", "seed_compat"),
+  ("amalgamate", "supervised"),
+  ("amalgamate", "smoke,dual_stage,seed_compat,routing=soft,selection=energy"),
 ]
 
 
@@ -45,10 +53,11 @@ def internal_configs():
     # test_amalgamation_pipeline.py); this test has none and must not reach for a download.
     config[stage].min_steps = 0
   return {
-      "component_config": components.component_config(config, classes=[0, 1], widths=[8, 16], seed=1,
-                                                      split="train[0%:50%]"),
-      "net_config(amalgamation)": components.net_config(config, "amalgamation"),
-      "net_config(dual_stage)": components.net_config(config, "dual_stage"),
+    "component_config": components.component_config(
+      config, classes=[0, 1], widths=[8, 16], seed=1, split="train[0%:50%]"
+    ),
+    "net_config(amalgamation)": components.net_config(config, "amalgamation"),
+    "net_config(dual_stage)": components.net_config(config, "dual_stage"),
   }
 
 
@@ -103,7 +112,9 @@ def test_allowed_text():
   assert SCHEMA["distill.temperature"].allowed() == "a finite number > 0"
   assert SCHEMA["distill.soft_weight"].allowed() == "a finite number in [0, 1]"
   assert SCHEMA["model.dropout_rate"].allowed() == "a finite number in [0, 1)"
-  assert SCHEMA["method"].allowed() == "one of ground_truth, logit_regression, noisy_teacher, hinton_kd"
+  assert (
+    SCHEMA["method"].allowed() == "one of ground_truth, logit_regression, noisy_teacher, hinton_kd"
+  )
 
 
 # ---------------------------------------------------------------------------- bad values
@@ -115,69 +126,94 @@ COMPONENT = ("component", "smoke")
 
 # (experiment, the field, its bad value, what the message says is allowed)
 BAD_VALUES = [
-    (TEACHER, "num_epochs", 0, "an integer >= 1"),
-    (TEACHER, "num_epochs", -3, "an integer >= 1"),
-    (TEACHER, "keep_checkpoints", 0, "an integer >= 1"),
-    (TEACHER, "log_every_steps", 0, "an integer >= 1"),
-    (TEACHER, "eval_every_epochs", 0, "an integer >= 1"),
-    (TEACHER, "checkpoint_every_steps", 0, "an integer >= 1"),
-    (TEACHER, "steps_per_epoch", -1, "an integer >= 0"),
-    (TEACHER, "batch_size", 0, "an integer >= 1"),
-    (TEACHER, "seed", -1, "an integer in [0, 2147483647]"),
-    (TEACHER, "optim.learning_rate", 0.0, "a finite number > 0"),
-    (TEACHER, "optim.learning_rate", -1e-3, "a finite number > 0"),
-    (TEACHER, "optim.learning_rate", math.nan, "a finite number > 0"),
-    (TEACHER, "optim.learning_rate", math.inf, "a finite number > 0"),
-    (TEACHER, "optim.decay_at", 1.5, "a finite number in [0, 1]"),
-    (TEACHER, "optim.decay_factor", 0.0, "a finite number > 0"),
-    (TEACHER, "optim.weight_decay", -0.1, "a finite number >= 0"),
-    (TEACHER, "model.width", 0.0, "a finite number > 0"),
-    (TEACHER, "model.width", -0.5, "a finite number > 0"),
-    (TEACHER, "model.dropout_rate", 1.0, "a finite number in [0, 1)"),
-    (TEACHER, "model.head", "mlp", "one of gap, fc"),
-    (TEACHER, "model.name", "resnet", "one of nin, lenet, convnet"),
-    (TEACHER, "data.shuffle_buffer", -1, "an integer >= 0"),
-    (TEACHER, "data.preprocess", "whiten", "one of mean_image, mean_image_255, standardize, none"),
-    (TEACHER, "data.name", "svhn", "one of cifar10, mnist, fashion_mnist"),
-    (TEACHER, "method", "foo", "one of ground_truth, logit_regression, noisy_teacher, hinton_kd"),
-    (TEACHER, "on_nonfinite", "ignore", "one of stop, skip"),
-    (TEACHER, "train_split", "test", "names the test split, which evaluation reports on"),
-    (TEACHER, "train_split", "train[:50%]+test", "is not the train split or one slice of it"),
-    (TEACHER, "train_split", "validation", "is not the train split or one slice of it"),
-    (TEACHER, "train_split", "train[abc]", "is not a TFDS split"),
-    (TEACHER, "train_split", "train[:150%]", "is not a TFDS split"),
-    (STUDENT, "distill.temperature", 0.0, "a finite number > 0"),
-    (STUDENT, "distill.temperature", -4.0, "a finite number > 0"),
-    (STUDENT, "distill.soft_weight", 1.5, "a finite number in [0, 1]"),
-    (STUDENT, "distill.soft_weight", -0.1, "a finite number in [0, 1]"),
-    (STUDENT, "distill.noise_ratio", 2.0, "a finite number in [0, 1]"),
-    (STUDENT, "distill.noise_std", -0.1, "a finite number >= 0"),
-    (AMALGAMATE, "amalgamation.temperature", 0.0, "a finite number > 0"),
-    (AMALGAMATE, "amalgamation.routing_temperature", 0.0, "a finite number > 0"),
-    (AMALGAMATE, "dual_stage.temperature", -1.0, "a finite number > 0"),
-    (AMALGAMATE, "amalgamation.logit_loss", "l1", "one of kl, l2"),
-    (AMALGAMATE, "amalgamation.selection", "oracle", "one of entropy, max_softmax, energy, teacher_card"),
-    (AMALGAMATE, "dual_stage.selection", "oracle", "one of entropy, max_softmax, energy, teacher_card"),
-    (AMALGAMATE, "amalgamation.routing", "sometimes", "one of hard, soft"),
-    (AMALGAMATE, "amalgamation.epochs", 0, "an integer >= 1"),
-    (AMALGAMATE, "component.learning_rate", 0.0, "a finite number > 0"),
-    (AMALGAMATE, "amalgamation.feature_weight", -1.0, "a finite number >= 0"),
-    (AMALGAMATE, "teacher_classes", "0+a/2+3", "not like '0+1/2+3'"),
-    (AMALGAMATE, "teacher_classes", "0+1/1+2", "teachers' class sets overlap on [1]: they must be disjoint"),
-    (AMALGAMATE, "teacher_classes", "0+1", "amalgamation needs at least 2 teachers, got 1"),
-    (AMALGAMATE, "teacher_classes", "0+1/-2+3", "teacher 1's classes [-2] are outside 0 and up"),
-    (AMALGAMATE, "teacher_blocks", "8-x", "not like '32-64-128' or '32-64/16-32-64'"),
-    (AMALGAMATE, "student_blocks", "8-0", "every block width must be >= 1"),
-    (AMALGAMATE, "source_blocks", "8/16-", "not like '32-64-128'"),
-    (AMALGAMATE, "block_pairs", "0-0", "not 'auto' or like '0:0+2:1'"),
-    (AMALGAMATE, "teacher_workdirs", "only_one", "amalgamation needs at least 2 teachers: use 'dir0:dir1'"),
-    (AMALGAMATE, "teacher_workdirs", "a:", "has an empty path: use 'dir0:dir1'"),
-    (AMALGAMATE, "sources_per_task", 1, "0 (no dual stage) or >= 2 (source nets per task) are allowed"),
-    (AMALGAMATE, "card_shrinkage", 1.5, "a finite number in [0, 1]"),
-    (AMALGAMATE, "convs_per_block", 0, "an integer >= 1"),
-    (COMPONENT, "classes", [3], "a net needs at least 2 distinct classes"),
-    (COMPONENT, "classes", [1, 1, 2], "lists a class twice"),
-    (COMPONENT, "model.block_widths", [8, 0], "a list of integers >= 1"),
+  (TEACHER, "num_epochs", 0, "an integer >= 1"),
+  (TEACHER, "num_epochs", -3, "an integer >= 1"),
+  (TEACHER, "keep_checkpoints", 0, "an integer >= 1"),
+  (TEACHER, "log_every_steps", 0, "an integer >= 1"),
+  (TEACHER, "eval_every_epochs", 0, "an integer >= 1"),
+  (TEACHER, "checkpoint_every_steps", 0, "an integer >= 1"),
+  (TEACHER, "steps_per_epoch", -1, "an integer >= 0"),
+  (TEACHER, "batch_size", 0, "an integer >= 1"),
+  (TEACHER, "seed", -1, "an integer in [0, 2147483647]"),
+  (TEACHER, "optim.learning_rate", 0.0, "a finite number > 0"),
+  (TEACHER, "optim.learning_rate", -1e-3, "a finite number > 0"),
+  (TEACHER, "optim.learning_rate", math.nan, "a finite number > 0"),
+  (TEACHER, "optim.learning_rate", math.inf, "a finite number > 0"),
+  (TEACHER, "optim.decay_at", 1.5, "a finite number in [0, 1]"),
+  (TEACHER, "optim.decay_factor", 0.0, "a finite number > 0"),
+  (TEACHER, "optim.weight_decay", -0.1, "a finite number >= 0"),
+  (TEACHER, "model.width", 0.0, "a finite number > 0"),
+  (TEACHER, "model.width", -0.5, "a finite number > 0"),
+  (TEACHER, "model.dropout_rate", 1.0, "a finite number in [0, 1)"),
+  (TEACHER, "model.head", "mlp", "one of gap, fc"),
+  (TEACHER, "model.name", "resnet", "one of nin, lenet, convnet"),
+  (TEACHER, "data.shuffle_buffer", -1, "an integer >= 0"),
+  (TEACHER, "data.preprocess", "whiten", "one of mean_image, mean_image_255, standardize, none"),
+  (TEACHER, "data.name", "svhn", "one of cifar10, mnist, fashion_mnist"),
+  (TEACHER, "method", "foo", "one of ground_truth, logit_regression, noisy_teacher, hinton_kd"),
+  (TEACHER, "on_nonfinite", "ignore", "one of stop, skip"),
+  (TEACHER, "train_split", "test", "names the test split, which evaluation reports on"),
+  (TEACHER, "train_split", "train[:50%]+test", "is not the train split or one slice of it"),
+  (TEACHER, "train_split", "validation", "is not the train split or one slice of it"),
+  (TEACHER, "train_split", "train[abc]", "is not a TFDS split"),
+  (TEACHER, "train_split", "train[:150%]", "is not a TFDS split"),
+  (STUDENT, "distill.temperature", 0.0, "a finite number > 0"),
+  (STUDENT, "distill.temperature", -4.0, "a finite number > 0"),
+  (STUDENT, "distill.soft_weight", 1.5, "a finite number in [0, 1]"),
+  (STUDENT, "distill.soft_weight", -0.1, "a finite number in [0, 1]"),
+  (STUDENT, "distill.noise_ratio", 2.0, "a finite number in [0, 1]"),
+  (STUDENT, "distill.noise_std", -0.1, "a finite number >= 0"),
+  (AMALGAMATE, "amalgamation.temperature", 0.0, "a finite number > 0"),
+  (AMALGAMATE, "amalgamation.routing_temperature", 0.0, "a finite number > 0"),
+  (AMALGAMATE, "dual_stage.temperature", -1.0, "a finite number > 0"),
+  (AMALGAMATE, "amalgamation.logit_loss", "l1", "one of kl, l2"),
+  (
+    AMALGAMATE,
+    "amalgamation.selection",
+    "oracle",
+    "one of entropy, max_softmax, energy, teacher_card",
+  ),
+  (
+    AMALGAMATE,
+    "dual_stage.selection",
+    "oracle",
+    "one of entropy, max_softmax, energy, teacher_card",
+  ),
+  (AMALGAMATE, "amalgamation.routing", "sometimes", "one of hard, soft"),
+  (AMALGAMATE, "amalgamation.epochs", 0, "an integer >= 1"),
+  (AMALGAMATE, "component.learning_rate", 0.0, "a finite number > 0"),
+  (AMALGAMATE, "amalgamation.feature_weight", -1.0, "a finite number >= 0"),
+  (AMALGAMATE, "teacher_classes", "0+a/2+3", "not like '0+1/2+3'"),
+  (
+    AMALGAMATE,
+    "teacher_classes",
+    "0+1/1+2",
+    "teachers' class sets overlap on [1]: they must be disjoint",
+  ),
+  (AMALGAMATE, "teacher_classes", "0+1", "amalgamation needs at least 2 teachers, got 1"),
+  (AMALGAMATE, "teacher_classes", "0+1/-2+3", "teacher 1's classes [-2] are outside 0 and up"),
+  (AMALGAMATE, "teacher_blocks", "8-x", "not like '32-64-128' or '32-64/16-32-64'"),
+  (AMALGAMATE, "student_blocks", "8-0", "every block width must be >= 1"),
+  (AMALGAMATE, "source_blocks", "8/16-", "not like '32-64-128'"),
+  (AMALGAMATE, "block_pairs", "0-0", "not 'auto' or like '0:0+2:1'"),
+  (
+    AMALGAMATE,
+    "teacher_workdirs",
+    "only_one",
+    "amalgamation needs at least 2 teachers: use 'dir0:dir1'",
+  ),
+  (AMALGAMATE, "teacher_workdirs", "a:", "has an empty path: use 'dir0:dir1'"),
+  (
+    AMALGAMATE,
+    "sources_per_task",
+    1,
+    "0 (no dual stage) or >= 2 (source nets per task) are allowed",
+  ),
+  (AMALGAMATE, "card_shrinkage", 1.5, "a finite number in [0, 1]"),
+  (AMALGAMATE, "convs_per_block", 0, "an integer >= 1"),
+  (COMPONENT, "classes", [3], "a net needs at least 2 distinct classes"),
+  (COMPONENT, "classes", [1, 1, 2], "lists a class twice"),
+  (COMPONENT, "model.block_widths", [8, 0], "a list of integers >= 1"),
 ]
 
 
@@ -192,13 +228,20 @@ def _entry_point(name):
   return distill.train_and_evaluate
 
 
-@pytest.mark.parametrize("experiment, key, value, allowed", BAD_VALUES,
-                         ids=[f"{k}={v!r}" for _, k, v, _ in BAD_VALUES])
-def test_bad_value_is_refused_in_one_line_before_anything_is_written(tmp_path, capsys, experiment, key, value,
-                                                                     allowed):
+@pytest.mark.parametrize(
+  "experiment, key, value, allowed", BAD_VALUES, ids=[f"{k}={v!r}" for _, k, v, _ in BAD_VALUES]
+)
+def test_bad_value_is_refused_in_one_line_before_anything_is_written(
+  tmp_path, capsys, experiment, key, value, allowed
+):
   name, arg = experiment
-  config = helpers.experiment_config(name, arg, manual_dir=str(tmp_path / "no_data"), data_dir=str(tmp_path / "tfds"),
-                                     **({"teacher_workdir": "runs/teacher"} if name == "lenet_student" else {}))
+  config = helpers.experiment_config(
+    name,
+    arg,
+    manual_dir=str(tmp_path / "no_data"),
+    data_dir=str(tmp_path / "tfds"),
+    **({"teacher_workdir": "runs/teacher"} if name == "lenet_student" else {}),
+  )
   config = helpers.override(config, **{key: value})
   workdir = tmp_path / "run"
   # As kd_jax.main runs it: the library's UsageError becomes one stderr line and exit status 2.
@@ -212,14 +255,17 @@ def test_bad_value_is_refused_in_one_line_before_anything_is_written(tmp_path, c
   assert not workdir.exists() and not (tmp_path / "tfds").exists()
 
 
-@pytest.mark.parametrize("key, value, allowed", [
+@pytest.mark.parametrize(
+  "key, value, allowed",
+  [
     ("num_epochs", 2.5, "the number of training epochs must be an integer >= 1"),
     ("batch_size", True, "the global batch size must be an integer >= 1"),
     ("data.augment", "yes", "must be True or False"),
     ("optim.learning_rate", "1e-3", "the learning rate must be a finite number > 0"),
     ("model.block_widths", "8-16", "must be a list of integers >= 1"),
     ("teacher_blocks", 8, "the teachers' block widths must be a string"),
-])
+  ],
+)
 def test_wrong_types_are_refused(key, value, allowed):
   """Types that a locked ConfigDict would refuse, as a library user's plain dict holds them."""
   *path, leaf = key.split(".")
@@ -232,21 +278,32 @@ def test_wrong_types_are_refused(key, value, allowed):
 
 def test_a_distilled_student_needs_a_teacher():
   config = helpers.experiment("lenet_student").get_config("method=noisy_teacher")
-  with pytest.raises(UsageError, match=r"method='noisy_teacher' needs a trained teacher: set --config.teacher_workdir"):
+  with pytest.raises(
+    UsageError,
+    match=r"method='noisy_teacher' needs a trained teacher: set --config.teacher_workdir",
+  ):
     validate(config)
 
 
-@pytest.mark.parametrize("split", ["train", "train[:6000]", "train[10%:60%]", "train[-1000:]", "train[0%:50%]"])
+@pytest.mark.parametrize(
+  "split", ["train", "train[:6000]", "train[10%:60%]", "train[-1000:]", "train[0%:50%]"]
+)
 def test_train_slices_are_allowed(split):
   config_schema.check_train_split(split)
 
 
-@pytest.mark.parametrize("arg, message", [
+@pytest.mark.parametrize(
+  "arg, message",
+  [
     ("epochs=x", "config argument epochs='x' is not an integer"),
     ("width=wide", "config argument width='wide' is not a number"),
-    ("smoke=maybe", "config argument smoke='maybe' is not a boolean: use smoke=true or smoke=false"),
+    (
+      "smoke=maybe",
+      "config argument smoke='maybe' is not a boolean: use smoke=true or smoke=false",
+    ),
     ("depth=3", "unknown config argument 'depth'"),
-])
+  ],
+)
 def test_bad_config_arguments_are_named(arg, message):
   with pytest.raises(ValueError, match=message):
     helpers.experiment("nin_teacher").get_config(arg)

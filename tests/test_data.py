@@ -27,13 +27,23 @@ def label_fn(i):
   return (3 * i + 1) % 10
 
 
-def write_idx(directory, prefix, n, first, *, gz=True, image_magic=2051,
-              label_magic=2049, num_labels=None, rows=28):
+def write_idx(
+  directory,
+  prefix,
+  n,
+  first,
+  *,
+  gz=True,
+  image_magic=2051,
+  label_magic=2049,
+  num_labels=None,
+  rows=28,
+):
   """Writes <prefix>-images-idx3-ubyte and <prefix>-labels-idx1-ubyte."""
   num_labels = n if num_labels is None else num_labels
-  images = np.repeat(
-      (first + np.arange(n)).astype(np.uint8)[:, None, None], rows * 28
-  ).reshape(n, rows, 28)
+  images = np.repeat((first + np.arange(n)).astype(np.uint8)[:, None, None], rows * 28).reshape(
+    n, rows, 28
+  )
   labels = label_fn(np.arange(num_labels)).astype(np.uint8)
   image_bytes = np.array([image_magic, n, rows, 28], ">u4").tobytes()
   label_bytes = np.array([label_magic, num_labels], ">u4").tobytes()
@@ -91,16 +101,18 @@ def test_default_data_config_fields():
 
 
 def test_idx_builder_prepares_exact_counts_labels_and_order(mnist_cfg):
-  builder = data.get_builder("mnist", data_dir=mnist_cfg.data_dir,
-                             manual_dir=mnist_cfg.manual_dir)
+  builder = data.get_builder("mnist", data_dir=mnist_cfg.data_dir, manual_dir=mnist_cfg.manual_dir)
   assert builder.name == "idx_mnist"
   assert builder.is_prepared()
   info = data.get_info(mnist_cfg)
   assert info == data.DatasetInfo(
-      num_classes=10, image_shape=(28, 28, 1), num_train=NUM_TRAIN,
-      num_test=NUM_TEST, class_names=tuple(str(i) for i in range(10)))
-  for split, n, first in (("train", NUM_TRAIN, TRAIN_FIRST),
-                          ("test", NUM_TEST, TEST_FIRST)):
+    num_classes=10,
+    image_shape=(28, 28, 1),
+    num_train=NUM_TRAIN,
+    num_test=NUM_TEST,
+    class_names=tuple(str(i) for i in range(10)),
+  )
+  for split, n, first in (("train", NUM_TRAIN, TRAIN_FIRST), ("test", NUM_TEST, TEST_FIRST)):
     images, labels = data.load_arrays(mnist_cfg, split)
     assert images.shape == (n, 28, 28, 1) and images.dtype == np.float32
     assert labels.dtype == np.int32
@@ -111,20 +123,18 @@ def test_idx_builder_prepares_exact_counts_labels_and_order(mnist_cfg):
 
 
 def test_prepared_dataset_is_reused_without_manual_dir(mnist_cfg):
-  data.get_builder("mnist", data_dir=mnist_cfg.data_dir,
-                   manual_dir=mnist_cfg.manual_dir)
-  builder = data.get_builder("mnist", data_dir=mnist_cfg.data_dir,
-                             manual_dir=None)
+  data.get_builder("mnist", data_dir=mnist_cfg.data_dir, manual_dir=mnist_cfg.manual_dir)
+  builder = data.get_builder("mnist", data_dir=mnist_cfg.data_dir, manual_dir=None)
   assert builder.name == "idx_mnist"
 
 
 def test_mnist_and_fashion_mnist_do_not_collide(tmp_path):
   write_mnist_dir(tmp_path / "digits")
   write_mnist_dir(tmp_path / "fashion")
-  mnist = data.get_builder("mnist", data_dir=tmp_path / "data",
-                           manual_dir=tmp_path / "digits")
-  fashion = data.get_builder("fashion_mnist", data_dir=tmp_path / "data",
-                             manual_dir=tmp_path / "fashion")
+  mnist = data.get_builder("mnist", data_dir=tmp_path / "data", manual_dir=tmp_path / "digits")
+  fashion = data.get_builder(
+    "fashion_mnist", data_dir=tmp_path / "data", manual_dir=tmp_path / "fashion"
+  )
   assert (mnist.name, fashion.name) == ("idx_mnist", "idx_fashion_mnist")
   assert mnist.data_dir != fashion.data_dir
   assert fashion.info.features["label"].names[0] == "T-shirt/top"
@@ -136,14 +146,16 @@ def test_unknown_dataset_name_lists_choices(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(image_magic=2049), r"train-images-idx3-ubyte\.gz: bad magic number 2049"),
-        (dict(label_magic=2051), r"train-labels-idx1-ubyte\.gz: bad magic number 2051"),
-        (dict(num_labels=NUM_TRAIN - 1),
-         r"has 60 images but .*train-labels-idx1-ubyte\.gz has 59 labels"),
-        (dict(rows=27), r"images are 27x28, expected 28x28"),
-    ],
+  "kwargs, message",
+  [
+    (dict(image_magic=2049), r"train-images-idx3-ubyte\.gz: bad magic number 2049"),
+    (dict(label_magic=2051), r"train-labels-idx1-ubyte\.gz: bad magic number 2051"),
+    (
+      dict(num_labels=NUM_TRAIN - 1),
+      r"has 60 images but .*train-labels-idx1-ubyte\.gz has 59 labels",
+    ),
+    (dict(rows=27), r"images are 27x28, expected 28x28"),
+  ],
 )
 def test_idx_format_errors_name_file_and_problem(tmp_path, kwargs, message):
   manual = write_mnist_dir(tmp_path / "manual", **kwargs)
@@ -159,12 +171,16 @@ def test_idx_truncated_and_missing_files(tmp_path):
   write_mnist_dir(manual)
   path = manual / "t10k-images-idx3-ubyte"
   path.write_bytes(path.read_bytes()[:-5])
-  with pytest.raises(ValueError,
-                     match=r"t10k-images-idx3-ubyte: header says 20 images .*truncated"):
+  with pytest.raises(
+    ValueError, match=r"t10k-images-idx3-ubyte: header says 20 images .*truncated"
+  ):
     data.get_builder("mnist", data_dir=tmp_path / "data", manual_dir=manual)
   path.unlink()
-  with pytest.raises(ValueError, match=r"missing file: neither "
-                     r"t10k-images-idx3-ubyte\.gz nor t10k-images-idx3-ubyte"):
+  with pytest.raises(
+    ValueError,
+    match=r"missing file: neither "
+    r"t10k-images-idx3-ubyte\.gz nor t10k-images-idx3-ubyte",
+  ):
     data.get_builder("mnist", data_dir=tmp_path / "data", manual_dir=manual)
   # Fixing the files afterwards works: no stale state was left behind.
   write_mnist_dir(manual)
@@ -196,8 +212,7 @@ def test_no_data_anywhere_raises_data_not_found(tmp_path, monkeypatch, name, man
   if manual:
     (tmp_path / manual).mkdir()
   with pytest.raises(data.DataNotFoundError) as e:
-    data.get_builder(name, data_dir=tmp_path / "data",
-                     manual_dir=manual and tmp_path / manual)
+    data.get_builder(name, data_dir=tmp_path / "data", manual_dir=manual and tmp_path / manual)
   message = str(e.value)
   assert message.startswith(f"no {name} data: put ")
   assert "--config.data.manual_dir" in message
@@ -210,8 +225,7 @@ def test_no_data_anywhere_raises_data_not_found(tmp_path, monkeypatch, name, man
     assert attempts == [name]
     assert "(now: unset)" in message
     assert "Downloading it with TFDS failed: ConnectionError" in message
-  expected_file = ("cifar-10-python.tar.gz" if name == "cifar10"
-                   else "train-images-idx3-ubyte.gz")
+  expected_file = "cifar-10-python.tar.gz" if name == "cifar10" else "train-images-idx3-ubyte.gz"
   assert expected_file in message
   assert isinstance(e.value, ValueError)
 
@@ -220,14 +234,17 @@ def test_tfds_archive_in_manual_dir_goes_to_tfds(tmp_path, no_download):
   """cifar-10-binary.tar.gz (TFDS's own file) in manual_dir: TFDS's builder reads it."""
   (tmp_path / "manual").mkdir()
   (tmp_path / "manual" / "cifar-10-binary.tar.gz").write_bytes(b"")
-  with pytest.raises(data.DataNotFoundError, match="Preparing it with TFDS failed: ConnectionError"):
+  with pytest.raises(
+    data.DataNotFoundError, match="Preparing it with TFDS failed: ConnectionError"
+  ):
     data.get_builder("cifar10", data_dir=tmp_path / "data", manual_dir=tmp_path / "manual")
 
 
 def test_download_false_fails_at_once_and_says_why(tmp_path):
   with pytest.raises(data.DataNotFoundError, match=r"which does not exist.*Nothing was downloaded"):
-    data.get_builder("fashion_mnist", data_dir=tmp_path / "data",
-                     manual_dir=tmp_path / "nowhere", download=False)
+    data.get_builder(
+      "fashion_mnist", data_dir=tmp_path / "data", manual_dir=tmp_path / "nowhere", download=False
+    )
   cfg = config("mnist", tmp_path / "data")
   cfg.download = False
   with pytest.raises(data.DataNotFoundError, match=r"manual_dir \(now: unset\)"):
@@ -249,10 +266,10 @@ def cifar_batch(batch_index, rows=CIFAR_ROWS, row_bytes=3072):
   rows_data = np.repeat(planes, 1024, axis=1)
   rows_data[:, 1] = 50
   return {
-      b"data": rows_data[:, :row_bytes],
-      b"labels": [int(label_fn(i)) for i in ids],
-      b"batch_label": b"test",
-      b"filenames": [b"x.png"] * rows,
+    b"data": rows_data[:, :row_bytes],
+    b"labels": [int(label_fn(i)) for i in ids],
+    b"batch_label": b"test",
+    b"filenames": [b"x.png"] * rows,
   }
 
 
@@ -285,23 +302,23 @@ def test_cifar10_python_archive_loads(tmp_path):
   np.testing.assert_array_equal(pixels[:, 5, 5], np.stack([ids, 100 + ids, 200 + ids], 1))
   np.testing.assert_array_equal(pixels[:, 0, 1, 0], 50)  # Row-major planes.
   test_images, _ = data.load_arrays(cfg, "test")
-  np.testing.assert_array_equal(np.rint(test_images[:, 5, 5, 0] * 255),
-                                5 * CIFAR_ROWS + np.arange(CIFAR_ROWS))
+  np.testing.assert_array_equal(
+    np.rint(test_images[:, 5, 5, 0] * 255), 5 * CIFAR_ROWS + np.arange(CIFAR_ROWS)
+  )
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(row_bytes=3000), r"data_batch_1: rows have 3000 bytes, expected 3072"),
-        (dict(skip=("data_batch_3",)), r"missing data_batch_3"),
-    ],
+  "kwargs, message",
+  [
+    (dict(row_bytes=3000), r"data_batch_1: rows have 3000 bytes, expected 3072"),
+    (dict(skip=("data_batch_3",)), r"missing data_batch_3"),
+  ],
 )
 def test_cifar10_format_errors(tmp_path, kwargs, message):
   (tmp_path / "manual").mkdir()
   write_cifar_archive(tmp_path / "manual" / "cifar-10-python.tar.gz", **kwargs)
   with pytest.raises(ValueError, match=message):
-    data.get_builder("cifar10", data_dir=tmp_path / "data",
-                     manual_dir=tmp_path / "manual")
+    data.get_builder("cifar10", data_dir=tmp_path / "data", manual_dir=tmp_path / "manual")
 
 
 def test_cifar10_pickle_may_not_name_arbitrary_code(tmp_path):
@@ -331,32 +348,36 @@ def test_class_subset_keeps_and_remaps(mnist_cfg):
   assert (info.num_classes, info.class_names) == (2, ("4", "1"))
   assert info.num_train == len(expected_ids)
   # The training pipeline sees the same subset.
-  ds = data.make_dataset(mnist_cfg, "train", batch_size=4, train=True, seed=0,
-                         classes=classes)
+  ds = data.make_dataset(mnist_cfg, "train", batch_size=4, train=True, seed=0, classes=classes)
   seen = np.concatenate([b["label"] for b in batches(ds)])
   assert set(seen) == {0, 1} and len(seen) == len(expected_ids) // 4 * 4
 
 
 def test_class_subset_counts_are_read_once_per_dataset(mnist_cfg, monkeypatch):
   from kd_jax.data import sources  # pylint: disable=g-import-not-at-top
+
   reads = []
   read = sources.read_split
-  monkeypatch.setattr(sources, "read_split", lambda *args, **kwargs: reads.append(args[1:3]) or read(*args, **kwargs))
+  monkeypatch.setattr(
+    sources, "read_split", lambda *args, **kwargs: reads.append(args[1:3]) or read(*args, **kwargs)
+  )
   monkeypatch.setattr(sources, "_COUNTS", sources.ExampleCounts())
-  counts = [data.get_info(mnist_cfg, classes=[3, 5]).num_train,
-            data.num_batches(mnist_cfg, "train", batch_size=1, train=True, classes=[3, 5]),
-            data.get_info(mnist_cfg, classes=[3, 5]).num_train]
+  counts = [
+    data.get_info(mnist_cfg, classes=[3, 5]).num_train,
+    data.num_batches(mnist_cfg, "train", batch_size=1, train=True, classes=[3, 5]),
+    data.get_info(mnist_cfg, classes=[3, 5]).num_train,
+  ]
   assert counts == [sum(label_fn(i) in (3, 5) for i in range(NUM_TRAIN))] * 3
   assert sorted(reads) == [("test", (3, 5)), ("train", (3, 5))]  # one pass each, not one per call
 
 
-@pytest.mark.parametrize("classes, message", [
-    ([], "empty"), ([0, 10], "out of range"), ([2, 2], "duplicates"),
-    ([-1], "out of range")])
+@pytest.mark.parametrize(
+  "classes, message",
+  [([], "empty"), ([0, 10], "out of range"), ([2, 2], "duplicates"), ([-1], "out of range")],
+)
 def test_class_subset_validation(mnist_cfg, classes, message):
   with pytest.raises(ValueError, match=message):
-    data.make_dataset(mnist_cfg, "train", batch_size=4, train=True,
-                      classes=classes)
+    data.make_dataset(mnist_cfg, "train", batch_size=4, train=True, classes=classes)
 
 
 # ----------------------------------------------------------------------------
@@ -365,8 +386,9 @@ def test_class_subset_validation(mnist_cfg, classes, message):
 
 
 def epoch_order(cfg, *, seed, epoch, batch_size=20, **kwargs):
-  ds = data.make_dataset(cfg, "train", batch_size=batch_size, train=True,
-                         seed=seed, epoch=epoch, **kwargs)
+  ds = data.make_dataset(
+    cfg, "train", batch_size=batch_size, train=True, seed=seed, epoch=epoch, **kwargs
+  )
   return np.concatenate([example_ids(b["image"], TRAIN_FIRST) for b in batches(ds)])
 
 
@@ -389,19 +411,33 @@ def test_resuming_at_epoch_replays_the_same_batches(mnist_cfg):
   two = epoch_order(mnist_cfg, seed=3, epoch=0, num_epochs=2)
   np.testing.assert_array_equal(two[:NUM_TRAIN], epoch_order(mnist_cfg, seed=3, epoch=0))
   np.testing.assert_array_equal(two[NUM_TRAIN:], epoch_order(mnist_cfg, seed=3, epoch=1))
-  endless = data.make_dataset(mnist_cfg, "train", batch_size=20, train=True,
-                              seed=3, epoch=0, num_epochs=None)
+  endless = data.make_dataset(
+    mnist_cfg, "train", batch_size=20, train=True, seed=3, epoch=0, num_epochs=None
+  )
   first_six = [example_ids(b["image"], TRAIN_FIRST) for b in endless.take(6).as_numpy_iterator()]
   np.testing.assert_array_equal(np.concatenate(first_six[3:]), two[NUM_TRAIN:])
 
 
 def test_index_is_the_stored_position_in_every_epoch(mnist_cfg):
   """'index' keys per-example data computed once in stored order (cached teacher logits)."""
-  ds = data.make_dataset(mnist_cfg, "train", batch_size=20, train=True, seed=5,
-                         num_epochs=2, classes=(1, 4, 7), with_index=True)
-  stored = np.concatenate([
-      b["image"][b["mask"]] for b in batches(data.make_dataset(
-          mnist_cfg, "train", batch_size=20, train=False, classes=(1, 4, 7)))])
+  ds = data.make_dataset(
+    mnist_cfg,
+    "train",
+    batch_size=20,
+    train=True,
+    seed=5,
+    num_epochs=2,
+    classes=(1, 4, 7),
+    with_index=True,
+  )
+  stored = np.concatenate(
+    [
+      b["image"][b["mask"]]
+      for b in batches(
+        data.make_dataset(mnist_cfg, "train", batch_size=20, train=False, classes=(1, 4, 7))
+      )
+    ]
+  )
   seen = 0
   for b in batches(ds):
     np.testing.assert_array_equal(b["image"], stored[b["index"]])
@@ -412,8 +448,7 @@ def test_index_is_the_stored_position_in_every_epoch(mnist_cfg):
 
 
 def test_train_drops_remainder(mnist_cfg):
-  ds = data.make_dataset(mnist_cfg, "train", batch_size=16, train=True, seed=0,
-                         num_epochs=2)
+  ds = data.make_dataset(mnist_cfg, "train", batch_size=16, train=True, seed=0, num_epochs=2)
   out = batches(ds)
   assert len(out) == 2 * (NUM_TRAIN // 16)
   assert data.num_batches(mnist_cfg, "train", batch_size=16, train=True) == NUM_TRAIN // 16
@@ -444,19 +479,58 @@ def test_eval_covers_every_example_once_with_mask(mnist_cfg):
 def test_processes_take_their_rows_of_the_one_process_batches(mnist_cfg):
   """P processes' batches, side by side, are exactly one process's: the same global
   order (shuffle, augmentation, padding), each process its contiguous rows."""
+
   def run(split, train, process_index, process_count, **kwargs):
-    ds = data.make_dataset(mnist_cfg, split, batch_size=12, train=train, seed=3, num_epochs=2,
-                           process_index=process_index, process_count=process_count, with_index=True, **kwargs)
+    ds = data.make_dataset(
+      mnist_cfg,
+      split,
+      batch_size=12,
+      train=train,
+      seed=3,
+      num_epochs=2,
+      process_index=process_index,
+      process_count=process_count,
+      with_index=True,
+      **kwargs,
+    )
     return batches(ds)
 
   augmented = config("mnist", mnist_cfg.data_dir, augment=True)
-  for cfg, split, train in ((mnist_cfg, "test", False), (augmented, "train[:27]", True), (mnist_cfg, "train", True)):
-    whole = batches(data.make_dataset(cfg, split, batch_size=12, train=train, seed=3, num_epochs=2,
-                                      process_index=0, process_count=1, with_index=True))
+  for cfg, split, train in (
+    (mnist_cfg, "test", False),
+    (augmented, "train[:27]", True),
+    (mnist_cfg, "train", True),
+  ):
+    whole = batches(
+      data.make_dataset(
+        cfg,
+        split,
+        batch_size=12,
+        train=train,
+        seed=3,
+        num_epochs=2,
+        process_index=0,
+        process_count=1,
+        with_index=True,
+      )
+    )
     for count in (2, 3):
-      parts = [batches(data.make_dataset(cfg, split, batch_size=12, train=train, seed=3, num_epochs=2,
-                                         process_index=p, process_count=count, with_index=True))
-               for p in range(count)]
+      parts = [
+        batches(
+          data.make_dataset(
+            cfg,
+            split,
+            batch_size=12,
+            train=train,
+            seed=3,
+            num_epochs=2,
+            process_index=p,
+            process_count=count,
+            with_index=True,
+          )
+        )
+        for p in range(count)
+      ]
       assert all(len(part) == len(whole) for part in parts), (split, count)
       for b, one in enumerate(whole):
         for key, value in one.items():
@@ -506,16 +580,16 @@ def test_augmentation_is_seeded_and_keeps_shapes(mnist_cfg):
   cfg = config("mnist", mnist_cfg.data_dir, augment=True)
 
   def images(seed, epoch):
-    ds = data.make_dataset(cfg, "train", batch_size=20, train=True, seed=seed,
-                           epoch=epoch)
+    ds = data.make_dataset(cfg, "train", batch_size=20, train=True, seed=seed, epoch=epoch)
     return np.concatenate([b["image"] for b in batches(ds)])
 
   a = images(0, 0)
   assert a.shape == (NUM_TRAIN, 28, 28, 1)
   np.testing.assert_array_equal(a, images(0, 0))
   # Same order as without augmentation; centre pixels survive a 4-pixel shift.
-  np.testing.assert_array_equal(example_ids(a, TRAIN_FIRST),
-                                epoch_order(mnist_cfg, seed=0, epoch=0))
+  np.testing.assert_array_equal(
+    example_ids(a, TRAIN_FIRST), epoch_order(mnist_cfg, seed=0, epoch=0)
+  )
   # Pad-and-crop blacked out some borders (the generated images are uniform).
   assert (a == 0).any(axis=(1, 2, 3)).sum() > NUM_TRAIN // 2
   # Another epoch crops the same examples differently.

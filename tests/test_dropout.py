@@ -1,5 +1,6 @@
 """Per-example dropout and noise: the same run on 1, 2 and 4 devices."""
 
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,6 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import helpers
 from kd_jax.models import Dropout
 from kd_jax.models.dropout import example_keys
 
@@ -38,13 +38,17 @@ def test_example_keys_fold_in_positions_and_shard_map_keeps_the_masks():
   key = jax.random.key(5)
   keys = example_keys(key, 4, None)
   for i in range(4):
-    np.testing.assert_array_equal(jax.random.key_data(keys[i]),
-                                  jax.random.key_data(jax.random.fold_in(key, i)))
+    np.testing.assert_array_equal(
+      jax.random.key_data(keys[i]), jax.random.key_data(jax.random.fold_in(key, i))
+    )
   mesh = jax.make_mesh((1,), ("data",))
   x = jax.device_put(jnp.ones((4, 20)), NamedSharding(mesh, P("data")))
   layer = Dropout(0.5, deterministic=False, axis_name="data")
-  sharded = jax.jit(jax.shard_map(lambda x: _apply(layer, x, key), mesh=mesh, in_specs=P("data"),
-                                  out_specs=P("data")))
+  sharded = jax.jit(
+    jax.shard_map(
+      lambda x: _apply(layer, x, key), mesh=mesh, in_specs=P("data"), out_specs=P("data")
+    )
+  )
   np.testing.assert_array_equal(sharded(x), _apply(Dropout(0.5, deterministic=False), x, key))
 
 

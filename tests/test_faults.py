@@ -21,9 +21,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from kd_jax import checkpoint, data, reporting
+from kd_jax import checkpoint, data, errors, reporting
 from kd_jax.evaluate import evaluate_workdir
-from kd_jax import errors
 from kd_jax.train import distill, resume
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +30,13 @@ import fake_data  # noqa: E402  pylint: disable=g-import-not-at-top
 import helpers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = helpers.ROOT
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-           PYTHONPATH=ROOT)
+ENV = dict(
+  os.environ,
+  JAX_PLATFORMS="cpu",
+  TF_CPP_MIN_LOG_LEVEL="3",
+  JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+  PYTHONPATH=ROOT,
+)
 TIMEOUT = 300  # seconds, for any one subprocess
 EXPERIMENT = "experiments/lenet_student.py:dataset=fashion_mnist,smoke,method=ground_truth"
 
@@ -40,6 +44,7 @@ EXPERIMENT = "experiments/lenet_student.py:dataset=fashion_mnist,smoke,method=gr
 def strict_json_load(text: str):
   def refuse(token):
     raise ValueError(f"not JSON: {token}")
+
   return json.loads(text, parse_constant=refuse)
 
 
@@ -55,9 +60,17 @@ def error_lines(stderr: str, prefix: str = "error:") -> list[str]:
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
   base = tmp_path_factory.mktemp("faults")
-  dirs = {"base": str(base), "manual": fake_data.write_idx_dataset(str(base / "manual")), "tfds": str(base / "tfds")}
-  config = helpers.experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=ground_truth",
-                                     manual_dir=dirs["manual"], data_dir=dirs["tfds"])
+  dirs = {
+    "base": str(base),
+    "manual": fake_data.write_idx_dataset(str(base / "manual")),
+    "tfds": str(base / "tfds"),
+  }
+  config = helpers.experiment_config(
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=ground_truth",
+    manual_dir=dirs["manual"],
+    data_dir=dirs["tfds"],
+  )
   data.get_info(config.data)  # prepared once, before runs in parallel read it
   return dirs
 
@@ -65,22 +78,39 @@ def dirs(tmp_path_factory):
 # ------------------------------------------------------------- command-line scenarios
 
 # 3 epochs of 32 steps (batch 8), every step logged, a checkpoint every 5 steps.
-RUN_FLAGS = ["--config.batch_size=8", "--config.steps_per_epoch=0", "--config.num_epochs=3",
-             "--config.log_every_steps=1", "--config.checkpoint_every_steps=5", "--config.keep_checkpoints=3"]
+RUN_FLAGS = [
+  "--config.batch_size=8",
+  "--config.steps_per_epoch=0",
+  "--config.num_epochs=3",
+  "--config.log_every_steps=1",
+  "--config.checkpoint_every_steps=5",
+  "--config.keep_checkpoints=3",
+]
 TOTAL_STEPS = 96
 
 
 def command(dirs, workdir, *extra):
-  return [sys.executable, "-m", "kd_jax.main", f"--config={EXPERIMENT}", f"--workdir={workdir}",
-          f"--config.data.manual_dir={dirs['manual']}", f"--config.data.data_dir={dirs['tfds']}",
-          "--config.data.download=False", *RUN_FLAGS, *extra]
+  return [
+    sys.executable,
+    "-m",
+    "kd_jax.main",
+    f"--config={EXPERIMENT}",
+    f"--workdir={workdir}",
+    f"--config.data.manual_dir={dirs['manual']}",
+    f"--config.data.data_dir={dirs['tfds']}",
+    "--config.data.download=False",
+    *RUN_FLAGS,
+    *extra,
+  ]
 
 
 def logged_steps(workdir) -> int:
   """The last step with a train row in metrics.jsonl (0 before any)."""
   try:
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-      steps = [json.loads(line)["step"] for line in f if '"train/loss"' in line and line.endswith("\n")]
+      steps = [
+        json.loads(line)["step"] for line in f if '"train/loss"' in line and line.endswith("\n")
+      ]
   except FileNotFoundError:
     return 0
   return max(steps, default=0)
@@ -90,13 +120,18 @@ def saving(workdir, min_step) -> bool:
   """A save at or after `min_step` is being written or has just been committed."""
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   names = os.listdir(ckpt_dir) if os.path.isdir(ckpt_dir) else []
-  return any(("tmp" in n and int(n.split(".")[0]) >= min_step) or (n.isdigit() and int(n) >= min_step)
-             for n in names if n.split(".")[0].isdigit())
+  return any(
+    ("tmp" in n and int(n.split(".")[0]) >= min_step) or (n.isdigit() and int(n) >= min_step)
+    for n in names
+    if n.split(".")[0].isdigit()
+  )
 
 
 def run_interrupted(cmd, *, when, signals, gap=0.0) -> subprocess.CompletedProcess:
   """Starts `cmd`, waits until `when()` holds, sends `signals` (`gap` seconds apart)."""
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
   try:
     deadline = time.time() + TIMEOUT
     while not when() and proc.poll() is None:
@@ -129,18 +164,28 @@ def scenario(dirs, name):
     out["final"] = run_to_end(cmd)
     return out
   if name == "kill_mid_epoch":  # epoch 2, three steps after the save at step 40
-    out["first"] = run_interrupted(cmd, when=lambda: logged_steps(workdir) >= 43, signals=[signal.SIGKILL])
+    out["first"] = run_interrupted(
+      cmd, when=lambda: logged_steps(workdir) >= 43, signals=[signal.SIGKILL]
+    )
   elif name == "kill_at_save":  # while the save of step 55 is written or just committed
     out["first"] = run_interrupted(cmd, when=lambda: saving(workdir, 55), signals=[signal.SIGKILL])
   elif name == "sigterm":  # cluster preemption
-    out["first"] = run_interrupted(cmd, when=lambda: logged_steps(workdir) >= 22, signals=[signal.SIGTERM])
+    out["first"] = run_interrupted(
+      cmd, when=lambda: logged_steps(workdir) >= 22, signals=[signal.SIGTERM]
+    )
   elif name == "sigint":
-    out["first"] = run_interrupted(cmd, when=lambda: logged_steps(workdir) >= 70, signals=[signal.SIGINT])
+    out["first"] = run_interrupted(
+      cmd, when=lambda: logged_steps(workdir) >= 70, signals=[signal.SIGINT]
+    )
   elif name == "double_sigint":  # both during the first step's compilation
-    out["first"] = run_interrupted(cmd, when=lambda: os.path.exists(jsonl), signals=[signal.SIGINT] * 2, gap=0.2)
+    out["first"] = run_interrupted(
+      cmd, when=lambda: os.path.exists(jsonl), signals=[signal.SIGINT] * 2, gap=0.2
+    )
   elif name in ("diverge_stop", "diverge_skip"):
     mode = name.split("_")[1]
-    out["final"] = run_to_end(cmd + ["--config.optim.learning_rate=1e30", f"--config.on_nonfinite={mode}"])
+    out["final"] = run_to_end(
+      cmd + ["--config.optim.learning_rate=1e30", f"--config.on_nonfinite={mode}"]
+    )
     return out
   ckpt_dir = checkpoint.checkpoint_dir(workdir)
   out["checkpoints_after_first"] = sorted(os.listdir(ckpt_dir)) if os.path.isdir(ckpt_dir) else []
@@ -148,8 +193,16 @@ def scenario(dirs, name):
   return out
 
 
-SCENARIOS = ("uninterrupted", "kill_mid_epoch", "kill_at_save", "sigterm", "sigint", "double_sigint",
-             "diverge_stop", "diverge_skip")
+SCENARIOS = (
+  "uninterrupted",
+  "kill_mid_epoch",
+  "kill_at_save",
+  "sigterm",
+  "sigint",
+  "double_sigint",
+  "diverge_stop",
+  "diverge_skip",
+)
 
 
 @pytest.fixture(scope="module")
@@ -165,11 +218,16 @@ def reference(scenarios):
   assert run["final"].returncode == 0, run["final"].stderr[-3000:]
   results = strict_json_load(open(os.path.join(run["workdir"], "results.json")).read())
   assert results["steps"] == TOTAL_STEPS and len(results["history"]) == 3
-  return {"params": helpers.final_params(run["workdir"]), "results": results,
-          "metrics": read_jsonl(os.path.join(run["workdir"], "metrics.jsonl"))}
+  return {
+    "params": helpers.final_params(run["workdir"]),
+    "results": results,
+    "metrics": read_jsonl(os.path.join(run["workdir"], "metrics.jsonl")),
+  }
 
 
-@pytest.mark.parametrize("name", ["kill_mid_epoch", "kill_at_save", "sigterm", "sigint", "double_sigint"])
+@pytest.mark.parametrize(
+  "name", ["kill_mid_epoch", "kill_at_save", "sigterm", "sigint", "double_sigint"]
+)
 def test_interrupted_run_resumes_to_the_uninterrupted_result(scenarios, reference, name):
   run = scenarios[name]
   first, final = run["first"], run["final"]
@@ -186,8 +244,13 @@ def test_interrupted_run_resumes_to_the_uninterrupted_result(scenarios, referenc
     lines = error_lines(first.stderr, "interrupted:")
     assert len(lines) == 1, first.stderr[-3000:]
     step = int(lines[0].split(" after step ")[1].split()[0])
-    assert f"{signum.name} after step {step} of {TOTAL_STEPS}" in lines[0] and "run the same command" in lines[0]
-    assert 0 < step < TOTAL_STEPS and str(step) in run["checkpoints_after_first"]  # saved where it stopped
+    assert (
+      f"{signum.name} after step {step} of {TOTAL_STEPS}" in lines[0]
+      and "run the same command" in lines[0]
+    )
+    assert (
+      0 < step < TOTAL_STEPS and str(step) in run["checkpoints_after_first"]
+    )  # saved where it stopped
 
   assert final.returncode == 0, final.stderr[-3000:]
   results = strict_json_load(open(os.path.join(run["workdir"], "results.json")).read())
@@ -216,7 +279,9 @@ def test_divergence_stops_the_run_at_that_step(scenarios):
   assert "Traceback" not in proc.stderr
   lines = error_lines(proc.stderr)
   # Adam's first step moves every weight by about 1e30; the next forward overflows.
-  assert len(lines) == 1 and "non-finite loss, gradient" in lines[0] and "at step 2:" in lines[0], lines
+  assert len(lines) == 1 and "non-finite loss, gradient" in lines[0] and "at step 2:" in lines[0], (
+    lines
+  )
   assert not os.path.exists(os.path.join(run["workdir"], "results.json"))
   ckpts = checkpoint.Checkpoints(run["workdir"], read_only=True)
   try:
@@ -250,8 +315,14 @@ def test_divergence_skip_mode_finishes_and_counts(scenarios):
 
 def small_config(dirs, **overrides):
   return helpers.experiment_config(
-      "lenet_student", "dataset=fashion_mnist,smoke,method=ground_truth", manual_dir=dirs["manual"],
-      data_dir=dirs["tfds"], checkpoint_every_steps=4, keep_checkpoints=10, **overrides)
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=ground_truth",
+    manual_dir=dirs["manual"],
+    data_dir=dirs["tfds"],
+    checkpoint_every_steps=4,
+    keep_checkpoints=10,
+    **overrides,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -265,13 +336,22 @@ def finished(dirs):
     step12 = jax.device_get(ckpts.restore(12, {"state": None})["state"]["params"])
   finally:
     ckpts.close()
-  return {"workdir": workdir, "results": results, "params": helpers.final_params(workdir), "step12": step12}
+  return {
+    "workdir": workdir,
+    "results": results,
+    "params": helpers.final_params(workdir),
+    "step12": step12,
+  }
 
 
 def damage(step_dir: str, kind: str) -> None:
   if kind == "truncated_array":
-    files = [os.path.join(root, f) for root, _, names in os.walk(os.path.join(step_dir, "state"))
-             for f in names if os.sep + "d" + os.sep in os.path.join(root, f)]
+    files = [
+      os.path.join(root, f)
+      for root, _, names in os.walk(os.path.join(step_dir, "state"))
+      for f in names
+      if os.sep + "d" + os.sep in os.path.join(root, f)
+    ]
     assert files
     for path in files:
       with open(path, "r+b") as f:
@@ -286,8 +366,12 @@ def damage(step_dir: str, kind: str) -> None:
       f.write("{not json")
 
 
-KINDS = {"truncated_array": "its item state is unreadable", "missing_item": "its item state is missing",
-         "empty_step": "the step directory is empty", "garbage_meta": "its meta item is unreadable"}
+KINDS = {
+  "truncated_array": "its item state is unreadable",
+  "missing_item": "its item state is missing",
+  "empty_step": "the step directory is empty",
+  "garbage_meta": "its meta item is unreadable",
+}
 
 
 # Orbax's other parallel reads of a truncated file finish after the failed restore closed
@@ -306,7 +390,9 @@ def test_damaged_latest_checkpoint_falls_back(dirs, finished, kind, tmp_path, ca
   _, variables = checkpoint.load(workdir)  # the newest intact checkpoint: step 12
   helpers.assert_trees_equal(jax.device_get(variables["params"]), finished["step12"])
   assert checkpoint.read_meta(workdir)["history"] == finished["results"]["history"][:1]
-  warnings = [r.getMessage() for r in caplog.records if "damaged checkpoint at step 16" in r.getMessage()]
+  warnings = [
+    r.getMessage() for r in caplog.records if "damaged checkpoint at step 16" in r.getMessage()
+  ]
   assert warnings and KINDS[kind] in warnings[0], caplog.text
   assert evaluate_workdir(workdir)["test_examples"] == 64
 
@@ -315,7 +401,9 @@ def test_damaged_latest_checkpoint_falls_back(dirs, finished, kind, tmp_path, ca
   assert os.path.isdir(os.path.join(checkpoint.checkpoint_dir(workdir), "16.damaged"))
   assert results["history"] == finished["results"]["history"]
   helpers.assert_trees_equal(helpers.final_params(workdir), finished["params"])
-  steps = [m["step"] for m in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in m]
+  steps = [
+    m["step"] for m in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if "train/loss" in m
+  ]
   assert steps == [4, 8, 12, 16]
 
 
@@ -329,12 +417,22 @@ def test_no_intact_checkpoint_is_one_line(dirs, finished, tmp_path):
   before = helpers.tree_snapshot(workdir)
   with pytest.raises(checkpoint.CheckpointError, match="no intact checkpoint") as error:
     checkpoint.load(workdir)
-  assert "\n" not in str(error.value) and "step 16:" in str(error.value) and "step 1:" in str(error.value)
+  assert (
+    "\n" not in str(error.value)
+    and "step 16:" in str(error.value)
+    and "step 1:" in str(error.value)
+  )
   with pytest.raises(checkpoint.CheckpointError, match="no intact checkpoint"):
     distill.train_and_evaluate(small_config(dirs), workdir)
   assert helpers.tree_snapshot(workdir) == before  # nothing moved, nothing written
-  proc = subprocess.run([sys.executable, "-m", "kd_jax.evaluate", f"--workdir={workdir}"], cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=TIMEOUT)
+  proc = subprocess.run(
+    [sys.executable, "-m", "kd_jax.evaluate", f"--workdir={workdir}"],
+    cwd=ROOT,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+  )
   assert proc.returncode == 2 and "Traceback" not in proc.stderr
   lines = error_lines(proc.stderr)
   assert len(lines) == 1 and "no intact checkpoint" in lines[0], proc.stderr[-2000:]
@@ -344,8 +442,10 @@ def test_no_intact_checkpoint_is_one_line(dirs, finished, tmp_path):
 
 
 def test_resume_on_other_data_is_refused(dirs, finished, tmp_path):
-  other = {"manual": fake_data.write_idx_dataset(str(tmp_path / "manual"), num_train=320, seed=1),
-           "tfds": str(tmp_path / "tfds")}
+  other = {
+    "manual": fake_data.write_idx_dataset(str(tmp_path / "manual"), num_train=320, seed=1),
+    "tfds": str(tmp_path / "tfds"),
+  }
   workdir = finished["workdir"]
   before = helpers.tree_snapshot(workdir)
   with pytest.raises(errors.UsageError, match="trained on other data") as error:
@@ -355,8 +455,10 @@ def test_resume_on_other_data_is_refused(dirs, finished, tmp_path):
   assert helpers.tree_snapshot(workdir) == before
 
   # The same data moved elsewhere (data_dir and manual_dir may change on resume).
-  moved = {"manual": shutil.copytree(dirs["manual"], str(tmp_path / "moved_manual")),
-           "tfds": shutil.copytree(dirs["tfds"], str(tmp_path / "moved_tfds"))}
+  moved = {
+    "manual": shutil.copytree(dirs["manual"], str(tmp_path / "moved_manual")),
+    "tfds": shutil.copytree(dirs["tfds"], str(tmp_path / "moved_tfds")),
+  }
   again = distill.train_and_evaluate(small_config(moved), workdir)
   assert again["history"] == finished["results"]["history"]
 
@@ -387,9 +489,21 @@ def test_save_hands_a_deep_copy_of_meta_to_the_background_writer(tmp_path, monke
 
 def test_results_and_metrics_are_strict_json(tmp_path):
   path = str(tmp_path / "results.json")
-  reporting.write_json_atomic(path, {"a": float("nan"), "b": [np.float32("inf"), 1.5], "c": np.array([np.nan, 2.0]),
-                                     "d": np.int64(3)})
-  assert strict_json_load(open(path).read()) == {"a": None, "b": [None, 1.5], "c": [None, 2.0], "d": 3}
+  reporting.write_json_atomic(
+    path,
+    {
+      "a": float("nan"),
+      "b": [np.float32("inf"), 1.5],
+      "c": np.array([np.nan, 2.0]),
+      "d": np.int64(3),
+    },
+  )
+  assert strict_json_load(open(path).read()) == {
+    "a": None,
+    "b": [None, 1.5],
+    "c": [None, 2.0],
+    "d": 3,
+  }
   writer = reporting.JsonlWriter(str(tmp_path / "metrics.jsonl"))
   writer.write_scalars(3, {"loss": np.float32("nan"), "accuracy": 0.5})
   writer.close()
@@ -399,7 +513,9 @@ def test_results_and_metrics_are_strict_json(tmp_path):
 def test_truncate_jsonl_drops_later_steps_and_a_cut_line(tmp_path):
   path = str(tmp_path / "metrics.jsonl")
   with open(path, "w") as f:
-    f.write('{"step": 4, "x": 1}\n{"step": 8, "x": 2}\n{"step": 8, "y": 3}\n{"step": 12, "x": 4}\n{"step": 1')
+    f.write(
+      '{"step": 4, "x": 1}\n{"step": 8, "x": 2}\n{"step": 8, "y": 3}\n{"step": 12, "x": 4}\n{"step": 1'
+    )
   reporting.truncate_jsonl(path, max_step=8)
   assert read_jsonl(path) == [{"step": 4, "x": 1}, {"step": 8, "x": 2}, {"step": 8, "y": 3}]
   reporting.truncate_jsonl(path, max_step=0)
@@ -407,7 +523,13 @@ def test_truncate_jsonl_drops_later_steps_and_a_cut_line(tmp_path):
 
 
 def test_check_same_data_names_what_differs():
-  saved = {"builder": "idx_mnist", "version": "1.0.0", "train_examples": 10, "test_examples": 5, "train_stats": "a"}
+  saved = {
+    "builder": "idx_mnist",
+    "version": "1.0.0",
+    "train_examples": 10,
+    "test_examples": 5,
+    "train_stats": "a",
+  }
   resume.check_same_data("w", saved, dict(saved))
   resume.check_same_data("w", None, saved)  # a run from before the record: unchecked
   with pytest.raises(errors.UsageError, match=r"train_stats a → b\)"):

@@ -24,8 +24,11 @@ import helpers  # noqa: E402  pylint: disable=g-import-not-at-top
 def dirs(tmp_path_factory):
   base = tmp_path_factory.mktemp("hot_loop")
   # Random pixels over the whole 0..255 range (templates plus noise).
-  return {"base": str(base), "manual": fake_data.write_idx_dataset(str(base / "manual"), num_train=96, num_test=40),
-          "tfds": str(base / "tfds")}
+  return {
+    "base": str(base),
+    "manual": fake_data.write_idx_dataset(str(base / "manual"), num_train=96, num_test=40),
+    "tfds": str(base / "tfds"),
+  }
 
 
 def data_config(dirs, preprocess, augment=False):
@@ -83,7 +86,8 @@ def test_evaluation_on_uint8_equals_the_host_floats(dirs):
   cfg = data_config(dirs, "mean_image")
   model = models.LeNet(num_classes=10, width=0.125)
   variables = jax.jit(lambda k: model.init(k, np.zeros((1, 28, 28, 1), np.float32), train=False))(
-      jax.random.PRNGKey(0))
+    jax.random.PRNGKey(0)
+  )
   predictor = evaluation.Predictor(model, variables, mesh_lib.make_mesh())
   labels, logits = evaluation.predict(cfg, "test", {"m": predictor}, batch_size=16)
   images, want_labels = data.load_arrays(cfg, "test")
@@ -91,8 +95,12 @@ def test_evaluation_on_uint8_equals_the_host_floats(dirs):
   np.testing.assert_array_equal(labels, want_labels)
   # Batches of 16 on the device, of 8 here: XLA's CPU kernels may round the two shapes
   # differently (a few ulps, seen on AMD EPYC); a wrong order or preprocessing is far larger.
-  np.testing.assert_allclose(logits["m"], np.concatenate([predictor(images[i:i + 8]) for i in range(0, 40, 8)]),
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    logits["m"],
+    np.concatenate([predictor(images[i : i + 8]) for i in range(0, 40, 8)]),
+    rtol=1e-5,
+    atol=1e-6,
+  )
 
 
 def test_loop_sums_in_the_step_and_saves_on_its_interval(dirs, tmp_path, monkeypatch):
@@ -116,9 +124,16 @@ def test_loop_sums_in_the_step_and_saves_on_its_interval(dirs, tmp_path, monkeyp
 
   monkeypatch.setattr(checkpoint.Checkpoints, "save", record)
   config = helpers.experiment_config(
-      "lenet_student", "dataset=fashion_mnist,smoke,method=ground_truth", manual_dir=dirs["manual"],
-      data_dir=dirs["tfds"], num_epochs=2, steps_per_epoch=0, batch_size=16, log_every_steps=1,
-      checkpoint_every_steps=4)
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=ground_truth",
+    manual_dir=dirs["manual"],
+    data_dir=dirs["tfds"],
+    num_epochs=2,
+    steps_per_epoch=0,
+    batch_size=16,
+    log_every_steps=1,
+    checkpoint_every_steps=4,
+  )
   workdir = str(tmp_path / "run")
   monkeypatch.setattr(ocp.CheckpointManager, "should_save", record_check)
   results = distill.train_and_evaluate(config, workdir)

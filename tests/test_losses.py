@@ -37,21 +37,28 @@ LABELS = np.random.default_rng(7).integers(0, C, size=B)
 
 def test_cross_entropy_matches_numpy():
   z = _logits(0)
-  np.testing.assert_allclose(losses.cross_entropy(z, LABELS), _np_cross_entropy(z, LABELS), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.cross_entropy(z, LABELS), _np_cross_entropy(z, LABELS), rtol=1e-5
+  )
 
 
 def test_tempered_softmax_matches_numpy():
   z = _logits(1)
   for temp in (0.5, 1.0, 4.0):
     np.testing.assert_allclose(
-        losses.tempered_softmax(z, temperature=temp), np.exp(_np_log_softmax(z / temp)), rtol=1e-5, atol=1e-7
+      losses.tempered_softmax(z, temperature=temp),
+      np.exp(_np_log_softmax(z / temp)),
+      rtol=1e-5,
+      atol=1e-7,
     )
 
 
 @pytest.mark.parametrize("temp", [1.0, 3.0, 20.0])
 def test_distillation_kl_matches_numpy(temp):
   s, t = _logits(2), _logits(3)
-  np.testing.assert_allclose(losses.distillation_kl(s, t, temperature=temp), _np_kl(s, t, temp), rtol=1e-4)
+  np.testing.assert_allclose(
+    losses.distillation_kl(s, t, temperature=temp), _np_kl(s, t, temp), rtol=1e-4
+  )
 
 
 def test_hinton_kd_matches_numpy():
@@ -73,21 +80,27 @@ def test_sample_weights_weight_each_sample():
   w = np.random.default_rng(0).uniform(size=B).astype(np.float32)
   per_sample_lr = 0.5 * np.sum((s.astype(np.float64) - t) ** 2, axis=-1)
   np.testing.assert_allclose(
-      losses.logit_regression(s, t, sample_weights=w, reduction="sum_over_batch_size"),
-      np.mean(w * per_sample_lr), rtol=1e-5
+    losses.logit_regression(s, t, sample_weights=w, reduction="sum_over_batch_size"),
+    np.mean(w * per_sample_lr),
+    rtol=1e-5,
   )
   log_pt, log_ps = _np_log_softmax(t / 2.0), _np_log_softmax(s / 2.0)
   per_sample_kl = 4.0 * np.sum(np.exp(log_pt) * (log_pt - log_ps), axis=-1)
   np.testing.assert_allclose(
-      losses.distillation_kl(s, t, temperature=2.0, sample_weights=w, reduction="sum_over_batch_size"),
-      np.mean(w * per_sample_kl), rtol=1e-4
+    losses.distillation_kl(
+      s, t, temperature=2.0, sample_weights=w, reduction="sum_over_batch_size"
+    ),
+    np.mean(w * per_sample_kl),
+    rtol=1e-4,
   )
 
 
 def test_prediction_entropy_matches_numpy():
   z = _logits(10)
   log_p = _np_log_softmax(z)
-  np.testing.assert_allclose(losses.prediction_entropy(z), -np.sum(np.exp(log_p) * log_p, -1), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.prediction_entropy(z), -np.sum(np.exp(log_p) * log_p, -1), rtol=1e-5
+  )
 
 
 def test_block_alignment_loss_matches_numpy():
@@ -95,7 +108,9 @@ def test_block_alignment_loss_matches_numpy():
   s = [rng.normal(size=(4, 6, 6, 8)), rng.normal(size=(4, 3, 3, 16))]
   t = [rng.normal(size=(4, 6, 6, 8)), rng.normal(size=(4, 3, 3, 16))]
   expected = np.mean([np.mean((a - b) ** 2, axis=(1, 2, 3)) for a, b in zip(s, t)], axis=0)
-  got = losses.block_alignment_loss([x.astype(np.float32) for x in s], [x.astype(np.float32) for x in t])
+  got = losses.block_alignment_loss(
+    [x.astype(np.float32) for x in s], [x.astype(np.float32) for x in t]
+  )
   assert got.shape == (4,)
   np.testing.assert_allclose(got, expected, rtol=1e-5)
 
@@ -143,10 +158,10 @@ def test_high_temperature_gradient_approaches_logit_matching():
 def test_teacher_receives_no_gradient():
   s, t = _logits(18), _logits(19)
   for fn in (
-      lambda tt: losses.distillation_kl(s, tt, temperature=2.0),
-      lambda tt: losses.logit_regression(s, tt),
-      lambda tt: losses.hinton_kd(s, tt, LABELS, temperature=2.0, soft_weight=0.5),
-      lambda tt: jnp.sum(losses.noisy_logits(jax.random.key(0), tt, noise_ratio=0.5, noise_std=0.5)),
+    lambda tt: losses.distillation_kl(s, tt, temperature=2.0),
+    lambda tt: losses.logit_regression(s, tt),
+    lambda tt: losses.hinton_kd(s, tt, LABELS, temperature=2.0, soft_weight=0.5),
+    lambda tt: jnp.sum(losses.noisy_logits(jax.random.key(0), tt, noise_ratio=0.5, noise_std=0.5)),
   ):
     assert float(jnp.abs(jax.grad(fn)(t)).max()) == 0.0
 
@@ -154,10 +169,12 @@ def test_teacher_receives_no_gradient():
 def test_hinton_kd_weight_endpoints():
   s, t = _logits(20), _logits(21)
   np.testing.assert_allclose(
-      losses.hinton_kd(s, t, LABELS, temperature=3.0, soft_weight=0.0), _np_cross_entropy(s, LABELS), rtol=1e-5
+    losses.hinton_kd(s, t, LABELS, temperature=3.0, soft_weight=0.0),
+    _np_cross_entropy(s, LABELS),
+    rtol=1e-5,
   )
   np.testing.assert_allclose(
-      losses.hinton_kd(s, t, LABELS, temperature=3.0, soft_weight=1.0), _np_kl(s, t, 3.0), rtol=1e-4
+    losses.hinton_kd(s, t, LABELS, temperature=3.0, soft_weight=1.0), _np_kl(s, t, 3.0), rtol=1e-4
   )
 
 
@@ -223,25 +240,30 @@ def test_finite_for_huge_logits_and_bfloat16():
   t = _logits(28, scale=1e4)
   for z_s, z_t in ((s, t), (jnp.asarray(s, jnp.bfloat16), jnp.asarray(t, jnp.bfloat16))):
     values = [
-        losses.cross_entropy(z_s, LABELS),
-        losses.distillation_kl(z_s, z_t, temperature=1.0),
-        losses.hinton_kd(z_s, z_t, LABELS, temperature=2.0, soft_weight=0.7),
-        losses.logit_regression(z_s, z_t),
-        losses.prediction_entropy(z_s),
-        losses.tempered_softmax(z_s, temperature=1.0),
+      losses.cross_entropy(z_s, LABELS),
+      losses.distillation_kl(z_s, z_t, temperature=1.0),
+      losses.hinton_kd(z_s, z_t, LABELS, temperature=2.0, soft_weight=0.7),
+      losses.logit_regression(z_s, z_t),
+      losses.prediction_entropy(z_s),
+      losses.tempered_softmax(z_s, temperature=1.0),
     ]
     for v in values:
       assert v.dtype == jnp.float32
       assert np.all(np.isfinite(np.asarray(v)))
-    g = jax.grad(lambda x: losses.hinton_kd(x, z_t, LABELS, temperature=2.0, soft_weight=0.7))(z_s)
+    g = jax.grad(
+      lambda x, z_t=z_t: losses.hinton_kd(x, z_t, LABELS, temperature=2.0, soft_weight=0.7)
+    )(z_s)
     assert np.all(np.isfinite(np.asarray(g, np.float32)))
   # bfloat16 inputs are upcast before the reductions: same result as float32 inputs.
   s_small, t_small = _logits(29), _logits(30)
   bf = losses.distillation_kl(
-      jnp.asarray(s_small, jnp.bfloat16), jnp.asarray(t_small, jnp.bfloat16), temperature=2.0
+    jnp.asarray(s_small, jnp.bfloat16), jnp.asarray(t_small, jnp.bfloat16), temperature=2.0
   )
-  ref = _np_kl(np.asarray(jnp.asarray(s_small, jnp.bfloat16), np.float32),
-               np.asarray(jnp.asarray(t_small, jnp.bfloat16), np.float32), 2.0)
+  ref = _np_kl(
+    np.asarray(jnp.asarray(s_small, jnp.bfloat16), np.float32),
+    np.asarray(jnp.asarray(t_small, jnp.bfloat16), np.float32),
+    2.0,
+  )
   np.testing.assert_allclose(bf, ref, rtol=1e-4)
 
 
@@ -249,14 +271,16 @@ def test_jit_and_vmap():
   s, t = _logits(31), _logits(32)
   jitted = jax.jit(losses.hinton_kd, static_argnames=("temperature", "soft_weight"))
   np.testing.assert_allclose(
-      jitted(s, t, LABELS, temperature=2.0, soft_weight=0.5),
-      losses.hinton_kd(s, t, LABELS, temperature=2.0, soft_weight=0.5),
-      rtol=1e-6,
+    jitted(s, t, LABELS, temperature=2.0, soft_weight=0.5),
+    losses.hinton_kd(s, t, LABELS, temperature=2.0, soft_weight=0.5),
+    rtol=1e-6,
   )
   # vmap over a leading "teacher" axis of stacked logits.
   stacked = np.stack([t, s])
   per_teacher = jax.vmap(lambda z: losses.logit_regression(s, z))(stacked)
-  np.testing.assert_allclose(per_teacher, [losses.logit_regression(s, t), 0.0], rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(
+    per_teacher, [losses.logit_regression(s, t), 0.0], rtol=1e-6, atol=1e-7
+  )
   # Traced hyper-parameters are accepted (checked only when concrete).
   f = jax.jit(lambda temp: losses.distillation_kl(s, t, temperature=temp))
   np.testing.assert_allclose(f(2.0), _np_kl(s, t, 2.0), rtol=1e-4)
@@ -266,28 +290,34 @@ def test_jit_and_vmap():
 
 
 @pytest.mark.parametrize(
-    "call, message",
-    [
-        (lambda s, t: losses.tempered_softmax(s, temperature=0.0), "temperature"),
-        (lambda s, t: losses.distillation_kl(s, t, temperature=-1.0), "temperature"),
-        (lambda s, t: losses.hinton_kd(s, t, LABELS, temperature=0.0, soft_weight=0.5), "temperature"),
-        (lambda s, t: losses.hinton_kd(s, t, LABELS, temperature=2.0, soft_weight=1.5), "soft_weight"),
-        (lambda s, t: losses.noisy_logits(jax.random.key(0), t, noise_ratio=-0.1, noise_std=0.1), "noise_ratio"),
-        (lambda s, t: losses.noisy_logits(jax.random.key(0), t, noise_ratio=0.5, noise_std=-1.0), "noise_std"),
-        (lambda s, t: losses.distillation_kl(s, t[:, :5], temperature=1.0), "same shape"),
-        (lambda s, t: losses.logit_regression(s, t[:4]), "same shape"),
-        (lambda s, t: losses.logit_regression(s[0], t[0]), "student_logits"),
-        (lambda s, t: losses.logit_regression(s, t, sample_weights=np.ones(3)), "sample_weights"),
-        (lambda s, t: losses.cross_entropy(s, LABELS[:3]), "labels"),
-        (lambda s, t: losses.cross_entropy(s, LABELS.astype(np.float32)), "labels"),
-        (lambda s, t: losses.select_by_entropy([]), "logits_per_teacher"),
-        (lambda s, t: losses.select_by_entropy([s, t[:4]]), "batch size"),
-        (lambda s, t: losses.select_by_entropy([s, t[:, :1]], normalize=True), "2 classes"),
-        (lambda s, t: losses.block_alignment_loss([], []), "non-empty"),
-        (lambda s, t: losses.block_alignment_loss([s], [s, t]), "as many blocks"),
-        (lambda s, t: losses.block_alignment_loss([s], [t[:, :3]]), "same shape"),
-        (lambda s, t: losses.unit_norm_penalty(np.ones(3)), "kernel"),
-    ],
+  "call, message",
+  [
+    (lambda s, t: losses.tempered_softmax(s, temperature=0.0), "temperature"),
+    (lambda s, t: losses.distillation_kl(s, t, temperature=-1.0), "temperature"),
+    (lambda s, t: losses.hinton_kd(s, t, LABELS, temperature=0.0, soft_weight=0.5), "temperature"),
+    (lambda s, t: losses.hinton_kd(s, t, LABELS, temperature=2.0, soft_weight=1.5), "soft_weight"),
+    (
+      lambda s, t: losses.noisy_logits(jax.random.key(0), t, noise_ratio=-0.1, noise_std=0.1),
+      "noise_ratio",
+    ),
+    (
+      lambda s, t: losses.noisy_logits(jax.random.key(0), t, noise_ratio=0.5, noise_std=-1.0),
+      "noise_std",
+    ),
+    (lambda s, t: losses.distillation_kl(s, t[:, :5], temperature=1.0), "same shape"),
+    (lambda s, t: losses.logit_regression(s, t[:4]), "same shape"),
+    (lambda s, t: losses.logit_regression(s[0], t[0]), "student_logits"),
+    (lambda s, t: losses.logit_regression(s, t, sample_weights=np.ones(3)), "sample_weights"),
+    (lambda s, t: losses.cross_entropy(s, LABELS[:3]), "labels"),
+    (lambda s, t: losses.cross_entropy(s, LABELS.astype(np.float32)), "labels"),
+    (lambda s, t: losses.select_by_entropy([]), "logits_per_teacher"),
+    (lambda s, t: losses.select_by_entropy([s, t[:4]]), "batch size"),
+    (lambda s, t: losses.select_by_entropy([s, t[:, :1]], normalize=True), "2 classes"),
+    (lambda s, t: losses.block_alignment_loss([], []), "non-empty"),
+    (lambda s, t: losses.block_alignment_loss([s], [s, t]), "as many blocks"),
+    (lambda s, t: losses.block_alignment_loss([s], [t[:, :3]]), "same shape"),
+    (lambda s, t: losses.unit_norm_penalty(np.ones(3)), "kernel"),
+  ],
 )
 def test_invalid_arguments_raise_value_error(call, message):
   s, t = _logits(33), _logits(34)

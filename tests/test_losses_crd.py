@@ -77,8 +77,9 @@ def test_crd_draws_negatives_from_the_key_and_updates_only_positives():
 
 def test_crd_gradients_and_finiteness():
   memory = losses.crd_init(jax.random.key(5), num_samples=N, embedding_dim=D)
-  _, memory = losses.crd_loss(_unit(40, (B, D)), _unit(41, (B, D)), np.arange(B), memory,
-                              jax.random.key(6), num_negatives=K)
+  _, memory = losses.crd_loss(
+    _unit(40, (B, D)), _unit(41, (B, D)), np.arange(B), memory, jax.random.key(6), num_negatives=K
+  )
   s, t = _unit(42, (B, D)), _unit(43, (B, D))
   idx = np.arange(B) + 10
 
@@ -92,18 +93,20 @@ def test_crd_gradients_and_finiteness():
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
-    [
-        (dict(temperature=0.0), "temperature"),
-        (dict(momentum=1.5), "momentum"),
-        (dict(eps=-1.0), "eps"),
-        (dict(num_negatives=0), "num_negatives"),
-    ],
+  "kwargs, message",
+  [
+    (dict(temperature=0.0), "temperature"),
+    (dict(momentum=1.5), "momentum"),
+    (dict(eps=-1.0), "eps"),
+    (dict(num_negatives=0), "num_negatives"),
+  ],
 )
 def test_crd_invalid_arguments(kwargs, message):
   memory = losses.crd_init(jax.random.key(8), num_samples=N, embedding_dim=D)
   with pytest.raises(ValueError, match=message):
-    losses.crd_loss(_unit(0, (B, D)), _unit(1, (B, D)), np.arange(B), memory, jax.random.key(0), **kwargs)
+    losses.crd_loss(
+      _unit(0, (B, D)), _unit(1, (B, D)), np.arange(B), memory, jax.random.key(0), **kwargs
+    )
   with pytest.raises(ValueError, match="key"):
     losses.crd_loss(_unit(0, (B, D)), _unit(1, (B, D)), np.arange(B), memory)
   with pytest.raises(ValueError, match="indices"):
@@ -114,8 +117,8 @@ def test_crd_invalid_arguments(kwargs, message):
 
 
 @pytest.mark.parametrize(
-    "student_hw, teacher_hw",
-    [((8, 8), (4, 4)), ((4, 4), (8, 8)), ((7, 7), (5, 5)), ((6, 6), (6, 6))],
+  "student_hw, teacher_hw",
+  [((8, 8), (4, 4)), ((4, 4), (8, 8)), ((7, 7), (5, 5)), ((6, 6), (6, 6))],
 )
 def test_hint_regressor_resizes_to_the_teacher(student_hw, teacher_hw):
   x = np.random.default_rng(0).normal(size=(2, *student_hw, 3)).astype(np.float32)

@@ -68,12 +68,17 @@ MAP_S, MAP_T = (4, 5, 5, 3), (4, 5, 5, 6)
 def test_feature_losses_match_numpy():
   s, t = _x(0, MAP_S), _x(1, MAP_T)
   for mode in ("code", "paper"):
-    np.testing.assert_allclose(losses.attention_transfer(s, t, mode=mode), _ref_at(s, t, mode), rtol=1e-5)
-  np.testing.assert_allclose(losses.attention_transfer(s, t, p=3.0), _ref_at(s, t, p=3.0), rtol=1e-5)
+    np.testing.assert_allclose(
+      losses.attention_transfer(s, t, mode=mode), _ref_at(s, t, mode), rtol=1e-5
+    )
+  np.testing.assert_allclose(
+    losses.attention_transfer(s, t, p=3.0), _ref_at(s, t, p=3.0), rtol=1e-5
+  )
   np.testing.assert_allclose(losses.similarity_preserving(s, t), _ref_sp(s, t), rtol=1e-5)
   t_same = _x(2, MAP_S)
-  np.testing.assert_allclose(losses.fitnet(s, t_same), np.mean((s.astype(np.float64) - t_same) ** 2),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.fitnet(s, t_same), np.mean((s.astype(np.float64) - t_same) ** 2), rtol=1e-5
+  )
   # A sequence of pairs sums the pairs' terms.
   pairs = losses.attention_transfer([s, t_same], [t, s])
   np.testing.assert_allclose(pairs, _ref_at(s, t) + _ref_at(t_same, s), rtol=1e-5)
@@ -84,7 +89,9 @@ def test_relational_losses_match_numpy():
   np.testing.assert_allclose(losses.pkt(s, t), _ref_pkt(s, t), rtol=1e-4)
   np.testing.assert_allclose(losses.rkd(s, t), _ref_rkd(s, t), rtol=1e-4)
   np.testing.assert_allclose(losses.rkd(s, t, angle_weight=0.0), _ref_rkd(s, t, wa=0.0), rtol=1e-4)
-  np.testing.assert_allclose(losses.rkd(s, t, distance_weight=0.0), _ref_rkd(s, t, wd=0.0), rtol=1e-4)
+  np.testing.assert_allclose(
+    losses.rkd(s, t, distance_weight=0.0), _ref_rkd(s, t, wd=0.0), rtol=1e-4
+  )
 
 
 def test_vid_matches_numpy_and_broadcasts_per_channel_variance():
@@ -99,24 +106,29 @@ def test_vid_matches_numpy_and_broadcasts_per_channel_variance():
 def test_invariances():
   s, t = _x(8, MAP_S), _x(9, MAP_T)
   # Attention maps and similarity rows are normalised: scaling a feature map changes nothing.
-  np.testing.assert_allclose(losses.attention_transfer(3 * s, 0.5 * t), losses.attention_transfer(s, t),
-                             rtol=1e-4)
-  np.testing.assert_allclose(losses.similarity_preserving(3 * s, 0.5 * t),
-                             losses.similarity_preserving(s, t), rtol=1e-4)
+  np.testing.assert_allclose(
+    losses.attention_transfer(3 * s, 0.5 * t), losses.attention_transfer(s, t), rtol=1e-4
+  )
+  np.testing.assert_allclose(
+    losses.similarity_preserving(3 * s, 0.5 * t), losses.similarity_preserving(s, t), rtol=1e-4
+  )
   e_s, e_t = _x(10, (6, 8)), _x(11, (6, 5))
   # RKD's distances are normalised by their mean, and angles ignore scale and translation.
   np.testing.assert_allclose(losses.rkd(2 * e_s + 1, e_t - 3), losses.rkd(e_s, e_t), rtol=1e-3)
 
 
 FEATURE_LOSSES = {
-    "fitnet": (lambda s, t: losses.fitnet(s, t), MAP_S, MAP_S),
-    "attention_transfer": (lambda s, t: losses.attention_transfer(s, t), MAP_S, MAP_T),
-    "attention_transfer[paper]": (lambda s, t: losses.attention_transfer(s, t, mode="paper"), MAP_S,
-                                  MAP_T),
-    "similarity_preserving": (lambda s, t: losses.similarity_preserving(s, t), MAP_S, MAP_T),
-    "pkt": (lambda s, t: losses.pkt(s, t), (5, 6), (5, 7)),
-    "rkd": (lambda s, t: losses.rkd(s, t), (5, 6), (5, 7)),
-    "vid": (lambda s, t: losses.vid(s, jnp.full((3,), 2.0), t), MAP_S, MAP_S),
+  "fitnet": (lambda s, t: losses.fitnet(s, t), MAP_S, MAP_S),
+  "attention_transfer": (lambda s, t: losses.attention_transfer(s, t), MAP_S, MAP_T),
+  "attention_transfer[paper]": (
+    lambda s, t: losses.attention_transfer(s, t, mode="paper"),
+    MAP_S,
+    MAP_T,
+  ),
+  "similarity_preserving": (lambda s, t: losses.similarity_preserving(s, t), MAP_S, MAP_T),
+  "pkt": (lambda s, t: losses.pkt(s, t), (5, 6), (5, 7)),
+  "rkd": (lambda s, t: losses.rkd(s, t), (5, 6), (5, 7)),
+  "vid": (lambda s, t: losses.vid(s, jnp.full((3,), 2.0), t), MAP_S, MAP_S),
 }
 
 
@@ -136,7 +148,7 @@ def test_finite_for_large_and_bfloat16_inputs_jit_and_vmap(name):
   fn, s_shape, t_shape = FEATURE_LOSSES[name]
   for dtype in (jnp.float32, jnp.bfloat16):
     s, t = jnp.asarray(_x(14, s_shape, 1e3), dtype), jnp.asarray(_x(15, t_shape, 1e3), dtype)
-    value, grad = jax.value_and_grad(lambda x: fn(x, t))(s)
+    value, grad = jax.value_and_grad(lambda x, t=t: fn(x, t))(s)
     assert value.dtype == jnp.float32 and np.isfinite(float(value))
     assert np.all(np.isfinite(np.asarray(grad, np.float32)))
   s, t = _x(16, s_shape), _x(17, t_shape)
@@ -148,8 +160,13 @@ def test_finite_for_large_and_bfloat16_inputs_jit_and_vmap(name):
 def test_zero_when_student_equals_teacher():
   x = _x(18, MAP_S)
   e = _x(19, (5, 6))
-  for value in (losses.fitnet(x, x), losses.attention_transfer(x, x), losses.similarity_preserving(x, x),
-                losses.pkt(e, e), losses.rkd(e, e)):
+  for value in (
+    losses.fitnet(x, x),
+    losses.attention_transfer(x, x),
+    losses.similarity_preserving(x, x),
+    losses.pkt(e, e),
+    losses.rkd(e, e),
+  ):
     assert abs(float(value)) < 1e-6
   # Equal features with a zero-gradient point: a constant student map stays finite.
   g = jax.grad(lambda a: losses.attention_transfer(a, x, mode="paper"))(x)
@@ -157,18 +174,18 @@ def test_zero_when_student_equals_teacher():
 
 
 @pytest.mark.parametrize(
-    "call, message",
-    [
-        (lambda: losses.attention_transfer(_x(0, MAP_S), _x(1, (4, 4, 4, 3))), "spatial"),
-        (lambda: losses.attention_transfer(_x(0, MAP_S), _x(1, MAP_S), p=0.0), "p must"),
-        (lambda: losses.attention_transfer(_x(0, MAP_S), _x(1, MAP_S), mode="eq2"), "mode"),
-        (lambda: losses.fitnet(_x(0, MAP_S), _x(1, MAP_T)), "same shape"),
-        (lambda: losses.fitnet([_x(0, MAP_S)], _x(1, MAP_S)), "both"),
-        (lambda: losses.similarity_preserving(_x(0, (4, 3)), _x(1, (5, 3))), "batch"),
-        (lambda: losses.pkt(_x(0, (4, 3)), _x(1, (4, 3)), eps=-1.0), "eps"),
-        (lambda: losses.rkd(_x(0, (4, 3)), _x(1, (4, 3)), angle_weight=-1.0), "angle_weight"),
-        (lambda: losses.rkd(_x(0, (1, 3)), _x(1, (1, 3))), ">= 2"),
-    ],
+  "call, message",
+  [
+    (lambda: losses.attention_transfer(_x(0, MAP_S), _x(1, (4, 4, 4, 3))), "spatial"),
+    (lambda: losses.attention_transfer(_x(0, MAP_S), _x(1, MAP_S), p=0.0), "p must"),
+    (lambda: losses.attention_transfer(_x(0, MAP_S), _x(1, MAP_S), mode="eq2"), "mode"),
+    (lambda: losses.fitnet(_x(0, MAP_S), _x(1, MAP_T)), "same shape"),
+    (lambda: losses.fitnet([_x(0, MAP_S)], _x(1, MAP_S)), "both"),
+    (lambda: losses.similarity_preserving(_x(0, (4, 3)), _x(1, (5, 3))), "batch"),
+    (lambda: losses.pkt(_x(0, (4, 3)), _x(1, (4, 3)), eps=-1.0), "eps"),
+    (lambda: losses.rkd(_x(0, (4, 3)), _x(1, (4, 3)), angle_weight=-1.0), "angle_weight"),
+    (lambda: losses.rkd(_x(0, (1, 3)), _x(1, (1, 3))), ">= 2"),
+  ],
 )
 def test_invalid_arguments_raise_value_error(call, message):
   with pytest.raises(ValueError, match=message):

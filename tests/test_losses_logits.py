@@ -34,7 +34,10 @@ def _log_softmax(z, mask=None):
 
 def _ref_kl(s, t, temp, mask=None):
   """Per-row T² KL(softmax(t/T) ‖ softmax(s/T)), in long double."""
-  lp, lq = _log_softmax(np.asarray(t, LD) / temp, mask), _log_softmax(np.asarray(s, LD) / temp, mask)
+  lp, lq = (
+    _log_softmax(np.asarray(t, LD) / temp, mask),
+    _log_softmax(np.asarray(s, LD) / temp, mask),
+  )
   p = np.exp(lp) if mask is None else np.where(mask, np.exp(lp), 0)
   return LD(temp) ** 2 * np.sum(p * (lp - lq), axis=-1)
 
@@ -81,10 +84,12 @@ def _ref_dist(s, t, temp, beta=1.0, gamma=1.0, eps=1e-8):
 
 
 REDUCIBLE = {
-    "cross_entropy": lambda s, t, y, **kw: losses.cross_entropy(s, y, **kw),
-    "distillation_kl": lambda s, t, y, **kw: losses.distillation_kl(s, t, temperature=2.0, **kw),
-    "hinton_kd": lambda s, t, y, **kw: losses.hinton_kd(s, t, y, temperature=2.0, soft_weight=0.7, **kw),
-    "logit_regression": lambda s, t, y, **kw: losses.logit_regression(s, t, **kw),
+  "cross_entropy": lambda s, t, y, **kw: losses.cross_entropy(s, y, **kw),
+  "distillation_kl": lambda s, t, y, **kw: losses.distillation_kl(s, t, temperature=2.0, **kw),
+  "hinton_kd": lambda s, t, y, **kw: losses.hinton_kd(
+    s, t, y, temperature=2.0, soft_weight=0.7, **kw
+  ),
+  "logit_regression": lambda s, t, y, **kw: losses.logit_regression(s, t, **kw),
 }
 
 
@@ -99,14 +104,21 @@ def test_reductions_and_mask_semantics(name):
   mask = np.array([1, 0, 1, 1, 0, 0, 1, 0], np.float32)
   kept = mask.astype(bool)
   # A 0/1 mask gives the mean over the kept samples: the loss of the kept batch.
-  np.testing.assert_allclose(fn(s, t, y, sample_weights=mask), fn(s[kept], t[kept], y[kept]), rtol=1e-5)
   np.testing.assert_allclose(
-      fn(s, t, y, sample_weights=mask, reduction="sum_over_batch_size"),
-      per_sample[kept].sum() / B, rtol=1e-5)
-  np.testing.assert_allclose(fn(s, t, y, sample_weights=mask, reduction="none"), per_sample * mask,
-                             rtol=1e-5)
+    fn(s, t, y, sample_weights=mask), fn(s[kept], t[kept], y[kept]), rtol=1e-5
+  )
+  np.testing.assert_allclose(
+    fn(s, t, y, sample_weights=mask, reduction="sum_over_batch_size"),
+    per_sample[kept].sum() / B,
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    fn(s, t, y, sample_weights=mask, reduction="none"), per_sample * mask, rtol=1e-5
+  )
   w = np.random.default_rng(4).uniform(size=B).astype(np.float32)
-  np.testing.assert_allclose(fn(s, t, y, sample_weights=w), np.sum(w * per_sample) / np.sum(w), rtol=1e-5)
+  np.testing.assert_allclose(
+    fn(s, t, y, sample_weights=w), np.sum(w * per_sample) / np.sum(w), rtol=1e-5
+  )
   assert float(fn(s, t, y, sample_weights=np.zeros(B, np.float32))) == 0.0
   with pytest.raises(ValueError, match="reduction"):
     fn(s, t, y, reduction="average")
@@ -150,15 +162,20 @@ def _grid_inputs(scale, temp):
 def test_tempered_losses_exact_over_the_range(temp, scale):
   s, t, y = _grid_inputs(scale, temp)
   checks = {
-      "distillation_kl": (losses.distillation_kl(s, t, temperature=temp, reduction="none"),
-                          _ref_kl(s, t, temp)),
-      "hinton_kd": (losses.hinton_kd(s, t, y, temperature=temp, soft_weight=0.9),
-                    0.9 * np.mean(_ref_kl(s, t, temp))
-                    - 0.1 * np.mean(_log_softmax(s)[np.arange(B), y])),
-      "dkd": (losses.dkd(s, t, y, temperature=temp), _ref_dkd(s, t, y, temp)),
-      "logit_standardized_kd": (losses.logit_standardized_kd(s, t, temperature=temp),
-                                np.mean(_ref_kl(_ref_standardize(s), _ref_standardize(t), temp))),
-      "dist": (losses.dist(s, t, temperature=temp), _ref_dist(s, t, temp)),
+    "distillation_kl": (
+      losses.distillation_kl(s, t, temperature=temp, reduction="none"),
+      _ref_kl(s, t, temp),
+    ),
+    "hinton_kd": (
+      losses.hinton_kd(s, t, y, temperature=temp, soft_weight=0.9),
+      0.9 * np.mean(_ref_kl(s, t, temp)) - 0.1 * np.mean(_log_softmax(s)[np.arange(B), y]),
+    ),
+    "dkd": (losses.dkd(s, t, y, temperature=temp), _ref_dkd(s, t, y, temp)),
+    "logit_standardized_kd": (
+      losses.logit_standardized_kd(s, t, temperature=temp),
+      np.mean(_ref_kl(_ref_standardize(s), _ref_standardize(t), temp)),
+    ),
+    "dist": (losses.dist(s, t, temperature=temp), _ref_dist(s, t, temp)),
   }
   for name, (got, want) in checks.items():
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
@@ -187,13 +204,22 @@ def test_temperature_must_be_finite():
 def test_new_logit_methods_match_numpy_at_defaults():
   s, t, y = _logits(50), _logits(51), _labels(52)
   np.testing.assert_allclose(losses.dkd(s, t, y), _ref_dkd(s, t, y, 4.0), rtol=1e-5)
-  np.testing.assert_allclose(losses.dkd(s, t, y, alpha=0.5, beta=2.0, temperature=3.0),
-                             _ref_dkd(s, t, y, 3.0, 0.5, 2.0), rtol=1e-5)
-  np.testing.assert_allclose(losses.logit_standardized_kd(s, t),
-                             np.mean(_ref_kl(_ref_standardize(s), _ref_standardize(t), 2.0)), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.dkd(s, t, y, alpha=0.5, beta=2.0, temperature=3.0),
+    _ref_dkd(s, t, y, 3.0, 0.5, 2.0),
+    rtol=1e-5,
+  )
+  np.testing.assert_allclose(
+    losses.logit_standardized_kd(s, t),
+    np.mean(_ref_kl(_ref_standardize(s), _ref_standardize(t), 2.0)),
+    rtol=1e-5,
+  )
   np.testing.assert_allclose(losses.dist(s, t), _ref_dist(s, t, 1.0), rtol=1e-5)
-  np.testing.assert_allclose(losses.dist(s, t, beta=2.0, gamma=0.5, temperature=4.0),
-                             _ref_dist(s, t, 4.0, 2.0, 0.5), rtol=1e-5)
+  np.testing.assert_allclose(
+    losses.dist(s, t, beta=2.0, gamma=0.5, temperature=4.0),
+    _ref_dist(s, t, 4.0, 2.0, 0.5),
+    rtol=1e-5,
+  )
 
 
 def test_dkd_decomposes_the_kl():
@@ -223,13 +249,13 @@ def test_dist_invariant_to_logit_shift_and_zero_for_equal():
 
 
 LOGIT_METHODS = {
-    "distillation_kl": lambda s, t, y: losses.distillation_kl(s, t, temperature=3.0),
-    "hinton_kd": lambda s, t, y: losses.hinton_kd(s, t, y, temperature=3.0, soft_weight=0.9),
-    "dkd": lambda s, t, y: losses.dkd(s, t, y),
-    "logit_standardized_kd": lambda s, t, y: losses.logit_standardized_kd(s, t),
-    "dist": lambda s, t, y: losses.dist(s, t),
-    "cross_entropy": lambda s, t, y: losses.cross_entropy(s, y),
-    "logit_regression": lambda s, t, y: losses.logit_regression(s, t),
+  "distillation_kl": lambda s, t, y: losses.distillation_kl(s, t, temperature=3.0),
+  "hinton_kd": lambda s, t, y: losses.hinton_kd(s, t, y, temperature=3.0, soft_weight=0.9),
+  "dkd": lambda s, t, y: losses.dkd(s, t, y),
+  "logit_standardized_kd": lambda s, t, y: losses.logit_standardized_kd(s, t),
+  "dist": lambda s, t, y: losses.dist(s, t),
+  "cross_entropy": lambda s, t, y: losses.cross_entropy(s, y),
+  "logit_regression": lambda s, t, y: losses.logit_regression(s, t),
 }
 
 
@@ -249,7 +275,7 @@ def test_finite_for_huge_and_bfloat16_logits_jit_and_vmap(name):
   y = _labels(63)
   for dtype in (jnp.float32, jnp.bfloat16):
     s, t = jnp.asarray(_logits(64, scale=1e4), dtype), jnp.asarray(_logits(65, scale=1e4), dtype)
-    value, grad = jax.value_and_grad(lambda x: fn(x, t, y))(s)
+    value, grad = jax.value_and_grad(lambda x, t=t: fn(x, t, y))(s)
     assert value.dtype == jnp.float32 and np.isfinite(float(value))
     assert np.all(np.isfinite(np.asarray(grad, np.float32)))
   s, t = _logits(66), _logits(67)
@@ -265,23 +291,27 @@ def test_zero_when_student_equals_teacher():
 
 
 @pytest.mark.parametrize(
-    "call, message",
-    [
-        (lambda s, t, y: losses.dkd(s, t, y, alpha=-1.0), "alpha"),
-        (lambda s, t, y: losses.dkd(s, t, y, beta=-1.0), "beta"),
-        (lambda s, t, y: losses.dkd(s, t, y, temperature=0.0), "temperature"),
-        (lambda s, t, y: losses.dkd(s, t, y[:3]), "labels"),
-        (lambda s, t, y: losses.dkd(s[:, :1], t[:, :1], y), "2 classes"),
-        (lambda s, t, y: losses.logit_standardized_kd(s, t, temperature=-2.0), "temperature"),
-        (lambda s, t, y: losses.logit_standardized_kd(s, t, eps=-1.0), "eps"),
-        (lambda s, t, y: losses.logit_standardized_kd(s, t[:, :4]), "same shape"),
-        (lambda s, t, y: losses.dist(s, t, beta=-1.0), "beta"),
-        (lambda s, t, y: losses.dist(s, t, gamma=-1.0), "gamma"),
-        (lambda s, t, y: losses.dist(s, t, temperature=float("inf")), "temperature"),
-        (lambda s, t, y: losses.cross_entropy(s, y, sample_weights=np.ones(3)), "sample_weights"),
-        (lambda s, t, y: losses.union_targets([s], np.ones((B, 1)), [range(C)], num_classes=C,
-                                              temperature=0.0), "temperature"),
-    ],
+  "call, message",
+  [
+    (lambda s, t, y: losses.dkd(s, t, y, alpha=-1.0), "alpha"),
+    (lambda s, t, y: losses.dkd(s, t, y, beta=-1.0), "beta"),
+    (lambda s, t, y: losses.dkd(s, t, y, temperature=0.0), "temperature"),
+    (lambda s, t, y: losses.dkd(s, t, y[:3]), "labels"),
+    (lambda s, t, y: losses.dkd(s[:, :1], t[:, :1], y), "2 classes"),
+    (lambda s, t, y: losses.logit_standardized_kd(s, t, temperature=-2.0), "temperature"),
+    (lambda s, t, y: losses.logit_standardized_kd(s, t, eps=-1.0), "eps"),
+    (lambda s, t, y: losses.logit_standardized_kd(s, t[:, :4]), "same shape"),
+    (lambda s, t, y: losses.dist(s, t, beta=-1.0), "beta"),
+    (lambda s, t, y: losses.dist(s, t, gamma=-1.0), "gamma"),
+    (lambda s, t, y: losses.dist(s, t, temperature=float("inf")), "temperature"),
+    (lambda s, t, y: losses.cross_entropy(s, y, sample_weights=np.ones(3)), "sample_weights"),
+    (
+      lambda s, t, y: losses.union_targets(
+        [s], np.ones((B, 1)), [range(C)], num_classes=C, temperature=0.0
+      ),
+      "temperature",
+    ),
+  ],
 )
 def test_invalid_hyper_parameters_raise_at_trace_time(call, message):
   s, t, y = _logits(70), _logits(71), _labels(72)

@@ -42,8 +42,14 @@ AMALGAMATE = "experiments/amalgamate.py:dataset=fashion_mnist,smoke"  # one data
 
 
 def env(devices: int) -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAX_DISABLE_MOST_OPTIMIZATIONS="1",
-              PYTHONPATH=ROOT, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return dict(
+    os.environ,
+    JAX_PLATFORMS="cpu",
+    TF_CPP_MIN_LOG_LEVEL="3",
+    JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+    PYTHONPATH=ROOT,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  )
 
 
 _PORTS = set()
@@ -69,12 +75,20 @@ class Job:
     joined = []
     if processes > 1:
       address = f"127.0.0.1:{free_port()}"
-      joined = [[f"--coordinator_address={address}", f"--num_processes={processes}", f"--process_id={i}"]
-                for i in range(processes)]
+      joined = [
+        [f"--coordinator_address={address}", f"--num_processes={processes}", f"--process_id={i}"]
+        for i in range(processes)
+      ]
     self.procs = [
-        subprocess.Popen([sys.executable, "-m", module, *args, *flags], cwd=ROOT, env=env(devices),
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for flags in joined or [[]]
+      subprocess.Popen(
+        [sys.executable, "-m", module, *args, *flags],
+        cwd=ROOT,
+        env=env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+      )
+      for flags in joined or [[]]
     ]
     self.outputs = None
 
@@ -85,8 +99,10 @@ class Job:
       outputs = [p.communicate(timeout=max(1, deadline - time.time())) for p in self.procs]
     finally:
       self.kill()
-    self.outputs = [subprocess.CompletedProcess(p.args, p.returncode, out, err)
-                    for p, (out, err) in zip(self.procs, outputs)]
+    self.outputs = [
+      subprocess.CompletedProcess(p.args, p.returncode, out, err)
+      for p, (out, err) in zip(self.procs, outputs)
+    ]
     return self.outputs
 
   def kill(self) -> None:
@@ -97,13 +113,21 @@ class Job:
   def check(self) -> list[subprocess.CompletedProcess]:
     outputs = self.wait()
     assert all(out.returncode == 0 for out in outputs), "\n".join(
-        f"process {i} (exit {out.returncode}) of {out.args}:\n{out.stderr[-6000:]}" for i, out in enumerate(outputs))
+      f"process {i} (exit {out.returncode}) of {out.args}:\n{out.stderr[-6000:]}"
+      for i, out in enumerate(outputs)
+    )
     return outputs
 
 
 def main_args(dirs, workdir, experiment, *extra):
-  return [f"--config={experiment}", f"--workdir={workdir}", f"--config.data.manual_dir={dirs['manual']}",
-          f"--config.data.data_dir={dirs['tfds']}", "--config.data.download=False", *extra]
+  return [
+    f"--config={experiment}",
+    f"--workdir={workdir}",
+    f"--config.data.manual_dir={dirs['manual']}",
+    f"--config.data.data_dir={dirs['tfds']}",
+    "--config.data.download=False",
+    *extra,
+  ]
 
 
 def read_json(path):
@@ -139,7 +163,9 @@ def killed_mid_run(dirs, workdir, copy, experiment, *extra) -> dict:
   try:
     deadline = time.time() + TIMEOUT
     while not any(s >= 4 for s in committed_steps(workdir)):
-      assert time.time() < deadline and all(p.poll() is None for p in job.procs), "no mid-run checkpoint"
+      assert time.time() < deadline and all(p.poll() is None for p in job.procs), (
+        "no mid-run checkpoint"
+      )
       time.sleep(0.2)
     job.procs[1].send_signal(signal.SIGKILL)
     try:
@@ -150,21 +176,37 @@ def killed_mid_run(dirs, workdir, copy, experiment, *extra) -> dict:
     job.kill()
   for p in job.procs:
     p.communicate()
-  killed = {"steps": committed_steps(workdir), "returncodes": [p.returncode for p in job.procs],
-            "results": os.path.exists(os.path.join(workdir, "results.json"))}
+  killed = {
+    "steps": committed_steps(workdir),
+    "returncodes": [p.returncode for p in job.procs],
+    "results": os.path.exists(os.path.join(workdir, "results.json")),
+  }
   shutil.copytree(workdir, copy, symlinks=True)
-  reruns = {"killed_2p": Job("kd_jax.main", main_args(dirs, workdir, experiment, *extra)),
-            "killed_to_1p": Job("kd_jax.main", main_args(dirs, copy, experiment, *extra), processes=1, devices=2)}
-  return {name: dict(killed, rerun=outputs) for name, outputs in zip(reruns, run_all(reruns).values())}
+  reruns = {
+    "killed_2p": Job("kd_jax.main", main_args(dirs, workdir, experiment, *extra)),
+    "killed_to_1p": Job(
+      "kd_jax.main", main_args(dirs, copy, experiment, *extra), processes=1, devices=2
+    ),
+  }
+  return {
+    name: dict(killed, rerun=outputs) for name, outputs in zip(reruns, run_all(reruns).values())
+  }
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   """Every run, in two parallel waves; {name: workdir, name_out: its processes' outputs}."""
   base = tmp_path_factory.mktemp("multiprocess")
-  dirs = {"manual": fake_data.write_idx_dataset(str(base / "manual"), num_train=512), "tfds": str(base / "tfds")}
-  config = helpers.experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=ground_truth",
-                                     manual_dir=dirs["manual"], data_dir=dirs["tfds"])
+  dirs = {
+    "manual": fake_data.write_idx_dataset(str(base / "manual"), num_train=512),
+    "tfds": str(base / "tfds"),
+  }
+  config = helpers.experiment_config(
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=ground_truth",
+    manual_dir=dirs["manual"],
+    data_dir=dirs["tfds"],
+  )
   data.get_info(config.data)  # prepared once, before runs in parallel read it
   out = {"dirs": dirs}
   gt = STUDENT.format(method="ground_truth")
@@ -175,33 +217,47 @@ def runs(tmp_path_factory):
 
   # Wave 1: ground truth and amalgamation, each in 2 processes and in 1 process of 2 devices.
   jobs = {
-      "gt_2p": Job("kd_jax.main", main_args(dirs, workdir("gt_2p"), gt)),
-      "gt_1p": Job("kd_jax.main", main_args(dirs, workdir("gt_1p"), gt), processes=1, devices=2),
-      "amalgamate_2p": Job("kd_jax.main", main_args(dirs, workdir("amalgamate_2p"), AMALGAMATE)),
-      "amalgamate_1p": Job("kd_jax.main", main_args(dirs, workdir("amalgamate_1p"), AMALGAMATE),
-                           processes=1, devices=2),
-      # Half the flags of a multi-process run: one line, exit 2, nothing started.
-      "bad_flags": Job("kd_jax.main", main_args(dirs, workdir("bad_flags"), gt, "--num_processes=2"), processes=1),
+    "gt_2p": Job("kd_jax.main", main_args(dirs, workdir("gt_2p"), gt)),
+    "gt_1p": Job("kd_jax.main", main_args(dirs, workdir("gt_1p"), gt), processes=1, devices=2),
+    "amalgamate_2p": Job("kd_jax.main", main_args(dirs, workdir("amalgamate_2p"), AMALGAMATE)),
+    "amalgamate_1p": Job(
+      "kd_jax.main", main_args(dirs, workdir("amalgamate_1p"), AMALGAMATE), processes=1, devices=2
+    ),
+    # Half the flags of a multi-process run: one line, exit 2, nothing started.
+    "bad_flags": Job(
+      "kd_jax.main", main_args(dirs, workdir("bad_flags"), gt, "--num_processes=2"), processes=1
+    ),
   }
   bad = jobs.pop("bad_flags")
   out.update(run_all(jobs))
   out["bad_flags_out"] = bad.wait()[0]
 
   # Wave 2: the ground-truth run is the distillation's teacher.
-  kd = [STUDENT.format(method="hinton_kd"), f"--config.teacher_workdir={out['gt_2p']}",
-        "--config.distill.cache_teacher_logits=True"]
+  kd = [
+    STUDENT.format(method="hinton_kd"),
+    f"--config.teacher_workdir={out['gt_2p']}",
+    "--config.distill.cache_teacher_logits=True",
+  ]
   jobs = {
-      "kd_2p": Job("kd_jax.main", main_args(dirs, workdir("kd_2p"), *kd)),
-      "kd_1p": Job("kd_jax.main", main_args(dirs, workdir("kd_1p"), *kd), processes=1, devices=2),
-      "evaluate_2p": Job("kd_jax.evaluate", [f"--workdir={out['gt_2p']}", f"--data_dir={dirs['tfds']}",
-                                             f"--manual_dir={dirs['manual']}"]),
+    "kd_2p": Job("kd_jax.main", main_args(dirs, workdir("kd_2p"), *kd)),
+    "kd_1p": Job("kd_jax.main", main_args(dirs, workdir("kd_1p"), *kd), processes=1, devices=2),
+    "evaluate_2p": Job(
+      "kd_jax.evaluate",
+      [f"--workdir={out['gt_2p']}", f"--data_dir={dirs['tfds']}", f"--manual_dir={dirs['manual']}"],
+    ),
   }
   # The ground-truth run resumed on 1 device instead of 2: refused before anything is written.
   before = helpers.tree_contents(out["gt_1p"])
   refused = Job("kd_jax.main", main_args(dirs, out["gt_1p"], gt), processes=1, devices=1)
   with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    killed = pool.submit(killed_mid_run, dirs, workdir("killed_2p"), workdir("killed_to_1p"), gt,
-                         "--config.checkpoint_every_steps=2")
+    killed = pool.submit(
+      killed_mid_run,
+      dirs,
+      workdir("killed_2p"),
+      workdir("killed_to_1p"),
+      gt,
+      "--config.checkpoint_every_steps=2",
+    )
     out.update(run_all(jobs))
     for name, result in killed.result().items():
       out[name + "_killed"] = result
@@ -211,8 +267,13 @@ def runs(tmp_path_factory):
 
 
 def test_ground_truth_two_processes_equal_one_process_of_two_devices(runs):
-  helpers.assert_trees_equal(helpers.final_params(runs["gt_2p"]), helpers.final_params(runs["gt_1p"]))
-  two, one = read_json(os.path.join(runs["gt_2p"], "results.json")), read_json(os.path.join(runs["gt_1p"], "results.json"))
+  helpers.assert_trees_equal(
+    helpers.final_params(runs["gt_2p"]), helpers.final_params(runs["gt_1p"])
+  )
+  two, one = (
+    read_json(os.path.join(runs["gt_2p"], "results.json")),
+    read_json(os.path.join(runs["gt_1p"], "results.json")),
+  )
   assert two["history"] == one["history"] and two["test_accuracy"] == one["test_accuracy"]
   assert two["test_examples"] == 64  # the whole test split, not one process's share
 
@@ -232,15 +293,23 @@ def test_only_process_zero_writes(runs):
 def test_a_two_process_evaluate_gives_the_runs_results(runs):
   results = read_json(os.path.join(runs["gt_2p"], "results.json"))
   p0, p1 = runs["evaluate_2p_out"]
-  printed = json.loads(p0.stdout[p0.stdout.index("{"):])  # the metrics JSON, after what gloo prints on connecting
+  printed = json.loads(
+    p0.stdout[p0.stdout.index("{") :]
+  )  # the metrics JSON, after what gloo prints on connecting
   assert "{" not in p1.stdout  # process 0 prints; process 1 does not
-  assert printed["test_accuracy"] == results["test_accuracy"] and printed["test_examples"] == results["test_examples"]
+  assert (
+    printed["test_accuracy"] == results["test_accuracy"]
+    and printed["test_examples"] == results["test_examples"]
+  )
 
 
 def test_hinton_kd_two_processes_equal_one_process(runs):
   two, one = runs["kd_2p"], runs["kd_1p"]
   helpers.assert_trees_equal(helpers.final_params(two), helpers.final_params(one))
-  r2, r1 = read_json(os.path.join(two, "results.json")), read_json(os.path.join(one, "results.json"))
+  r2, r1 = (
+    read_json(os.path.join(two, "results.json")),
+    read_json(os.path.join(one, "results.json")),
+  )
   assert r2["history"] == r1["history"] and r2["teacher_agreement"] == r1["teacher_agreement"]
 
 
@@ -260,7 +329,10 @@ def test_killed_process_then_rerun_resumes_to_the_same_parameters(runs, name):
 def test_amalgamation_two_processes_equal_one_process(runs):
   two, one = runs["amalgamate_2p"], runs["amalgamate_1p"]
   helpers.assert_trees_equal(helpers.final_params(two), helpers.final_params(one))
-  r2, r1 = read_json(os.path.join(two, "results.json")), read_json(os.path.join(one, "results.json"))
+  r2, r1 = (
+    read_json(os.path.join(two, "results.json")),
+    read_json(os.path.join(one, "results.json")),
+  )
   assert r2["history"] == r1["history"] and "routing_accuracy" in r2
   for t in range(2):
     teachers = [os.path.join(w, "teachers", f"teacher_{t}") for w in (two, one)]
@@ -273,33 +345,47 @@ def test_bad_flags_and_another_device_count_are_refused_in_one_line(runs):
     assert out.returncode == 2, out.stderr[-2000:]
     errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
-  assert "--coordinator_address" in runs["bad_flags_out"].stderr and not os.path.exists(runs["bad_flags"])
+  assert "--coordinator_address" in runs["bad_flags_out"].stderr and not os.path.exists(
+    runs["bad_flags"]
+  )
   assert "2 devices" in runs["refused_out"].stderr and runs["gt_1p_unchanged"]
 
 
-@pytest.mark.parametrize("flags, environ, expected", [
+@pytest.mark.parametrize(
+  "flags, environ, expected",
+  [
     ((None, None, None), {}, None),  # today's single process
     ((None, 1, None), {}, None),
     (("h:1", 2, 1), {}, {"coordinator_address": "h:1", "num_processes": 2, "process_id": 1}),
-    ((None, 2, 0), {"JAX_COORDINATOR_ADDRESS": "h:7"}, {"coordinator_address": "h:7", "num_processes": 2,
-                                                         "process_id": 0}),
-    ((None, None, None), {"SLURM_NTASKS": "4", "SLURM_STEP_NODELIST": "n[1-2]"}, {}),  # srun: JAX detects all
+    (
+      (None, 2, 0),
+      {"JAX_COORDINATOR_ADDRESS": "h:7"},
+      {"coordinator_address": "h:7", "num_processes": 2, "process_id": 0},
+    ),
+    (
+      (None, None, None),
+      {"SLURM_NTASKS": "4", "SLURM_STEP_NODELIST": "n[1-2]"},
+      {},
+    ),  # srun: JAX detects all
     ((None, None, None), {"SLURM_NTASKS": "1", "SLURM_STEP_NODELIST": "n1"}, None),
     ((None, None, None), {"SLURM_NTASKS": "4"}, None),  # sbatch's shell, not an srun task
-])
+  ],
+)
 def test_distributed_settings(flags, environ, expected):
   assert distributed.settings(*flags, environ=environ) == expected
 
 
-@pytest.mark.parametrize("flags, environ, message", [
+@pytest.mark.parametrize(
+  "flags, environ, message",
+  [
     ((None, 2, None), {}, "--coordinator_address, --process_id"),
     (("h:1", None, None), {}, "--num_processes, --process_id"),
     (("h:1", 2, 2), {}, r"--process_id=2: must be in \[0, 2\)"),
     (("h:1", 0, 0), {}, "--num_processes=0"),
     (("h", 2, 0), {}, "HOST:PORT"),
     ((None, None, -1), {}, "--process_id=-1"),
-])
+  ],
+)
 def test_distributed_settings_refused(flags, environ, message):
   with pytest.raises(UsageError, match=message):
     distributed.settings(*flags, environ=environ)
-

@@ -82,7 +82,7 @@ def test_mahalanobis_matches_numpy_and_euclidean():
   ref = _np_min_maha(q, np.asarray(card.means, np.float64), np.asarray(card.precision, np.float64))
   np.testing.assert_allclose(R.mahalanobis_scores(card, q), ref, rtol=1e-4, atol=1e-4)
   eye = card.replace(precision=jnp.eye(5))
-  eucl = ((q[:, None, :] - np.asarray(card.means)[None])**2).sum(-1).min(-1)
+  eucl = ((q[:, None, :] - np.asarray(card.means)[None]) ** 2).sum(-1).min(-1)
   np.testing.assert_allclose(R.mahalanobis_scores(eye, q), eucl, rtol=1e-5, atol=1e-4)
 
 
@@ -112,7 +112,9 @@ def test_card_dict_roundtrip():
   np.testing.assert_array_equal(d["counts"], np.bincount(labels, minlength=3))
   with pytest.raises(ValueError, match="missing"):
     R.TeacherCard.from_dict({"means": d["means"]})
-  older = R.TeacherCard.from_dict({k: v for k, v in d.items() if k != "counts"})  # saved before counts
+  older = R.TeacherCard.from_dict(
+    {k: v for k, v in d.items() if k != "counts"}
+  )  # saved before counts
   assert older.counts is None and "counts" not in older.to_dict()
   with pytest.raises(ValueError, match="counts must be"):
     R.TeacherCard.from_dict({**d, "counts": [1.0, 2.0]})
@@ -156,13 +158,12 @@ def test_entropy_and_max_softmax():
     p /= p.sum(-1, keepdims=True)
     return (p * np.log(p)).sum(-1) / np.log(z.shape[-1]), p.max(-1)
 
-  np.testing.assert_allclose(R.entropy_scores(z),
-                             np.stack([ref(x)[0] for x in z], -1),
-                             rtol=1e-5,
-                             atol=1e-6)
-  np.testing.assert_allclose(R.max_softmax_scores(z),
-                             np.stack([ref(x)[1] for x in z], -1),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    R.entropy_scores(z), np.stack([ref(x)[0] for x in z], -1), rtol=1e-5, atol=1e-6
+  )
+  np.testing.assert_allclose(
+    R.max_softmax_scores(z), np.stack([ref(x)[1] for x in z], -1), rtol=1e-5
+  )
   # a confident teacher beats an uncertain one
   s = R.entropy_scores([jnp.array([[20.0, 0.0]]), jnp.zeros((1, 5))])
   assert s[0, 0] > s[0, 1]
@@ -174,9 +175,11 @@ def test_energy():
   e = np.stack([np.log(np.exp(x).sum(-1)) for x in z], -1)
   np.testing.assert_allclose(R.energy_scores(z), (e - e.mean(0)) / e.std(0), rtol=1e-4, atol=1e-5)
   stats = [(1.0, 2.0), (3.0, 0.5)]
-  np.testing.assert_allclose(R.teacher_scores("energy", logits=z, energy_stats=stats),
-                             (e - [1.0, 3.0]) / [2.0, 0.5],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    R.teacher_scores("energy", logits=z, energy_stats=stats),
+    (e - [1.0, 3.0]) / [2.0, 0.5],
+    rtol=1e-5,
+  )
   fitted = R.fit_energy_stats(z)
   np.testing.assert_allclose(fitted, np.stack([e.mean(0), e.std(0)], -1), rtol=1e-5)
   np.testing.assert_allclose(R.energy_scores(z, stats=fitted), R.energy_scores(z), atol=1e-5)
@@ -270,7 +273,9 @@ def test_balanced_assignment_is_a_diagonal_rescaling_with_equal_class_shares():
   p = np.exp(scores - scores.max(1, keepdims=True))
   p /= p.sum(1, keepdims=True)
   r = np.log(q / p)
-  np.testing.assert_allclose(r - r.mean(1, keepdims=True) - r.mean(0, keepdims=True) + r.mean(), 0.0, atol=1e-9)
+  np.testing.assert_allclose(
+    r - r.mean(1, keepdims=True) - r.mean(0, keepdims=True) + r.mean(), 0.0, atol=1e-9
+  )
 
 
 def test_balanced_assignment_meets_given_shares():
@@ -319,7 +324,9 @@ def test_balanced_refits_correct_a_start_that_starves_a_class(seed):
 
   def routing_accuracy(**kw):
     router = R.fit_pool_router(features, start, class_index, **kw)
-    return float(np.mean(np.asarray(R.pool_router_scores(features, router)).argmax(-1) == owner[labels]))
+    return float(
+      np.mean(np.asarray(R.pool_router_scores(features, router)).argmax(-1) == owner[labels])
+    )
 
   plain, balanced = routing_accuracy(), routing_accuracy(balance_rounds=1)
   assert balanced > 0.98 and balanced > plain + 0.01, (plain, balanced)
@@ -328,18 +335,27 @@ def test_balanced_refits_correct_a_start_that_starves_a_class(seed):
 def test_class_shares_are_the_teachers_training_counts_in_union_order():
   def card(counts, k=2):
     k = k if counts is None else len(counts)
-    return R.TeacherCard(means=np.zeros((k, 2)), precision=np.eye(2), score_mean=np.zeros(()),
-                         score_std=np.ones(()), counts=None if counts is None else np.asarray(counts, float))
+    return R.TeacherCard(
+      means=np.zeros((k, 2)),
+      precision=np.eye(2),
+      score_mean=np.zeros(()),
+      score_std=np.ones(()),
+      counts=None if counts is None else np.asarray(counts, float),
+    )
 
   shares = R.class_shares([card([30, 10]), card([5, 7, 9])], [(3, 0), (1, 4, 2)])
   np.testing.assert_array_equal(shares, [10, 5, 9, 30, 7])
-  assert R.class_shares([card([30, 10]), card(None)], [(0, 1), (2, 3)]) is None  # a card from before counts
+  assert (
+    R.class_shares([card([30, 10]), card(None)], [(0, 1), (2, 3)]) is None
+  )  # a card from before counts
 
 
 def test_card_routed_classes_take_the_card_routed_teachers_prediction():
   feats, labels = _data(seed=11, n=200)
-  cards = [R.fit_teacher_card(feats[labels == c], np.zeros(int(np.sum(labels == c)), int), num_classes=1)
-           for c in (0, 1)]
+  cards = [
+    R.fit_teacher_card(feats[labels == c], np.zeros(int(np.sum(labels == c)), int), num_classes=1)
+    for c in (0, 1)
+  ]
   logits = [np.random.default_rng(t).normal(size=(200, 2)) for t in range(2)]
   class_index = ((3, 0), (1, 2))
   got = R.card_routed_classes(logits, [feats, feats], cards, class_index)

@@ -17,8 +17,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from kd_jax import checkpoint, data
-from kd_jax import errors
+from kd_jax import checkpoint, data, errors
 from kd_jax import workdir as workdir_lib
 from kd_jax.train import distill, resume
 from kd_jax.train import mesh as mesh_lib
@@ -29,25 +28,38 @@ import helpers  # noqa: E402  pylint: disable=g-import-not-at-top
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUBPROCESS_ENV = dict(
-    os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", JAX_DISABLE_MOST_OPTIMIZATIONS="1", PYTHONPATH=ROOT
+  os.environ,
+  JAX_PLATFORMS="cpu",
+  TF_CPP_MIN_LOG_LEVEL="3",
+  JAX_DISABLE_MOST_OPTIMIZATIONS="1",
+  PYTHONPATH=ROOT,
 )
 
 
 def run_module(module: str, *args: str, env=None) -> subprocess.CompletedProcess:
   return subprocess.run(
-      [sys.executable, "-m", module, *args],
-      cwd=ROOT, env=env or SUBPROCESS_ENV, capture_output=True, text=True, timeout=600,
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT,
+    env=env or SUBPROCESS_ENV,
+    capture_output=True,
+    text=True,
+    timeout=600,
   )
 
 
 def data_flags(dirs) -> list[str]:
   # download=False: the fake data is all there is; never wait for a network.
-  return [f"--config.data.manual_dir={dirs['manual']}", f"--config.data.data_dir={dirs['tfds']}",
-          "--config.data.download=False"]
+  return [
+    f"--config.data.manual_dir={dirs['manual']}",
+    f"--config.data.data_dir={dirs['tfds']}",
+    "--config.data.download=False",
+  ]
 
 
 def experiment_config(name: str, arg: str, dirs, **overrides):
-  return helpers.experiment_config(name, arg, manual_dir=dirs["manual"], data_dir=dirs["tfds"], **overrides)
+  return helpers.experiment_config(
+    name, arg, manual_dir=dirs["manual"], data_dir=dirs["tfds"], **overrides
+  )
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -57,9 +69,9 @@ def experiment_config(name: str, arg: str, dirs, **overrides):
 def dirs(tmp_path_factory):
   base = tmp_path_factory.mktemp("e2e")
   return {
-      "base": str(base),
-      "manual": fake_data.write_idx_dataset(str(base / "manual")),
-      "tfds": str(base / "tfds"),
+    "base": str(base),
+    "manual": fake_data.write_idx_dataset(str(base / "manual")),
+    "tfds": str(base / "tfds"),
   }
 
 
@@ -68,8 +80,10 @@ def teacher(dirs):
   """The NiN smoke teacher, trained once by the command line (it also prepares the data)."""
   workdir = os.path.join(dirs["base"], "teacher")
   proc = run_module(
-      "kd_jax.main", "--config=experiments/nin_teacher.py:dataset=fashion_mnist,smoke", *data_flags(dirs),
-      f"--workdir={workdir}",
+    "kd_jax.main",
+    "--config=experiments/nin_teacher.py:dataset=fashion_mnist,smoke",
+    *data_flags(dirs),
+    f"--workdir={workdir}",
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return workdir
@@ -81,16 +95,27 @@ def student(dirs, teacher):
   teacher_fingerprint = checkpoint.fingerprint(checkpoint.load(teacher)[1])
   teacher_files = helpers.tree_snapshot(teacher)
   workdir = os.path.join(dirs["base"], "student")
-  args = ["--config=experiments/lenet_student.py:dataset=fashion_mnist,smoke,method=hinton_kd", *data_flags(dirs),
-          f"--config.teacher_workdir={teacher}", f"--workdir={workdir}"]
+  args = [
+    "--config=experiments/lenet_student.py:dataset=fashion_mnist,smoke,method=hinton_kd",
+    *data_flags(dirs),
+    f"--config.teacher_workdir={teacher}",
+    f"--workdir={workdir}",
+  ]
   train = run_module("kd_jax.main", *args)
   assert train.returncode == 0, train.stderr[-3000:]
   evaluate = run_module("kd_jax.evaluate", f"--workdir={workdir}")
   assert evaluate.returncode == 0, evaluate.stderr[-3000:]
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
-  return dict(workdir=workdir, args=args, train=train, evaluate=evaluate, results=results,
-              teacher_fingerprint=teacher_fingerprint, teacher_files=teacher_files)
+  return dict(
+    workdir=workdir,
+    args=args,
+    train=train,
+    evaluate=evaluate,
+    results=results,
+    teacher_fingerprint=teacher_fingerprint,
+    teacher_files=teacher_files,
+  )
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +125,11 @@ def learned_teacher(dirs, teacher):
   del teacher  # only for the prepared data
   workdir = os.path.join(dirs["base"], "learned_teacher")
   config = experiment_config(
-      "lenet_student", "dataset=fashion_mnist,smoke,method=ground_truth", dirs, num_epochs=4, **{"model.width": 0.25}
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=ground_truth",
+    dirs,
+    num_epochs=4,
+    **{"model.width": 0.25},
   )
   results = distill.train_and_evaluate(config, workdir)
   assert results["test_accuracy"] > 0.7, results["history"]
@@ -175,9 +204,13 @@ METHODS = [("noisy_teacher", True), ("hinton_kd", True)]
 @pytest.mark.parametrize("method,seed_compat", METHODS)
 def test_seed_compat_methods_run(dirs, learned_teacher, method, seed_compat, tmp_path):
   config = experiment_config(
-      "lenet_student", f"dataset=fashion_mnist,smoke,method={method}", dirs,
-      num_epochs=1, steps_per_epoch=4, teacher_workdir="" if method == "ground_truth" else learned_teacher,
-      **{"distill.seed_compat": seed_compat},
+    "lenet_student",
+    f"dataset=fashion_mnist,smoke,method={method}",
+    dirs,
+    num_epochs=1,
+    steps_per_epoch=4,
+    teacher_workdir="" if method == "ground_truth" else learned_teacher,
+    **{"distill.seed_compat": seed_compat},
   )
   results = distill.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["steps"] == 4 and results["method"] == method
@@ -193,8 +226,12 @@ def test_seed_compat_methods_run(dirs, learned_teacher, method, seed_compat, tmp
 def test_logit_regression_transfers_the_teacher(dirs, learned_teacher, tmp_path):
   """A logit-regression student agrees with a trained teacher far above chance (~0.1)."""
   config = experiment_config(
-      "lenet_student", "dataset=fashion_mnist,smoke,method=logit_regression", dirs,
-      teacher_workdir=learned_teacher, num_epochs=5, **{"optim.learning_rate": 3e-3, "model.width": 0.25},
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=logit_regression",
+    dirs,
+    teacher_workdir=learned_teacher,
+    num_epochs=5,
+    **{"optim.learning_rate": 3e-3, "model.width": 0.25},
   )
   results = distill.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["steps"] == 40
@@ -205,17 +242,26 @@ def test_logit_regression_transfers_the_teacher(dirs, learned_teacher, tmp_path)
   assert history[-1]["train_loss"] < 0.5 * history[0]["train_loss"]
 
 
-@pytest.mark.parametrize("method,split", [("noisy_teacher", "train"), ("hinton_kd", "train"),
-                                          ("hinton_kd", "train[64:160]")])
-def test_cached_teacher_logits_train_the_same_student(dirs, learned_teacher, method, split, tmp_path):
+@pytest.mark.parametrize(
+  "method,split",
+  [("noisy_teacher", "train"), ("hinton_kd", "train"), ("hinton_kd", "train[64:160]")],
+)
+def test_cached_teacher_logits_train_the_same_student(
+  dirs, learned_teacher, method, split, tmp_path
+):
   """Logits computed once (the default) or by the teacher in every step: the same student,
   also when the students train on part of the split (the table is then that part's)."""
   runs = {}
   for cache in (True, False):
     config = experiment_config(
-        "lenet_student", f"dataset=fashion_mnist,smoke,method={method}", dirs, num_epochs=2,
-        steps_per_epoch=3, teacher_workdir=learned_teacher, train_split=split,
-        **{"distill.cache_teacher_logits": cache},
+      "lenet_student",
+      f"dataset=fashion_mnist,smoke,method={method}",
+      dirs,
+      num_epochs=2,
+      steps_per_epoch=3,
+      teacher_workdir=learned_teacher,
+      train_split=split,
+      **{"distill.cache_teacher_logits": cache},
     )
     assert distill.caches_teacher_logits(config) == cache
     workdir = str(tmp_path / f"cache_{cache}")
@@ -224,13 +270,18 @@ def test_cached_teacher_logits_train_the_same_student(dirs, learned_teacher, met
   for a, b in zip(jax.tree.leaves(cached_params), jax.tree.leaves(live_params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
   assert cached["history"][-1]["train_teacher_agreement"] == pytest.approx(
-      live["history"][-1]["train_teacher_agreement"])
+    live["history"][-1]["train_teacher_agreement"]
+  )
   assert cached["teacher_agreement"] == live["teacher_agreement"]
 
 
 def test_teacher_logits_table_is_the_teachers_output_in_stored_order(dirs, learned_teacher):
-  config = experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=hinton_kd", dirs,
-                             teacher_workdir=learned_teacher)
+  config = experiment_config(
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=hinton_kd",
+    dirs,
+    teacher_workdir=learned_teacher,
+  )
   model, variables = checkpoint.load(learned_teacher)
   teacher = {"model": model, "variables": variables}
   table = distill.teacher_logits_table(config, teacher, mesh_lib.make_mesh(), "train", (2, 5, 6))
@@ -243,9 +294,15 @@ def test_teacher_logits_table_is_the_teachers_output_in_stored_order(dirs, learn
 def test_students_can_train_on_part_of_the_train_split(dirs, learned_teacher, tmp_path):
   """train_split='train[64:160]' (the label-scarce study): 96 images a pass, the teacher's
   logits of exactly those images; the test split is untouched."""
-  config = experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=hinton_kd", dirs,
-                             num_epochs=2, steps_per_epoch=0, teacher_workdir=learned_teacher,
-                             train_split="train[64:160]")
+  config = experiment_config(
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=hinton_kd",
+    dirs,
+    num_epochs=2,
+    steps_per_epoch=0,
+    teacher_workdir=learned_teacher,
+    train_split="train[64:160]",
+  )
   model, variables = checkpoint.load(learned_teacher)
   teacher, mesh = {"model": model, "variables": variables}, mesh_lib.make_mesh()
   part = distill.teacher_logits_table(config, teacher, mesh, config.train_split, None)
@@ -258,8 +315,14 @@ def test_students_can_train_on_part_of_the_train_split(dirs, learned_teacher, tm
   assert results["teacher_test_accuracy"] > 0.7  # evaluated on the whole test split, as always
 
 
-@pytest.mark.parametrize("override", [{"distill.teacher_dropout": True}, {"data.augment": True},
-                                      {"distill.cache_teacher_logits": False}])
+@pytest.mark.parametrize(
+  "override",
+  [
+    {"distill.teacher_dropout": True},
+    {"data.augment": True},
+    {"distill.cache_teacher_logits": False},
+  ],
+)
 def test_teacher_runs_in_the_step_when_its_logits_vary(dirs, override):
   """Teacher dropout or augmentation: the teacher's logits change from step to step."""
   config = experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=hinton_kd", dirs)
@@ -271,9 +334,12 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(dirs, learned_teacher,
   """Losing the last checkpoints (a kill) and re-running resumes mid-epoch, bit for bit."""
   workdir = str(tmp_path / "run")
   config = experiment_config(
-      # noisy_teacher draws random numbers every step: a resumed run must draw the same.
-      "lenet_student", "dataset=fashion_mnist,smoke,method=noisy_teacher", dirs,
-      teacher_workdir=learned_teacher, checkpoint_every_steps=3,
+    # noisy_teacher draws random numbers every step: a resumed run must draw the same.
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=noisy_teacher",
+    dirs,
+    teacher_workdir=learned_teacher,
+    checkpoint_every_steps=3,
   )
   uninterrupted = distill.train_and_evaluate(config, workdir)
   final = helpers.final_params(workdir)
@@ -298,8 +364,12 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(dirs, learned_teacher,
 def test_rerun_of_a_finished_run_changes_nothing(dirs, learned_teacher, teacher, tmp_path):
   workdir = str(tmp_path / "run")
   config = experiment_config(
-      "lenet_student", "dataset=fashion_mnist,smoke,method=logit_regression", dirs, num_epochs=1,
-      steps_per_epoch=3, teacher_workdir=learned_teacher,
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=logit_regression",
+    dirs,
+    num_epochs=1,
+    steps_per_epoch=3,
+    teacher_workdir=learned_teacher,
   )
   first = distill.train_and_evaluate(config, workdir)
   params = helpers.final_params(workdir)
@@ -311,8 +381,12 @@ def test_rerun_of_a_finished_run_changes_nothing(dirs, learned_teacher, teacher,
   # teacher_workdir may change on resume (a moved directory), but not the teacher itself.
   before = helpers.tree_snapshot(workdir)
   other_teacher = experiment_config(
-      "lenet_student", "dataset=fashion_mnist,smoke,method=logit_regression", dirs, num_epochs=1,
-      steps_per_epoch=3, teacher_workdir=teacher,
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=logit_regression",
+    dirs,
+    num_epochs=1,
+    steps_per_epoch=3,
+    teacher_workdir=teacher,
   )
   with pytest.raises(ValueError, match="was distilled from the teacher in .*learned_teacher"):
     distill.train_and_evaluate(other_teacher, workdir)
@@ -321,8 +395,12 @@ def test_rerun_of_a_finished_run_changes_nothing(dirs, learned_teacher, teacher,
 
 def test_run_written_before_train_split_existed_still_resumes(dirs, learned_teacher, tmp_path):
   workdir = str(tmp_path / "run")
-  config = experiment_config("lenet_student", "dataset=fashion_mnist,smoke,method=hinton_kd", dirs,
-                             teacher_workdir=learned_teacher)
+  config = experiment_config(
+    "lenet_student",
+    "dataset=fashion_mnist,smoke,method=hinton_kd",
+    dirs,
+    teacher_workdir=learned_teacher,
+  )
   resume.claim_workdir(workdir, config)
   marker = os.path.join(workdir, workdir_lib.RUN_FILE)
   with open(marker) as f:

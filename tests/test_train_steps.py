@@ -1,5 +1,6 @@
 """Train steps: objectives, the frozen teacher, the optimiser schedule, data parallelism."""
 
+import helpers
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,14 +8,20 @@ import numpy as np
 import optax
 import pytest
 
-import helpers
 from kd_jax import checkpoint, losses, models, seed_compat
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train import steps
 from kd_jax.train.state import TrainState
 
 DISTILL = ml_collections.ConfigDict(
-    dict(temperature=4.0, soft_weight=0.9, noise_ratio=0.5, noise_std=0.1, teacher_dropout=False, seed_compat=False)
+  dict(
+    temperature=4.0,
+    soft_weight=0.9,
+    noise_ratio=0.5,
+    noise_std=0.1,
+    teacher_dropout=False,
+    seed_compat=False,
+  )
 )
 
 
@@ -45,14 +52,22 @@ def _expected(method, seed, s, t, y, rng):
   if method == "noisy_teacher":
     noise = seed_compat.seed_noisy_logits if seed else losses.noisy_logits
     # Each example's noise from its own key, whatever batch (or device shard) it is in.
-    rows = [noise(rng[i], t[i:i + 1], noise_ratio=d.noise_ratio, noise_std=d.noise_std) for i in range(len(t))]
+    rows = [
+      noise(rng[i], t[i : i + 1], noise_ratio=d.noise_ratio, noise_std=d.noise_std)
+      for i in range(len(t))
+    ]
     return losses.logit_regression(s, jnp.concatenate(rows))
   if seed:
-    return seed_compat.seed_kd_loss(s, t, y, temperature=d.temperature, hard_weight=1.0 - d.soft_weight)
+    return seed_compat.seed_kd_loss(
+      s, t, y, temperature=d.temperature, hard_weight=1.0 - d.soft_weight
+    )
   return losses.hinton_kd(s, t, y, temperature=d.temperature, soft_weight=d.soft_weight)
 
 
-ALL_OBJECTIVES = [(m, False) for m in steps.METHODS] + [("noisy_teacher", True), ("hinton_kd", True)]
+ALL_OBJECTIVES = [(m, False) for m in steps.METHODS] + [
+  ("noisy_teacher", True),
+  ("hinton_kd", True),
+]
 
 
 @pytest.mark.parametrize("method,seed", ALL_OBJECTIVES)
@@ -95,8 +110,8 @@ def test_unknown_method_is_refused():
 def tiny_setup():
   rng = np.random.default_rng(0)
   batch = {
-      "image": rng.normal(size=(4, 28, 28, 1)).astype(np.float32),
-      "label": (np.arange(4) % 10).astype(np.int32),
+    "image": rng.normal(size=(4, 28, 28, 1)).astype(np.float32),
+    "label": (np.arange(4) % 10).astype(np.int32),
   }
   student = models.LeNet(num_classes=10, width=0.125)
   # Any registered model can teach; a small LeNet with dropout keeps this test fast.
@@ -104,16 +119,23 @@ def tiny_setup():
   init = lambda model, key: jax.jit(lambda k: model.init(k, batch["image"][:1], train=False))(key)
   teacher_vars = init(teacher, jax.random.PRNGKey(1))
   tx = optax.adam(1e-3)
-  state = TrainState.create(variables=init(student, jax.random.PRNGKey(0)), tx=tx, rng=jax.random.PRNGKey(2))
-  return dict(batch=batch, student=student, teacher=teacher, teacher_vars=teacher_vars, tx=tx, state=state)
+  state = TrainState.create(
+    variables=init(student, jax.random.PRNGKey(0)), tx=tx, rng=jax.random.PRNGKey(2)
+  )
+  return dict(
+    batch=batch, student=student, teacher=teacher, teacher_vars=teacher_vars, tx=tx, state=state
+  )
 
 
 def test_step_keeps_the_teacher_frozen(tiny_setup):
   s = tiny_setup
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
   step = steps.make_train_step(
-      student=s["student"], tx=s["tx"], objective=steps.make_objective("hinton_kd", DISTILL),
-      teacher=s["teacher"], teacher_dropout=True,  # the stochastic teacher path
+    student=s["student"],
+    tx=s["tx"],
+    objective=steps.make_objective("hinton_kd", DISTILL),
+    teacher=s["teacher"],
+    teacher_dropout=True,  # the stochastic teacher path
   )
   compiled = mesh_lib.data_parallel_step(step, mesh, donate_state=False)
   frozen = mesh_lib.replicate(s["teacher_vars"], mesh)
@@ -128,7 +150,9 @@ def test_step_keeps_the_teacher_frozen(tiny_setup):
   assert checkpoint.fingerprint(frozen) == before
   assert set(metrics) == {"loss", "accuracy", "teacher_agreement", "nonfinite"}
   assert int(metrics["nonfinite"]) == 0
-  moved = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.abs(a - b).max(), new_state.params, s["state"].params))
+  moved = jax.tree.leaves(
+    jax.tree.map(lambda a, b: jnp.abs(a - b).max(), new_state.params, s["state"].params)
+  )
   assert max(float(m) for m in moved) > 0
 
   # The updated student does not depend on the teacher's parameters through any gradient.
@@ -143,9 +167,11 @@ def test_step_keeps_the_teacher_frozen(tiny_setup):
 def test_supervised_step_runs_without_a_teacher(tiny_setup):
   s = tiny_setup
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  step = steps.make_train_step(student=s["student"], tx=s["tx"], objective=steps.make_objective("ground_truth", DISTILL))
+  step = steps.make_train_step(
+    student=s["student"], tx=s["tx"], objective=steps.make_objective("ground_truth", DISTILL)
+  )
   state, metrics = mesh_lib.data_parallel_step(step, mesh, donate_state=False)(
-      s["state"], mesh_lib.shard_batch(s["batch"], mesh), {}
+    s["state"], mesh_lib.shard_batch(s["batch"], mesh), {}
   )
   assert set(metrics) == {"loss", "accuracy", "nonfinite"}
   assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
@@ -156,18 +182,28 @@ def test_supervised_step_runs_without_a_teacher(tiny_setup):
 
 def _guarded_step(s, tx, batch):
   mesh = mesh_lib.make_mesh(jax.devices()[:1])
-  step = steps.make_train_step(student=s["student"], tx=tx, objective=steps.make_objective("ground_truth", DISTILL))
-  state = TrainState.create(variables={"params": s["state"].params}, tx=tx, rng=jax.random.PRNGKey(2))
+  step = steps.make_train_step(
+    student=s["student"], tx=tx, objective=steps.make_objective("ground_truth", DISTILL)
+  )
+  state = TrainState.create(
+    variables={"params": s["state"].params}, tx=tx, rng=jax.random.PRNGKey(2)
+  )
   new_state, metrics = mesh_lib.data_parallel_step(step, mesh, donate_state=False)(
-      state, mesh_lib.shard_batch(batch, mesh), {}
+    state, mesh_lib.shard_batch(batch, mesh), {}
   )
   return state, new_state, metrics
 
 
-@pytest.mark.parametrize("case,terms", [
-    ("nan_image", ["loss", "gradient", "state"]),  # a NaN input: the loss, gradient and update are NaN
+@pytest.mark.parametrize(
+  "case,terms",
+  [
+    (
+      "nan_image",
+      ["loss", "gradient", "state"],
+    ),  # a NaN input: the loss, gradient and update are NaN
     ("nan_learning_rate", ["state"]),  # a finite loss and gradient, a NaN update
-])
+  ],
+)
 def test_a_nonfinite_step_keeps_the_old_state_and_names_what_failed(tiny_setup, case, terms):
   s = tiny_setup
   batch = dict(s["batch"])
@@ -180,24 +216,32 @@ def test_a_nonfinite_step_keeps_the_old_state_and_names_what_failed(tiny_setup, 
   state, new_state, metrics = _guarded_step(s, tx, batch)
   assert steps.nonfinite_terms(int(metrics["nonfinite"])) == terms
   assert int(new_state.step) == 1  # the step is spent (its RNG too), the update is not applied
-  for new, old in zip(jax.tree.leaves((new_state.params, new_state.opt_state)),
-                      jax.tree.leaves((state.params, state.opt_state))):
+  for new, old in zip(
+    jax.tree.leaves((new_state.params, new_state.opt_state)),
+    jax.tree.leaves((state.params, state.opt_state)),
+  ):
     np.testing.assert_array_equal(np.asarray(new), np.asarray(old))
   # The same step on the clean batch with a sane optimizer moves the parameters.
   _, moved, clean = _guarded_step(s, optax.sgd(0.1), s["batch"])
   assert int(clean["nonfinite"]) == 0
-  assert any(not np.array_equal(np.asarray(a), np.asarray(b))
-             for a, b in zip(jax.tree.leaves(moved.params), jax.tree.leaves(state.params)))
+  assert any(
+    not np.array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(jax.tree.leaves(moved.params), jax.tree.leaves(state.params))
+  )
 
 
 def test_nonfinite_terms_decode_the_mask():
   assert steps.nonfinite_terms(0) == []
-  mask = (1 << steps.NONFINITE_TERMS.index("logit_loss")) | (1 << steps.NONFINITE_TERMS.index("gradient"))
+  mask = (1 << steps.NONFINITE_TERMS.index("logit_loss")) | (
+    1 << steps.NONFINITE_TERMS.index("gradient")
+  )
   assert steps.nonfinite_terms(mask) == ["logit_loss", "gradient"]
 
 
 def test_step_rng_is_folded_with_the_step():
-  state = TrainState(step=jnp.int32(3), params={}, batch_stats={}, opt_state=(), rng=jax.random.PRNGKey(5))
+  state = TrainState(
+    step=jnp.int32(3), params={}, batch_stats={}, opt_state=(), rng=jax.random.PRNGKey(5)
+  )
   np.testing.assert_array_equal(state.step_rng(), jax.random.fold_in(jax.random.PRNGKey(5), 3))
   assert not np.array_equal(state.step_rng(), state.replace(step=jnp.int32(4)).step_rng())
 
@@ -207,7 +251,9 @@ def test_step_rng_is_folded_with_the_step():
 
 @pytest.mark.parametrize("weight_decay", [0.0, 1e-4])
 def test_learning_rate_drops_tenfold_at_80_percent(weight_decay):
-  optim = ml_collections.ConfigDict(dict(learning_rate=1e-3, decay_at=0.8, decay_factor=0.1, weight_decay=weight_decay))
+  optim = ml_collections.ConfigDict(
+    dict(learning_rate=1e-3, decay_at=0.8, decay_factor=0.1, weight_decay=weight_decay)
+  )
   tx = steps.make_optimizer(optim, total_steps=10)
   params = {"w": jnp.zeros(3)}
   opt_state = tx.init(params)
@@ -222,7 +268,9 @@ def test_learning_rate_drops_tenfold_at_80_percent(weight_decay):
 
 
 def test_optimizer_boundary_for_few_steps():
-  optim = ml_collections.ConfigDict(dict(learning_rate=1e-2, decay_at=0.8, decay_factor=0.1, weight_decay=0.0))
+  optim = ml_collections.ConfigDict(
+    dict(learning_rate=1e-2, decay_at=0.8, decay_factor=0.1, weight_decay=0.0)
+  )
   tx = steps.make_optimizer(optim, total_steps=1)  # boundary at least one step in
   params = {"w": jnp.zeros(())}
   updates, _ = tx.update({"w": jnp.ones(())}, tx.init(params), params)
@@ -284,15 +332,21 @@ def test_data_parallel_matches_single_device():
       assert r["batch_stats"] < 1e-5, (key, r)
 
 
-@pytest.mark.parametrize("model, shape", [
+@pytest.mark.parametrize(
+  "model, shape",
+  [
     (models.LeNet(num_classes=10, width=0.125), (28, 28, 1)),
     (models.NiN(num_classes=10, width=0.25), (32, 32, 3)),
     (models.ConvNet(num_classes=4, block_widths=(8, 16), convs_per_block=1), (28, 28, 1)),
-])
+  ],
+)
 def test_init_state_compiles_the_initialisation_and_draws_the_same_parameters(model, shape):
   from kd_jax.train import loop  # pylint: disable=g-import-not-at-top
+
   state = loop.init_state(model, optax.sgd(0.1), 5, shape)
   init_rng = jax.random.split(jax.random.PRNGKey(5))[0]
   eager = model.init(init_rng, np.zeros((1, *shape), np.float32), train=False)  # op by op
   # The same draws; a compiled transcendental may round differently in the last bit.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), state.variables, eager)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6), state.variables, eager
+  )

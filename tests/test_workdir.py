@@ -49,8 +49,15 @@ def is_locked(workdir) -> bool:
 
 
 def start_holder(workdir) -> subprocess.Popen:
-  holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(workdir)], cwd=ROOT, env=ENV, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLDER, str(workdir)],
+    cwd=ROOT,
+    env=ENV,
+    text=True,
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
   assert holder.stdout.readline().strip() == "locked", holder.stderr.read()
   return holder
 
@@ -63,15 +70,27 @@ def test_a_writable_path_is_accepted(tmp_path):
   assert not (tmp_path / "a").exists()
 
 
-@pytest.mark.parametrize("path, message", [
+@pytest.mark.parametrize(
+  "path, message",
+  [
     ("", r"^--workdir is empty: give the directory"),
     ("   ", r"^--workdir is empty"),
     ("{file}", r"^--workdir=.*/a_file is a file, not a directory"),
-    ("{file}/run", r"^--workdir=.*/a_file/run is below the file .*/a_file, which cannot hold directories"),
-    ("{base}/" + "n" * 300, r"^--workdir=.*: the name nnnn.* is 300 bytes long; the file system allows 255 \(NAME_MAX\)"),
-    ("{base}/" + "/".join(["d" * 200] * 20), r"^--workdir=.*: the path is \d+ bytes long; with the files a run writes "
-                                             r"below it \(up to 256 bytes more\) it would exceed the limit of 4096"),
-])
+    (
+      "{file}/run",
+      r"^--workdir=.*/a_file/run is below the file .*/a_file, which cannot hold directories",
+    ),
+    (
+      "{base}/" + "n" * 300,
+      r"^--workdir=.*: the name nnnn.* is 300 bytes long; the file system allows 255 \(NAME_MAX\)",
+    ),
+    (
+      "{base}/" + "/".join(["d" * 200] * 20),
+      r"^--workdir=.*: the path is \d+ bytes long; with the files a run writes "
+      r"below it \(up to 256 bytes more\) it would exceed the limit of 4096",
+    ),
+  ],
+)
 def test_bad_paths_are_refused_writing_nothing(tmp_path, path, message):
   (tmp_path / "a_file").write_text("precious\n")
   before = helpers.tree_contents(tmp_path)
@@ -105,14 +124,25 @@ except UsageError as e:
 def test_an_unwritable_path_is_refused(tmp_path, below):
   locked = readonly_dir(tmp_path)
   path = locked / "new_run" / "deeper" if below else locked
-  proc = subprocess.run(helpers.obeying_permissions([sys.executable, "-c", CHECK, str(path)]), cwd=ROOT, env=ENV,
-                        capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    helpers.obeying_permissions([sys.executable, "-c", CHECK, str(path)]),
+    cwd=ROOT,
+    env=ENV,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   if below:
-    assert proc.stdout.strip() == (f"--workdir={path} cannot be created: its nearest existing parent {locked} is "
-                                   "not writable by this user; choose a writable directory")
+    assert proc.stdout.strip() == (
+      f"--workdir={path} cannot be created: its nearest existing parent {locked} is "
+      "not writable by this user; choose a writable directory"
+    )
   else:
-    assert proc.stdout.strip() == f"--workdir={path} is not writable by this user: choose a writable directory"
+    assert (
+      proc.stdout.strip()
+      == f"--workdir={path} is not writable by this user: choose a writable directory"
+    )
   assert os.listdir(locked) == []
 
 
@@ -130,7 +160,10 @@ def test_claim_records_the_config_and_the_holder(tmp_path):
   workdir_lib.claim(str(run), config())
   try:
     assert json.loads((run / "run.json").read_text()) == {"config": {"seed": 0}}
-    assert json.loads((run / "run.lock").read_text()) == {"pid": os.getpid(), "host": socket.gethostname()}
+    assert json.loads((run / "run.lock").read_text()) == {
+      "pid": os.getpid(),
+      "host": socket.gethostname(),
+    }
     assert is_locked(run)
     workdir_lib.claim(str(run), config())  # the same run again (a resume in this process)
   finally:
@@ -148,7 +181,9 @@ def test_a_different_config_is_refused_byte_for_byte(tmp_path):
     workdir_lib.claim(str(run), config(seed=1))
   assert helpers.tree_contents(run) == before
   assert not is_locked(run)
-  workdir_lib.claim(str(run), config(seed=1), resumable=("seed",))  # a key that may change on resume
+  workdir_lib.claim(
+    str(run), config(seed=1), resumable=("seed",)
+  )  # a key that may change on resume
   workdir_lib.release(str(run))
 
 
@@ -161,7 +196,9 @@ def test_a_foreign_directory_is_left_untouched(tmp_path):
 
 def test_an_unreadable_run_file_is_one_line(tmp_path):
   (tmp_path / "run.json").write_text("{not json")
-  with pytest.raises(UsageError, match=r"has an unreadable run.json \(JSONDecodeError: .*\): use a new --workdir"):
+  with pytest.raises(
+    UsageError, match=r"has an unreadable run.json \(JSONDecodeError: .*\): use a new --workdir"
+  ):
     workdir_lib.claim(str(tmp_path), config())
   assert helpers.tree_contents(tmp_path) == {"run.json": b"{not json"}
 
@@ -183,8 +220,8 @@ def test_a_second_run_is_refused_until_the_holder_ends(tmp_path, end):
     with pytest.raises(UsageError) as e:
       workdir_lib.claim(str(run), config())
     assert str(e.value) == (
-        f"workdir {run} is in use by another run (pid {holder.pid} on host {socket.gethostname()}, which holds "
-        f"{run}/run.lock): wait for it to end, or use a new --workdir"
+      f"workdir {run} is in use by another run (pid {holder.pid} on host {socket.gethostname()}, which holds "
+      f"{run}/run.lock): wait for it to end, or use a new --workdir"
     )
     assert helpers.tree_contents(run) == before
   finally:
@@ -219,8 +256,11 @@ def test_released_after_a_run_returns_or_raises(tmp_path):
 
 
 def test_a_teacher_must_be_finished_unless_allowed(tmp_path):
-  with pytest.raises(UsageError, match=r"^teacher_workdir: .* holds an unfinished run \(no results.json: it was "
-                                       r"interrupted or is still training\): finish it .*allow_unfinished_teacher=True"):
+  with pytest.raises(
+    UsageError,
+    match=r"^teacher_workdir: .* holds an unfinished run \(no results.json: it was "
+    r"interrupted or is still training\): finish it .*allow_unfinished_teacher=True",
+  ):
     workdir_lib.check_finished(str(tmp_path), allowed=False, field="teacher_workdir")
   workdir_lib.check_finished(str(tmp_path), allowed=True, field="teacher_workdir")
   (tmp_path / "results.json").write_text("{}")

@@ -8,26 +8,39 @@ FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 DEFAULT = f"{FLAG}={xla_flags.CPU_FLAGS[FLAG]}"
 
 
-@pytest.mark.parametrize("jax_platforms, accelerator", [("cpu", False), ("cpu", True), ("", False),
-                                                         ("cpu,cuda", True)])
+@pytest.mark.parametrize(
+  "jax_platforms, accelerator", [("cpu", False), ("cpu", True), ("", False), ("cpu,cuda", True)]
+)
 def test_cpu_backend_gets_the_flag_and_keeps_other_flags(jax_platforms, accelerator):
-  flags = xla_flags.with_cpu_flags("--xla_force_host_platform_device_count=2",
-                                   jax_platforms=jax_platforms, accelerator_installed=accelerator)
+  flags = xla_flags.with_cpu_flags(
+    "--xla_force_host_platform_device_count=2",
+    jax_platforms=jax_platforms,
+    accelerator_installed=accelerator,
+  )
   assert flags.split() == ["--xla_force_host_platform_device_count=2", DEFAULT]
 
 
-@pytest.mark.parametrize("jax_platforms, accelerator", [("", True), ("cuda", False), ("cuda,cpu", False),
-                                                         ("tpu", True), ("rocm", True)])
+@pytest.mark.parametrize(
+  "jax_platforms, accelerator",
+  [("", True), ("cuda", False), ("cuda,cpu", False), ("tpu", True), ("rocm", True)],
+)
 def test_other_backends_flags_untouched(jax_platforms, accelerator):
   for user_flags in ("", "--xla_gpu_autotune_level=0"):
-    assert xla_flags.with_cpu_flags(user_flags, jax_platforms=jax_platforms,
-                                    accelerator_installed=accelerator) == user_flags
+    assert (
+      xla_flags.with_cpu_flags(
+        user_flags, jax_platforms=jax_platforms, accelerator_installed=accelerator
+      )
+      == user_flags
+    )
 
 
 @pytest.mark.parametrize("user_value", ["", "-LIBRARY_FUSION_TYPE_DOT"])
 def test_user_setting_wins(user_value):
   user_flags = f"--xla_cpu_use_onednn=false {FLAG}={user_value}"
-  assert xla_flags.with_cpu_flags(user_flags, jax_platforms="cpu", accelerator_installed=False) == user_flags
+  assert (
+    xla_flags.with_cpu_flags(user_flags, jax_platforms="cpu", accelerator_installed=False)
+    == user_flags
+  )
 
 
 def test_configure_cpu_edits_only_the_given_environment(monkeypatch):

@@ -40,7 +40,9 @@ METHODS = ("ground_truth", "logit_regression", "noisy_teacher", "hinton_kd")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   p.add_argument("--workdir_root", required=True, help="one workdir per run goes here")
   p.add_argument("--data_dir", default="", help="TFDS data_dir (prepared on first use)")
   p.add_argument("--manual_dir", default="/usr/share/datasets/fashion-mnist", help="raw IDX files")
@@ -48,15 +50,24 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument("--teacher_width", type=float, default=0.25)
   p.add_argument("--teacher_epochs", type=int, default=15)
   p.add_argument("--teacher_seed", type=int, default=0)
-  p.add_argument("--teacher_workdir", default="",
-                 help="the teacher's workdir (default WORKDIR_ROOT/teacher); trained there unless finished")
-  p.add_argument("--teacher_head", default="fc",
-                 help="fc (the seed's; learns much faster at width 0.25) | gap (Caffe: cccp6, ReLU, average pool)")
+  p.add_argument(
+    "--teacher_workdir",
+    default="",
+    help="the teacher's workdir (default WORKDIR_ROOT/teacher); trained there unless finished",
+  )
+  p.add_argument(
+    "--teacher_head",
+    default="fc",
+    help="fc (the seed's; learns much faster at width 0.25) | gap (Caffe: cccp6, ReLU, average pool)",
+  )
   p.add_argument("--student_width", type=float, default=0.125)
   p.add_argument("--student_epochs", type=int, default=15)
-  p.add_argument("--student_train_split", default="train",
-                 help="what the students train on, e.g. train[:6000] for the label-scarce study; "
-                      "the teacher always trains on the whole train split")
+  p.add_argument(
+    "--student_train_split",
+    default="train",
+    help="what the students train on, e.g. train[:6000] for the label-scarce study; "
+    "the teacher always trains on the whole train split",
+  )
   p.add_argument("--seeds", default="0,1,2")
   p.add_argument("--methods", default=",".join(METHODS))
   p.add_argument("--batch_size", type=int, default=256, help="the students' batch")
@@ -72,7 +83,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   # The runs are subprocesses started in the repository: paths are taken from the caller's directory.
   absolute = lambda path: os.path.abspath(os.path.expanduser(path)) if path else ""
   args.workdir_root, args.data_dir, args.manual_dir, args.teacher_workdir = map(
-      absolute, (args.workdir_root, args.data_dir, args.manual_dir, args.teacher_workdir))
+    absolute, (args.workdir_root, args.data_dir, args.manual_dir, args.teacher_workdir)
+  )
   return args
 
 
@@ -114,18 +126,33 @@ def run(args, name: str, workdir: str, config: str, extra=()) -> bool:
 def train_all(args) -> bool:
   common = f"dataset={args.dataset}"
   teacher = f"experiments/nin_teacher.py:{common},width={args.teacher_width},epochs={args.teacher_epochs},seed={args.teacher_seed}"
-  if not run(args, "teacher", teacher_dir(args), teacher,
-             [f"--config.model.head={args.teacher_head}", f"--config.batch_size={args.teacher_batch_size}"]):
+  if not run(
+    args,
+    "teacher",
+    teacher_dir(args),
+    teacher,
+    [f"--config.model.head={args.teacher_head}", f"--config.batch_size={args.teacher_batch_size}"],
+  ):
     return False
   ok = True
   for seed in args.seeds:  # seed-major: an early stop still leaves every method with some seeds
     for method in args.methods:
-      config = (f"experiments/lenet_student.py:{common},method={method},width={args.student_width},"
-                f"epochs={args.student_epochs},seed={seed}")
-      ok &= run(args, f"{method}_s{seed}", student_dir(args, method, seed), config,
-                [f"--config.teacher_workdir={teacher_dir(args)}", f"--config.batch_size={args.batch_size}",
-                 f"--config.train_split={args.student_train_split}",
-                 f"--config.eval_every_epochs={args.eval_every_epochs}"])
+      config = (
+        f"experiments/lenet_student.py:{common},method={method},width={args.student_width},"
+        f"epochs={args.student_epochs},seed={seed}"
+      )
+      ok &= run(
+        args,
+        f"{method}_s{seed}",
+        student_dir(args, method, seed),
+        config,
+        [
+          f"--config.teacher_workdir={teacher_dir(args)}",
+          f"--config.batch_size={args.batch_size}",
+          f"--config.train_split={args.student_train_split}",
+          f"--config.eval_every_epochs={args.eval_every_epochs}",
+        ],
+      )
   return ok
 
 
@@ -138,14 +165,20 @@ def load(workdir: str) -> dict | None:
 
 
 def mean_std(values: list[float]) -> dict:
-  return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-          "values": values}
+  return {
+    "mean": statistics.fmean(values),
+    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    "values": values,
+  }
 
 
 def aggregate(args) -> tuple[dict, str]:
   teacher = load(teacher_dir(args))
-  summary = {"settings": {k: v for k, v in vars(args).items() if k != "aggregate_only"},
-             "teacher_test_accuracy": teacher["test_accuracy"] if teacher else None, "methods": {}}
+  summary = {
+    "settings": {k: v for k, v in vars(args).items() if k != "aggregate_only"},
+    "teacher_test_accuracy": teacher["test_accuracy"] if teacher else None,
+    "methods": {},
+  }
   student = None
   for method in args.methods:
     runs = [r for r in (load(student_dir(args, method, s)) for s in args.seeds) if r]
@@ -153,11 +186,13 @@ def aggregate(args) -> tuple[dict, str]:
       continue
     student = student or runs[0]["config"]
     summary["methods"][method] = {
-        "seeds": [r["seed"] for r in runs],
-        "best_epoch_accuracy": mean_std([r["best_epoch"]["test_accuracy"] for r in runs]),
-        "best_epochs": [r["best_epoch"]["epoch"] for r in runs],
-        "last_epoch_accuracy": mean_std([r["last_epoch"]["test_accuracy"] for r in runs]),
-        "teacher_agreement": mean_std([r["teacher_agreement"] for r in runs if "teacher_agreement" in r]),
+      "seeds": [r["seed"] for r in runs],
+      "best_epoch_accuracy": mean_std([r["best_epoch"]["test_accuracy"] for r in runs]),
+      "best_epochs": [r["best_epoch"]["epoch"] for r in runs],
+      "last_epoch_accuracy": mean_std([r["last_epoch"]["test_accuracy"] for r in runs]),
+      "teacher_agreement": mean_std(
+        [r["teacher_agreement"] for r in runs if "teacher_agreement" in r]
+      ),
     }
   return summary, table(summary, teacher and teacher["config"], student)
 
@@ -169,33 +204,40 @@ def table(summary: dict, teacher: dict | None, student: dict | None) -> str:
   setup = []
   if teacher:
     m = teacher["model"]
-    setup.append(f"Teacher: NiN width {m['width']}, head {m['head']}, dropout {m['dropout_rate']}, "
-                 f"{teacher['num_epochs']} epochs, seed {teacher['seed']}.")
+    setup.append(
+      f"Teacher: NiN width {m['width']}, head {m['head']}, dropout {m['dropout_rate']}, "
+      f"{teacher['num_epochs']} epochs, seed {teacher['seed']}."
+    )
   if student:
     d, o = student["distill"], student["optim"]
     setup.append(
-        f"Students: LeNet width {student['model']['width']}, trained on {student.get('train_split', 'train')}, "
-        f"{student['num_epochs']} epochs, batch "
-        f"{student['batch_size']}, Adam {o['learning_rate']} ×{o['decay_factor']} at {o['decay_at']:.0%} of "
-        f"training. Hinton KD: T = {d['temperature']}, soft weight {d['soft_weight']}; noisy teacher: "
-        f"ratio {d['noise_ratio']}, σ {d['noise_std']}; teacher dropout while distilling: {d['teacher_dropout']}.")
+      f"Students: LeNet width {student['model']['width']}, trained on {student.get('train_split', 'train')}, "
+      f"{student['num_epochs']} epochs, batch "
+      f"{student['batch_size']}, Adam {o['learning_rate']} ×{o['decay_factor']} at {o['decay_at']:.0%} of "
+      f"training. Hinton KD: T = {d['temperature']}, soft weight {d['soft_weight']}; noisy teacher: "
+      f"ratio {d['noise_ratio']}, σ {d['noise_std']}; teacher dropout while distilling: {d['teacher_dropout']}."
+    )
   data = (teacher or student or {}).get("data", {}).get("name", summary["settings"]["dataset"])
   lines = [
-      f"Real {data}; the teacher trained on its train split; all tested on its 10,000 test images; "
-      "a shared 2-core CPU. "
-      + " ".join(setup),
-      "",
-      f"Teacher test accuracy: {'–' if t is None else f'{100 * t:.2f} %'}",
-      "",
-      "| Student method | Seeds | Test acc. % (best epoch) | Test acc. % (last epoch) | Agreement with teacher % | Best epochs |",
-      "|---|---|---|---|---|---|",
+    f"Real {data}; the teacher trained on its train split; all tested on its 10,000 test images; "
+    "a shared 2-core CPU. " + " ".join(setup),
+    "",
+    f"Teacher test accuracy: {'–' if t is None else f'{100 * t:.2f} %'}",
+    "",
+    "| Student method | Seeds | Test acc. % (best epoch) | Test acc. % (last epoch) | Agreement with teacher % | Best epochs |",
+    "|---|---|---|---|---|---|",
   ]
   for method, m in summary["methods"].items():
-    lines.append(f"| {method} | {len(m['seeds'])} | {pct(m['best_epoch_accuracy'])} | {pct(m['last_epoch_accuracy'])} "
-                 f"| {pct(m['teacher_agreement'])} | {','.join(map(str, m['best_epochs']))} |")
-  lines += ["", "Mean ± sample standard deviation over seeds. The best epoch is chosen on the test set "
-            "(an optimistic upper bound); the last epoch is the honest number. Agreement: fraction of test "
-            "images where the student's top-1 class is the teacher's (last epoch)."]
+    lines.append(
+      f"| {method} | {len(m['seeds'])} | {pct(m['best_epoch_accuracy'])} | {pct(m['last_epoch_accuracy'])} "
+      f"| {pct(m['teacher_agreement'])} | {','.join(map(str, m['best_epochs']))} |"
+    )
+  lines += [
+    "",
+    "Mean ± sample standard deviation over seeds. The best epoch is chosen on the test set "
+    "(an optimistic upper bound); the last epoch is the honest number. Agreement: fraction of test "
+    "images where the student's top-1 class is the teacher's (last epoch).",
+  ]
   return "\n".join(lines) + "\n"
 
 

@@ -16,7 +16,10 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-from kd_jax.ops.xla_flags import configure_cpu; configure_cpu()  # noqa: E402,E702 (CPU-only speed flags, before JAX starts)
+from kd_jax.ops.xla_flags import configure_cpu  # noqa: E402  isort: skip
+
+configure_cpu()  # CPU-only speed flags, before JAX starts
+# isort: split
 
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
@@ -30,8 +33,14 @@ from kd_jax.amalgamation import step as step_lib  # noqa: E402
 def teacher_outputs(teachers, data_config, split, classes, grid, batch_size=512):
   """Logits, penultimate and pooled block features (`grid`) of every teacher over `split`
   (union classes), and the labels (which only score the rules)."""
-  fns = [jax.jit(lambda v, x, m=m: (lambda o: (o[0], models.penultimate(o[1]), step_lib.pooled_blocks(o[1], grid)))(
-      m.apply(v, x, train=False))) for m, _ in teachers]
+  fns = [
+    jax.jit(
+      lambda v, x, m=m: (
+        lambda o: (o[0], models.penultimate(o[1]), step_lib.pooled_blocks(o[1], grid))
+      )(m.apply(v, x, train=False))
+    )
+    for m, _ in teachers
+  ]
   outputs, labels = [[[] for _ in teachers] for _ in range(3)], []
   ds = data.make_dataset(data_config, split, batch_size=batch_size, train=False, classes=classes)
   for batch in data.as_numpy(ds):
@@ -60,25 +69,42 @@ def routing_accuracies(workdir: str, pool_grid: int | None = None) -> dict[str, 
     ckpts.close()
   (logits, feats, blocks), labels = teacher_outputs(teachers, config.data, "test", union, grid)
   pool = config.get("train_split", "train")
-  (pool_logits, pool_feats, pool_blocks), _ = teacher_outputs(teachers, config.data, pool, union, grid)
+  (pool_logits, pool_feats, pool_blocks), _ = teacher_outputs(
+    teachers, config.data, pool, union, grid
+  )
   energy = routing.fit_energy_stats(pool_logits)
   class_index = [[union.index(c) for c in cs] for cs in class_sets]
   start = routing.card_routed_classes(pool_logits, pool_feats, cards, class_index)
   balance = config.get("amalgamation", {}).get("pool_balance_rounds", 0)
-  router = routing.fit_pool_router(pool_blocks, start, class_index, balance_rounds=balance,
-                                   class_shares=routing.class_shares(cards, class_index))
+  router = routing.fit_pool_router(
+    pool_blocks,
+    start,
+    class_index,
+    balance_rounds=balance,
+    class_shares=routing.class_shares(cards, class_index),
+  )
   out = {}
   for rule in routing.RULES:
-    scores = routing.teacher_scores(rule, logits=logits, features=blocks if rule == "pool_lda" else feats,
-                                    cards=cards, energy_stats=energy, pool_router=router)
+    scores = routing.teacher_scores(
+      rule,
+      logits=logits,
+      features=blocks if rule == "pool_lda" else feats,
+      cards=cards,
+      energy_stats=energy,
+      pool_router=router,
+    )
     out[rule] = float(routing.routing_accuracy(routing.route(scores), owner[labels]))
   return out
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", action="append", required=True, help="an amalgamation run (repeatable)")
-  parser.add_argument("--pool_grid", type=int, default=None, help="pool_lda's grid (default: each run's)")
+  parser.add_argument(
+    "--workdir", action="append", required=True, help="an amalgamation run (repeatable)"
+  )
+  parser.add_argument(
+    "--pool_grid", type=int, default=None, help="pool_lda's grid (default: each run's)"
+  )
   args = parser.parse_args()
   runs = [routing_accuracies(w, args.pool_grid) for w in args.workdir]
   print("| rule | routing accuracy (test) |\n|---|---|")

@@ -47,7 +47,9 @@ def parse_pairs(text: str, plan_blocks: list[tuple[int, int]]) -> list[tuple[tup
   if len(groups) == 1:
     groups = groups * len(plan_blocks)
   if len(groups) != len(plan_blocks):
-    raise UsageError(f"block_pairs={text!r} gives pairs for {len(groups)} of {len(plan_blocks)} teachers")
+    raise UsageError(
+      f"block_pairs={text!r} gives pairs for {len(groups)} of {len(plan_blocks)} teachers"
+    )
   return groups
 
 
@@ -58,8 +60,9 @@ def _parsed(parse, text: str, *, name: str):
     raise UsageError(f"{name}={text!r}: {e}") from None
 
 
-def net_config(config, section: str, *, classes=None, split: str | None = None,
-               announce: bool = True) -> ml_collections.ConfigDict:
+def net_config(
+  config, section: str, *, classes=None, split: str | None = None, announce: bool = True
+) -> ml_collections.ConfigDict:
   """A training config for one net or stage, from the shared fields and `config[section]`.
 
   The net trains on `split` (default: the experiment's `train_split`) restricted to
@@ -81,11 +84,25 @@ def net_config(config, section: str, *, classes=None, split: str | None = None,
     per_epoch = loop.steps_per_epoch_of(out, classes, out.train_split)
     out.num_epochs = max(sub.epochs, -(-sub.min_steps // per_epoch))
     if announce and out.num_epochs > sub.epochs:  # the run takes longer than its epochs suggest
-      logging.info("%s: %s (classes %s) gives %d steps per epoch; %d epochs instead of %d, to make %s.min_steps=%d "
-                   "steps.", out.experiment, out.train_split, classes, per_epoch, out.num_epochs, sub.epochs, section,
-                   sub.min_steps)
+      logging.info(
+        "%s: %s (classes %s) gives %d steps per epoch; %d epochs instead of %d, to make %s.min_steps=%d "
+        "steps.",
+        out.experiment,
+        out.train_split,
+        classes,
+        per_epoch,
+        out.num_epochs,
+        sub.epochs,
+        section,
+        sub.min_steps,
+      )
   out.optim = ml_collections.ConfigDict(
-      dict(learning_rate=sub.learning_rate, decay_at=sub.decay_at, decay_factor=sub.decay_factor, weight_decay=0.0)
+    dict(
+      learning_rate=sub.learning_rate,
+      decay_at=sub.decay_at,
+      decay_factor=sub.decay_factor,
+      weight_decay=0.0,
+    )
   )
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs"):
     out[key] = config[key]
@@ -95,7 +112,9 @@ def net_config(config, section: str, *, classes=None, split: str | None = None,
   return out
 
 
-def component_config(config, *, classes, widths, seed, split=None, section="component") -> ml_collections.ConfigDict:
+def component_config(
+  config, *, classes, widths, seed, split=None, section="component"
+) -> ml_collections.ConfigDict:
   """The config of one component (or source) net trained with labels on `classes` of
   `split` (default: the experiment's `train_split`), on the schedule of `config[section]`."""
   out = net_config(config, section, classes=classes, split=split)
@@ -104,7 +123,12 @@ def component_config(config, *, classes, widths, seed, split=None, section="comp
   out.teacher_workdir = ""
   out.classes = list(classes)
   out.model = ml_collections.ConfigDict(
-      dict(name="convnet", block_widths=list(widths), convs_per_block=config.convs_per_block, norm="batch")
+    dict(
+      name="convnet",
+      block_widths=list(widths),
+      convs_per_block=config.convs_per_block,
+      norm="batch",
+    )
   )
   return out
 
@@ -117,11 +141,19 @@ def compute_card(config, model, variables, *, classes, split="train") -> routing
   mesh = mesh_lib.make_mesh()
   fn = jax.jit(lambda v, x: models.penultimate(model.apply(v, x, train=False)[1]))
   variables = mesh_lib.replicate(variables, mesh)
-  labels, features = evaluation.map_split(lambda images: fn(variables, images), config.data, split,
-                                          batch_size=config.batch_size, mesh=mesh, classes=classes)
+  labels, features = evaluation.map_split(
+    lambda images: fn(variables, images),
+    config.data,
+    split,
+    batch_size=config.batch_size,
+    mesh=mesh,
+    classes=classes,
+  )
   return routing.fit_teacher_card(
-      features, labels, num_classes=len(classes),
-      shrinkage=config.get("card_shrinkage", 0.1),
+    features,
+    labels,
+    num_classes=len(classes),
+    shrinkage=config.get("card_shrinkage", 0.1),
   )
 
 
@@ -129,7 +161,9 @@ def train_component(config, workdir: str) -> dict:
   """Trains one net with labels on `config.classes`; its final checkpoint holds its card."""
 
   def card_item(model, state):
-    card = compute_card(config, model, state.variables, classes=config.classes, split=config.train_split)
+    card = compute_card(
+      config, model, state.variables, classes=config.classes, split=config.train_split
+    )
     return {CARD: card.to_dict()}
 
   return distill.train_and_evaluate(config, workdir, finalize=card_item)
@@ -147,7 +181,9 @@ def load_card(workdir: str) -> routing.TeacherCard | None:
 
 def checkpoint_items(checkpoints: checkpoint.Checkpoints) -> list[str]:
   step = checkpoints.latest_step()
-  return sorted(os.listdir(os.path.join(checkpoints.directory, str(step)))) if step is not None else []
+  return (
+    sorted(os.listdir(os.path.join(checkpoints.directory, str(step)))) if step is not None else []
+  )
 
 
 def load_teacher(workdir: str, *, config, external: bool) -> dict:
@@ -158,33 +194,49 @@ def load_teacher(workdir: str, *, config, external: bool) -> dict:
   except checkpoint.CheckpointError as e:
     raise UsageError(f"teacher: {e}") from None
   if not isinstance(model, models.ConvNet):
-    raise UsageError(f"the teacher in {workdir} is a {type(model).__name__}; amalgamation needs ConvNet teachers")
+    raise UsageError(
+      f"the teacher in {workdir} is a {type(model).__name__}; amalgamation needs ConvNet teachers"
+    )
   teacher_data = meta.get("config", {}).get("data", {}).get("name")
   if teacher_data and teacher_data != config.data.name:
-    raise UsageError(f"the teacher in {workdir} was trained on {teacher_data}, not {config.data.name}")
+    raise UsageError(
+      f"the teacher in {workdir} was trained on {teacher_data}, not {config.data.name}"
+    )
   entry = meta["models"][meta["main"]]
   classes = entry.get("classes")
   if not classes:
-    raise UsageError(f"the teacher in {workdir} records no class subset: train it with experiments/component.py")
+    raise UsageError(
+      f"the teacher in {workdir} records no class subset: train it with experiments/component.py"
+    )
   if external:  # stage 1's own teachers are finished by construction
-    workdir_lib.check_finished(workdir, allowed=config.get("allow_unfinished_teacher", False), field="teacher_workdirs")
+    workdir_lib.check_finished(
+      workdir, allowed=config.get("allow_unfinished_teacher", False), field="teacher_workdirs"
+    )
   card = load_card(workdir)
   if card is None and config.amalgamation.selection in ("teacher_card", "pool_lda"):
     logging.info("Teacher %s has no card: computing it from its training data.", workdir)
     card = compute_card(config_for_data(config), model, variables, classes=classes)
   return {
-      "model": model,
-      "variables": variables,
-      "classes": list(classes),
-      "card": card,
-      "origin": {"workdir": os.path.abspath(workdir), "fingerprint": checkpoint.fingerprint(variables),
-                 "external": external},
+    "model": model,
+    "variables": variables,
+    "classes": list(classes),
+    "card": card,
+    "origin": {
+      "workdir": os.path.abspath(workdir),
+      "fingerprint": checkpoint.fingerprint(variables),
+      "external": external,
+    },
   }
 
 
 def config_for_data(config):
-  out = ml_collections.ConfigDict({"data": copy.deepcopy(config.data), "batch_size": config.component.batch_size,
-                                   "card_shrinkage": config.get("card_shrinkage", 0.1)})
+  out = ml_collections.ConfigDict(
+    {
+      "data": copy.deepcopy(config.data),
+      "batch_size": config.component.batch_size,
+      "card_shrinkage": config.get("card_shrinkage", 0.1),
+    }
+  )
   return out
 
 
@@ -196,12 +248,14 @@ def verify_teacher_origins(meta: dict) -> None:
       continue
     workdir = origin["workdir"]
     if not os.path.isdir(checkpoint.checkpoint_dir(workdir)):
-      logging.warning("External teacher %s (%s) is gone; using the copy in this checkpoint.", name, workdir)
+      logging.warning(
+        "External teacher %s (%s) is gone; using the copy in this checkpoint.", name, workdir
+      )
       continue
     _, variables = checkpoint.load(workdir)
     if checkpoint.fingerprint(variables) != origin["fingerprint"]:
       raise ValueError(
-          f"{name} was learned from {workdir} with fingerprint {origin['fingerprint']}, but that "
-          f"teacher now has fingerprint {checkpoint.fingerprint(variables)}: it was retrained or "
-          "overwritten; re-run the amalgamation into a new workdir"
+        f"{name} was learned from {workdir} with fingerprint {origin['fingerprint']}, but that "
+        f"teacher now has fingerprint {checkpoint.fingerprint(variables)}: it was retrained or "
+        "overwritten; re-run the amalgamation into a new workdir"
       )

@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax import losses
-from kd_jax.losses import union_targets  # noqa: F401  (public in kd_jax.losses; callers use it here)
 from kd_jax.choices import LOGIT_LOSSES  # noqa: F401  (re-exported: the step checks against it)
+from kd_jax.losses import union_targets  # noqa: F401  (public in kd_jax.losses; callers use it here)
 
 
 def student_task_probs(student_logits, class_index: Sequence[Sequence[int]]) -> jax.Array:
@@ -54,7 +54,9 @@ def self_training_mix(step, *, total_steps: int, weight: float, ramp: Sequence[f
   return weight * progress.astype(jnp.float32)
 
 
-def self_trained_weights(weights, student_logits, class_index: Sequence[Sequence[int]], *, mix) -> jax.Array:
+def self_trained_weights(
+  weights, student_logits, class_index: Sequence[Sequence[int]], *, mix
+) -> jax.Array:
   """`w' = (1 − α) · w + α · q` (see the module docstring); rows still sum to 1."""
   return (1.0 - mix) * weights + mix * student_task_probs(student_logits, class_index)
 
@@ -67,20 +69,29 @@ def soft_target_kl(student_logits, target_probs, *, temperature: float) -> jax.A
   return temperature**2 * jnp.mean(kl)
 
 
-def routed_logit_regression(student_logits, teacher_logits: Sequence, weights,
-                            class_index: Sequence[Sequence[int]]) -> jax.Array:
+def routed_logit_regression(
+  student_logits, teacher_logits: Sequence, weights, class_index: Sequence[Sequence[int]]
+) -> jax.Array:
   """`1/(2B) Σ_b Σ_t w_bt ‖s_b[class_index_t] − z_bt‖²` (the paper's logit term, routed)."""
   total = 0.0
   for t, (z, index) in enumerate(zip(teacher_logits, class_index)):
     total = total + losses.logit_regression(
-        student_logits[:, jnp.asarray(index)], z, sample_weights=weights[:, t],
-        reduction="sum_over_batch_size",  # (1/B) Σ w ℓ: the routing weights partition the batch
+      student_logits[:, jnp.asarray(index)],
+      z,
+      sample_weights=weights[:, t],
+      reduction="sum_over_batch_size",  # (1/B) Σ w ℓ: the routing weights partition the batch
     )
   return total
 
 
-def seed_logit_loss(student_logits, teacher_logits: Sequence, weights,
-                    class_index: Sequence[Sequence[int]], *, num_classes: int) -> jax.Array:
+def seed_logit_loss(
+  student_logits,
+  teacher_logits: Sequence,
+  weights,
+  class_index: Sequence[Sequence[int]],
+  *,
+  num_classes: int,
+) -> jax.Array:
   """The amalgamation seed's logit term: MSE to zero-padded routed logits, ×200.
 
   The routed teacher's logits are placed at its classes' positions and every other
@@ -89,7 +100,7 @@ def seed_logit_loss(student_logits, teacher_logits: Sequence, weights,
   padded = 0.0
   for t, (z, index) in enumerate(zip(teacher_logits, class_index)):
     embedded = jnp.zeros((z.shape[0], num_classes), jnp.float32).at[:, jnp.asarray(index)].set(z)
-    padded = padded + weights[:, t:t + 1] * embedded
+    padded = padded + weights[:, t : t + 1] * embedded
   return 200.0 * jnp.mean((student_logits - jax.lax.stop_gradient(padded)) ** 2)
 
 

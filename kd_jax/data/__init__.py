@@ -30,19 +30,19 @@ from kd_jax.data.defaults import default_data_config as default_data_config  # r
 
 # Public name -> the module that defines it, imported on first use.
 _LAZY = {
-    "DATASET_NAMES": "sources",
-    "DataNotFoundError": "sources",
-    "DatasetInfo": "sources",
-    "get_builder": "sources",
-    "get_info": "sources",
-    "PREPROCESS_CHOICES": "preprocessing",
-    "device_preprocess": "preprocessing",
-    "preprocess_images": "preprocessing",
-    "train_stats": "preprocessing",
-    "as_numpy": "dataset",
-    "load_arrays": "dataset",
-    "make_dataset": "dataset",
-    "num_batches": "dataset",
+  "DATASET_NAMES": "sources",
+  "DataNotFoundError": "sources",
+  "DatasetInfo": "sources",
+  "get_builder": "sources",
+  "get_info": "sources",
+  "PREPROCESS_CHOICES": "preprocessing",
+  "device_preprocess": "preprocessing",
+  "preprocess_images": "preprocessing",
+  "train_stats": "preprocessing",
+  "as_numpy": "dataset",
+  "load_arrays": "dataset",
+  "make_dataset": "dataset",
+  "num_batches": "dataset",
 }
 
 __all__ = sorted([*_LAZY, "default_data_config"])

@@ -36,12 +36,28 @@ Put the four IDX files, gzipped or not, in `manual_dir`:
 
 MNIST_CLASS_NAMES = tuple(str(i) for i in range(10))
 FASHION_MNIST_CLASS_NAMES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+  "T-shirt/top",
+  "Trouser",
+  "Pullover",
+  "Dress",
+  "Coat",
+  "Sandal",
+  "Shirt",
+  "Sneaker",
+  "Bag",
+  "Ankle boot",
 )  # pyformat: disable
 CIFAR10_CLASS_NAMES = (
-    "airplane", "automobile", "bird", "cat", "deer",
-    "dog", "frog", "horse", "ship", "truck",
+  "airplane",
+  "automobile",
+  "bird",
+  "cat",
+  "deer",
+  "dog",
+  "frog",
+  "horse",
+  "ship",
+  "truck",
 )  # pyformat: disable
 
 
@@ -56,24 +72,24 @@ class IdxMnist(tfds.core.GeneratorBasedBuilder):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description=self.DESCRIPTION,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=formats.MNIST_SHAPE + (1,)),
-            "label": tfds.features.ClassLabel(names=list(self.CLASS_NAMES)),
-        }),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,
+      description=self.DESCRIPTION,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=formats.MNIST_SHAPE + (1,)),
+          "label": tfds.features.ClassLabel(names=list(self.CLASS_NAMES)),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
     # Read and check every file before TFDS writes anything: a bad test file
     # should not cost the time of writing the training split first.
     data = {
-        split: formats.read_idx_split(dl_manager.manual_dir, split)
-        for split in formats.IDX_FILES
+      split: formats.read_idx_split(dl_manager.manual_dir, split) for split in formats.IDX_FILES
     }
-    return {split: self._generate_examples(*arrays)
-            for split, arrays in data.items()}
+    return {split: self._generate_examples(*arrays) for split, arrays in data.items()}
 
   def _generate_examples(self, images, labels):
     for i, (image, label) in enumerate(zip(images, labels)):
@@ -95,31 +111,32 @@ class Cifar10Python(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Put {formats.CIFAR10_ARCHIVE} (the CIFAR-10 python version), or the "
-      f"{formats.CIFAR10_DIR}/ folder it holds, in `manual_dir`.\n"
+    f"Put {formats.CIFAR10_ARCHIVE} (the CIFAR-10 python version), or the "
+    f"{formats.CIFAR10_DIR}/ folder it holds, in `manual_dir`.\n"
   )
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
-        description="CIFAR-10 tiny images, from the python-pickle archive.",
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(32, 32, 3)),
-            "label": tfds.features.ClassLabel(names=list(CIFAR10_CLASS_NAMES)),
-        }),
-        supervised_keys=("image", "label"),
-        disable_shuffling=True,
+      description="CIFAR-10 tiny images, from the python-pickle archive.",
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(32, 32, 3)),
+          "label": tfds.features.ClassLabel(names=list(CIFAR10_CLASS_NAMES)),
+        }
+      ),
+      supervised_keys=("image", "label"),
+      disable_shuffling=True,
     )
 
   def _split_generators(self, dl_manager):
     source = formats.cifar10_source(dl_manager.manual_dir)
     if source is None:
       raise ValueError(
-          f"missing file: neither {formats.CIFAR10_ARCHIVE} nor "
-          f"{formats.CIFAR10_DIR}/ is in {dl_manager.manual_dir}."
+        f"missing file: neither {formats.CIFAR10_ARCHIVE} nor "
+        f"{formats.CIFAR10_DIR}/ is in {dl_manager.manual_dir}."
       )
     splits, _ = formats.read_cifar10(source)
-    return {split: self._generate_examples(*arrays)
-            for split, arrays in splits.items()}
+    return {split: self._generate_examples(*arrays) for split, arrays in splits.items()}
 
   def _generate_examples(self, images, labels):
     for i, (image, label) in enumerate(zip(images, labels)):

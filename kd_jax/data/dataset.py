@@ -51,20 +51,20 @@ def _processes(process_index, process_count) -> tuple[int, int]:
 def _local_batch_size(batch_size: int, process_count: int) -> int:
   if batch_size <= 0 or batch_size % process_count:
     raise ValueError(
-        f"batch_size {batch_size} must be positive and divisible by the "
-        f"number of processes ({process_count})."
+      f"batch_size {batch_size} must be positive and divisible by the "
+      f"number of processes ({process_count})."
     )
   return batch_size // process_count
 
 
 def num_batches(
-    data_config,
-    split: str,
-    *,
-    batch_size: int,
-    train: bool,
-    classes: Sequence[int] | None = None,
-    drop_remainder: bool | None = None,
+  data_config,
+  split: str,
+  *,
+  batch_size: int,
+  train: bool,
+  classes: Sequence[int] | None = None,
+  drop_remainder: bool | None = None,
 ) -> int:
   """Global batches per epoch that `make_dataset` yields (on every process).
 
@@ -80,20 +80,20 @@ def num_batches(
 
 
 def make_dataset(
-    data_config,
-    split: str,
-    *,
-    batch_size: int,
-    train: bool,
-    seed: int = 0,
-    epoch: int = 0,
-    num_epochs: int | None = 1,
-    classes: Sequence[int] | None = None,
-    drop_remainder: bool | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    with_index: bool = False,
-    raw_images: bool = False,
+  data_config,
+  split: str,
+  *,
+  batch_size: int,
+  train: bool,
+  seed: int = 0,
+  epoch: int = 0,
+  num_epochs: int | None = 1,
+  classes: Sequence[int] | None = None,
+  drop_remainder: bool | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  with_index: bool = False,
+  raw_images: bool = False,
 ) -> tf.data.Dataset:
   """Returns this process's rows of the global batches of `split`, for `num_epochs` epochs.
 
@@ -160,14 +160,14 @@ def make_dataset(
   # same number of steps, which the whole split's count gives.
   steps = None
   if process_count > 1:
-    steps = num_batches(data_config, split, batch_size=batch_size, train=train,
-                        classes=classes, drop_remainder=drop)
+    steps = num_batches(
+      data_config, split, batch_size=batch_size, train=train, classes=classes, drop_remainder=drop
+    )
 
   def local_rows(ds):
     if process_count == 1:
       return ds
-    ds = ds.enumerate().filter(
-        lambda i, ex: (i % batch_size) // local == process_index)
+    ds = ds.enumerate().filter(lambda i, ex: (i % batch_size) // local == process_index)
     return ds.map(lambda i, ex: ex)
 
   root_rng = tf.constant([0, seed], tf.int64)
@@ -187,8 +187,7 @@ def make_dataset(
     shuffle_rng = tf.random.experimental.stateless_fold_in(epoch_rng, 0)
     aug_rng = tf.random.experimental.stateless_fold_in(epoch_rng, 1)
     ds = local_rows(_permute(base, shuffle_rng, block) if train else base)
-    ds = ds.map(lambda ex: example_fn(ex, aug_rng),
-                num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda ex: example_fn(ex, aug_rng), num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.batch(local, drop_remainder=drop)
     if not drop:
       ds = ds.map(functools.partial(_pad_batch, batch_size=local))
@@ -252,7 +251,7 @@ def as_numpy(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
 
 
 def load_arrays(
-    data_config, split: str, classes: Sequence[int] | None = None
+  data_config, split: str, classes: Sequence[int] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
   """Returns the whole split (all processes' shares) as numpy arrays.
 

@@ -10,7 +10,8 @@ def default_data_config(name: str = "fashion_mnist") -> Any:
   """Returns a ConfigDict with every data field and its default."""
   import ml_collections  # pylint: disable=g-import-not-at-top  (only here; callers may use any object)
 
-  return ml_collections.ConfigDict({
+  return ml_collections.ConfigDict(
+    {
       "name": name,
       "data_dir": "~/tensorflow_datasets",
       "manual_dir": "",
@@ -18,4 +19,5 @@ def default_data_config(name: str = "fashion_mnist") -> Any:
       "augment": False,
       "download": True,
       "shuffle_buffer": 0,
-  })
+    }
+  )

@@ -31,8 +31,8 @@ MNIST_SHAPE = (28, 28)
 
 # Base names of the four IDX files; each may be gzipped (`.gz`) or not.
 IDX_FILES = {
-    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+  "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+  "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
@@ -81,8 +81,7 @@ def _read_bytes(path: str) -> bytes:
 def _header(path: str, data: bytes, n_ints: int) -> tuple[int, ...]:
   if len(data) < 4 * n_ints:
     raise ValueError(
-        f"{path}: only {len(data)} bytes, too short for an IDX header "
-        f"({4 * n_ints} bytes)."
+      f"{path}: only {len(data)} bytes, too short for an IDX header ({4 * n_ints} bytes)."
     )
   return tuple(int(x) for x in np.frombuffer(data, ">u4", count=n_ints))
 
@@ -93,20 +92,19 @@ def read_idx_images(path: str) -> np.ndarray:
   magic = _header(path, data, 1)[0]
   if magic != IDX_IMAGES_MAGIC:
     raise ValueError(
-        f"{path}: bad magic number {magic}, an IDX image file starts with "
-        f"{IDX_IMAGES_MAGIC} (is it a label file, or not IDX at all?)."
+      f"{path}: bad magic number {magic}, an IDX image file starts with "
+      f"{IDX_IMAGES_MAGIC} (is it a label file, or not IDX at all?)."
     )
   _, n, rows, cols = _header(path, data, 4)
   if (rows, cols) != MNIST_SHAPE:
     raise ValueError(
-        f"{path}: images are {rows}x{cols}, expected "
-        f"{MNIST_SHAPE[0]}x{MNIST_SHAPE[1]}."
+      f"{path}: images are {rows}x{cols}, expected {MNIST_SHAPE[0]}x{MNIST_SHAPE[1]}."
     )
   expected = 16 + n * rows * cols
   if len(data) != expected:
     raise ValueError(
-        f"{path}: header says {n} images of {rows}x{cols} ({expected} bytes) "
-        f"but the file has {len(data)} bytes (truncated or corrupt?)."
+      f"{path}: header says {n} images of {rows}x{cols} ({expected} bytes) "
+      f"but the file has {len(data)} bytes (truncated or corrupt?)."
     )
   images = np.frombuffer(data, np.uint8, offset=16).reshape(n, rows, cols, 1)
   return images
@@ -118,25 +116,23 @@ def read_idx_labels(path: str, num_classes: int = 10) -> np.ndarray:
   magic = _header(path, data, 1)[0]
   if magic != IDX_LABELS_MAGIC:
     raise ValueError(
-        f"{path}: bad magic number {magic}, an IDX label file starts with "
-        f"{IDX_LABELS_MAGIC} (is it an image file, or not IDX at all?)."
+      f"{path}: bad magic number {magic}, an IDX label file starts with "
+      f"{IDX_LABELS_MAGIC} (is it an image file, or not IDX at all?)."
     )
   _, n = _header(path, data, 2)
   if len(data) != 8 + n:
     raise ValueError(
-        f"{path}: header says {n} labels ({8 + n} bytes) but the file has "
-        f"{len(data)} bytes (truncated or corrupt?)."
+      f"{path}: header says {n} labels ({8 + n} bytes) but the file has "
+      f"{len(data)} bytes (truncated or corrupt?)."
     )
   labels = np.frombuffer(data, np.uint8, offset=8).astype(np.int64)
   if n and labels.max() >= num_classes:
-    raise ValueError(
-        f"{path}: label {labels.max()} out of range [0, {num_classes})."
-    )
+    raise ValueError(f"{path}: label {labels.max()} out of range [0, {num_classes}).")
   return labels
 
 
 def read_idx_split(
-    directory: str | os.PathLike, split: str, num_classes: int = 10
+  directory: str | os.PathLike, split: str, num_classes: int = 10
 ) -> tuple[np.ndarray, np.ndarray]:
   """Reads and cross-checks one split's image and label files."""
   image_base, label_base = IDX_FILES[split]
@@ -144,16 +140,14 @@ def read_idx_split(
   for base in (image_base, label_base):
     path = find_idx_file(directory, base)
     if path is None:
-      raise ValueError(
-          f"missing file: neither {base}.gz nor {base} is in {directory}."
-      )
+      raise ValueError(f"missing file: neither {base}.gz nor {base} is in {directory}.")
     paths.append(path)
   images = read_idx_images(paths[0])
   labels = read_idx_labels(paths[1], num_classes)
   if len(images) != len(labels):
     raise ValueError(
-        f"{paths[0]} has {len(images)} images but {paths[1]} has "
-        f"{len(labels)} labels: the counts must match."
+      f"{paths[0]} has {len(images)} images but {paths[1]} has "
+      f"{len(labels)} labels: the counts must match."
     )
   return images, labels
 
@@ -171,12 +165,12 @@ class _SafeUnpickler(pickle.Unpickler):
   """
 
   _ALLOWED = {
-      ("numpy.core.multiarray", "_reconstruct"),
-      ("numpy._core.multiarray", "_reconstruct"),
-      ("numpy", "ndarray"),
-      ("numpy", "dtype"),
-      # Protocol-2 pickles written by Python 3 store bytes this way.
-      ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    # Protocol-2 pickles written by Python 3 store bytes this way.
+    ("_codecs", "encode"),
   }
 
   def find_class(self, module, name):
@@ -228,7 +222,7 @@ def _read_cifar_members(source: str, names: Sequence[str]) -> Mapping[str, bytes
 
 
 def read_cifar10(
-    source: str,
+  source: str,
 ) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
   """Reads CIFAR-10 from the python archive (or its extracted folder).
 
@@ -243,18 +237,14 @@ def read_cifar10(
   missing = [n for n in wanted if n not in members]
   if missing:
     raise ValueError(
-        f"{source}: missing {', '.join(missing)} (expected "
-        f"{CIFAR10_DIR}/{{{', '.join(wanted)}}})."
+      f"{source}: missing {', '.join(missing)} (expected {CIFAR10_DIR}/{{{', '.join(wanted)}}})."
     )
   meta = _unpickle(members["batches.meta"], f"{source}:batches.meta")
   label_names = [
-      n.decode() if isinstance(n, bytes) else str(n)
-      for n in meta.get("label_names", [])
+    n.decode() if isinstance(n, bytes) else str(n) for n in meta.get("label_names", [])
   ]
   if len(label_names) != 10:
-    raise ValueError(
-        f"{source}:batches.meta: expected 10 label_names, got {len(label_names)}."
-    )
+    raise ValueError(f"{source}:batches.meta: expected 10 label_names, got {len(label_names)}.")
 
   def read_batches(batch_names):
     images, labels = [], []
@@ -267,18 +257,15 @@ def read_cifar10(
       lab = np.asarray(batch["labels"], dtype=np.int64)
       if data.dtype != np.uint8 or data.ndim != 2:
         raise ValueError(
-            f"{where}: 'data' is {data.dtype} {data.shape}, expected uint8 "
-            f"[rows, {CIFAR10_ROW_BYTES}]."
+          f"{where}: 'data' is {data.dtype} {data.shape}, expected uint8 "
+          f"[rows, {CIFAR10_ROW_BYTES}]."
         )
       if data.shape[1] != CIFAR10_ROW_BYTES:
         raise ValueError(
-            f"{where}: rows have {data.shape[1]} bytes, expected "
-            f"{CIFAR10_ROW_BYTES} (32x32x3)."
+          f"{where}: rows have {data.shape[1]} bytes, expected {CIFAR10_ROW_BYTES} (32x32x3)."
         )
       if lab.shape != (data.shape[0],):
-        raise ValueError(
-            f"{where}: {data.shape[0]} rows of data but {lab.size} labels."
-        )
+        raise ValueError(f"{where}: {data.shape[0]} rows of data but {lab.size} labels.")
       if lab.size and (lab.min() < 0 or lab.max() > 9):
         raise ValueError(f"{where}: labels out of range [0, 10).")
       # Rows are channel-planar (RRR..GGG..BBB); TFDS images are HWC.
@@ -287,7 +274,7 @@ def read_cifar10(
     return np.concatenate(images), np.concatenate(labels)
 
   splits = {
-      "train": read_batches(CIFAR10_TRAIN_BATCHES),
-      "test": read_batches(CIFAR10_TEST_BATCHES),
+    "train": read_batches(CIFAR10_TRAIN_BATCHES),
+    "test": read_batches(CIFAR10_TEST_BATCHES),
   }
   return splits, label_names

@@ -54,10 +54,10 @@ def _compute_stats(builder) -> dict[str, np.ndarray]:
   channel_mean = mean_image.mean(axis=(0, 1))
   channel_var = (total_sq / n).mean(axis=(0, 1)) - channel_mean**2
   return {
-      "mean_image": mean_image.astype(np.float32),
-      "channel_mean": channel_mean.astype(np.float32),
-      "channel_std": np.sqrt(np.maximum(channel_var, 1e-12)).astype(np.float32),
-      "num_examples": np.int64(n),
+    "mean_image": mean_image.astype(np.float32),
+    "channel_mean": channel_mean.astype(np.float32),
+    "channel_std": np.sqrt(np.maximum(channel_var, 1e-12)).astype(np.float32),
+    "num_examples": np.int64(n),
   }
 
 
@@ -100,9 +100,7 @@ def _kind(data_config) -> str:
   """The configured preprocessing; ValueError for an unknown one."""
   kind = getattr(data_config, "preprocess", "mean_image")
   if kind not in PREPROCESS_CHOICES:
-    raise ValueError(
-        f"unknown preprocess {kind!r}; choose one of {', '.join(PREPROCESS_CHOICES)}."
-    )
+    raise ValueError(f"unknown preprocess {kind!r}; choose one of {', '.join(PREPROCESS_CHOICES)}.")
   return kind
 
 

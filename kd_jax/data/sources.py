@@ -62,15 +62,19 @@ class Source:
 
 
 _IDX_FILES_TEXT = (
-    "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
-    "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (gzipped or not)"
+  "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+  "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz (gzipped or not)"
 )
 _SOURCES = {
-    "cifar10": Source("cifar10", builders.Cifar10Python, formats.CIFAR10_ARCHIVE, flip=True,
-                      tfds_manual_files=("cifar-10-binary.tar.gz",)),
-    "mnist": Source("mnist", builders.IdxMnist, _IDX_FILES_TEXT, flip=False),
-    "fashion_mnist": Source("fashion_mnist", builders.IdxFashionMnist, _IDX_FILES_TEXT,
-                            flip=False),
+  "cifar10": Source(
+    "cifar10",
+    builders.Cifar10Python,
+    formats.CIFAR10_ARCHIVE,
+    flip=True,
+    tfds_manual_files=("cifar-10-binary.tar.gz",),
+  ),
+  "mnist": Source("mnist", builders.IdxMnist, _IDX_FILES_TEXT, flip=False),
+  "fashion_mnist": Source("fashion_mnist", builders.IdxFashionMnist, _IDX_FILES_TEXT, flip=False),
 }
 # The datasets with a source; tests/test_config_schema.py checks it is `kd_jax.choices.DATASETS`.
 DATASET_NAMES = tuple(_SOURCES)
@@ -105,11 +109,11 @@ def _is_prepared(builder: tfds.core.DatasetBuilder) -> bool:
 
 
 def get_builder(
-    name: str,
-    *,
-    data_dir: str | os.PathLike | None,
-    manual_dir: str | os.PathLike | None = None,
-    download: bool = True,
+  name: str,
+  *,
+  data_dir: str | os.PathLike | None,
+  manual_dir: str | os.PathLike | None = None,
+  download: bool = True,
 ) -> tfds.core.DatasetBuilder:
   """Returns a prepared TFDS builder for `name` (see the module docstring).
 
@@ -133,9 +137,7 @@ def get_builder(
   # 2. Raw files in manual_dir. Format errors propagate as ValueError.
   if manual_dir and os.path.isdir(manual_dir) and _has_manual_files(source, manual_dir):
     logging.info("Preparing %s from %s into %s", ours.name, manual_dir, ours.data_dir)
-    ours.download_and_prepare(
-        download_config=tfds.download.DownloadConfig(manual_dir=manual_dir)
-    )
+    ours.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return ours
 
   def not_found(why: str) -> DataNotFoundError:
@@ -146,20 +148,22 @@ def get_builder(
     else:
       manual_state = f"{manual_dir}, which has none of them"
     return DataNotFoundError(
-        f"no {name} data: put {source.manual_files} in "
-        f"--config.data.manual_dir (now: {manual_state}), or a prepared TFDS "
-        f"dataset ({source.tfds_name!r} or {source.builder_cls.name!r}) in "
-        f"--config.data.data_dir (now: {data_dir or 'the TFDS default'}). "
-        f"{why}"
+      f"no {name} data: put {source.manual_files} in "
+      f"--config.data.manual_dir (now: {manual_state}), or a prepared TFDS "
+      f"dataset ({source.tfds_name!r} or {source.builder_cls.name!r}) in "
+      f"--config.data.data_dir (now: {data_dir or 'the TFDS default'}). "
+      f"{why}"
     )
 
   # 3. TFDS's own files in manual_dir, else nothing: never a download when the
   # user named the directory that holds the data.
   if manual_dir and not any(
-      os.path.isfile(os.path.join(manual_dir, f)) for f in source.tfds_manual_files
+    os.path.isfile(os.path.join(manual_dir, f)) for f in source.tfds_manual_files
   ):
-    raise not_found("Nothing was downloaded: --config.data.manual_dir is set "
-                    "(leave it empty to let TFDS download).")
+    raise not_found(
+      "Nothing was downloaded: --config.data.manual_dir is set "
+      "(leave it empty to let TFDS download)."
+    )
   # 4. TFDS's own download.
   if not manual_dir and not download:
     raise not_found("Downloading is off (--config.data.download=False).")
@@ -176,10 +180,10 @@ def get_builder(
 def builder_of(data_config) -> tfds.core.DatasetBuilder:
   """`get_builder` for a data config (`kd_jax.data`'s fields)."""
   return get_builder(
-      data_config.name,
-      data_dir=getattr(data_config, "data_dir", None),
-      manual_dir=getattr(data_config, "manual_dir", None),
-      download=bool(getattr(data_config, "download", True)),
+    data_config.name,
+    data_dir=getattr(data_config, "data_dir", None),
+    manual_dir=getattr(data_config, "manual_dir", None),
+    download=bool(getattr(data_config, "download", True)),
   )
 
 
@@ -189,7 +193,7 @@ def builder_of(data_config) -> tfds.core.DatasetBuilder:
 
 
 def class_subset(
-    builder: tfds.core.DatasetBuilder, classes: Sequence[int] | None
+  builder: tfds.core.DatasetBuilder, classes: Sequence[int] | None
 ) -> tuple[int, ...] | None:
   """Validates a class subset of the builder's dataset; returns it as a tuple (None: all).
 
@@ -202,10 +206,10 @@ def class_subset(
 
 
 def read_split(
-    builder: tfds.core.DatasetBuilder,
-    split: str,
-    classes: tuple[int, ...] | None,
-    decoders=None,
+  builder: tfds.core.DatasetBuilder,
+  split: str,
+  classes: tuple[int, ...] | None,
+  decoders=None,
 ) -> tf.data.Dataset:
   """Reads a split in stored order as {'image' uint8, 'label' int32}.
 
@@ -283,9 +287,9 @@ def get_info(data_config, classes: Sequence[int] | None = None) -> DatasetInfo:
   if classes is not None:
     names = tuple(names[c] for c in classes)
   return DatasetInfo(
-      num_classes=len(names),
-      image_shape=tuple(builder.info.features["image"].shape),
-      num_train=count_examples(builder, "train", classes),
-      num_test=count_examples(builder, "test", classes),
-      class_names=names,
+    num_classes=len(names),
+    image_shape=tuple(builder.info.features["image"].shape),
+    num_train=count_examples(builder, "train", classes),
+    num_test=count_examples(builder, "test", classes),
+    class_names=names,
   )

@@ -22,12 +22,13 @@ from kd_jax.losses import logit_methods as _logit_methods
 from kd_jax.losses import logits as _logits
 from kd_jax.losses import relational as _relational
 from kd_jax.losses import vid as _vid
+
 # Private helpers that kd_jax.seed_compat shares (same checks, same messages).
 from kd_jax.losses._common import (  # noqa: F401
-    _as_logits,
-    _check_non_negative,
-    _check_positive,
-    _check_unit_interval,
+  _as_logits,
+  _check_non_negative,
+  _check_positive,
+  _check_unit_interval,
 )
 from kd_jax.losses.amalgamation import *  # noqa: F401,F403
 from kd_jax.losses.crd import *  # noqa: F401,F403
@@ -38,6 +39,11 @@ from kd_jax.losses.relational import *  # noqa: F401,F403
 from kd_jax.losses.vid import *  # noqa: F401,F403
 
 __all__ = sorted(
-    _amalgamation.__all__ + _crd.__all__ + _features.__all__ + _logit_methods.__all__
-    + _logits.__all__ + _relational.__all__ + _vid.__all__
+  _amalgamation.__all__
+  + _crd.__all__
+  + _features.__all__
+  + _logit_methods.__all__
+  + _logits.__all__
+  + _relational.__all__
+  + _vid.__all__
 )

@@ -55,7 +55,7 @@ def _as_logits(name: str, logits) -> Array:
   logits = jnp.asarray(logits)
   if logits.ndim < 2:
     raise ValueError(
-        f"{name} must have shape [..., classes] with a batch axis, got shape {logits.shape}"
+      f"{name} must have shape [..., classes] with a batch axis, got shape {logits.shape}"
     )
   return _as_float(jnp.reshape(logits, (-1, logits.shape[-1])))
 
@@ -70,7 +70,7 @@ def _leading_shape(name: str, logits) -> tuple[int, ...]:
 def _check_same_shape(name_a: str, a, name_b: str, b) -> None:
   if jnp.shape(a) != jnp.shape(b):
     raise ValueError(
-        f"{name_a} and {name_b} must have the same shape, got {jnp.shape(a)} and {jnp.shape(b)}"
+      f"{name_a} and {name_b} must have the same shape, got {jnp.shape(a)} and {jnp.shape(b)}"
     )
 
 
@@ -94,8 +94,9 @@ def _check_sample_weights(sample_weights, leading: tuple[int, ...]):
   return jnp.reshape(sample_weights, (-1,)).astype(jnp.float32)
 
 
-def _reduce(per_sample: Array, sample_weights: Array | None, reduction: str,
-            leading: tuple[int, ...]) -> Array:
+def _reduce(
+  per_sample: Array, sample_weights: Array | None, reduction: str, leading: tuple[int, ...]
+) -> Array:
   """Reduces per-sample losses `ℓ` (`[N]`) with optional weights `w` (`[N]`, default 1).
 
   * 'mean': `Σ w ℓ / Σ w` — with a 0/1 mask, the mean over the kept samples (0 when no

@@ -23,8 +23,17 @@ Array = jax.Array
 
 # 1/(k+2)! for k = 0..8: h(u) = Σ_k (−u)^k / (k+2)!; the first dropped term is < 1e-10 of h
 # for |u| < 0.5.
-_H_COEFFICIENTS = (1 / 2, 1 / 6, 1 / 24, 1 / 120, 1 / 720, 1 / 5040, 1 / 40320, 1 / 362880,
-                   1 / 3628800)
+_H_COEFFICIENTS = (
+  1 / 2,
+  1 / 6,
+  1 / 24,
+  1 / 120,
+  1 / 720,
+  1 / 5040,
+  1 / 40320,
+  1 / 362880,
+  1 / 3628800,
+)
 _SERIES_RADIUS = 0.5
 
 
@@ -61,8 +70,14 @@ def masked_log_softmax(logits: Array, valid: Array | None) -> Array:
   return jnp.where(valid, shifted - log_norm, 0.0)
 
 
-def scaled_kl(teacher: Array, student: Array, temperature, *, valid: Array | None = None,
-              difference: Array | None = None) -> Array:
+def scaled_kl(
+  teacher: Array,
+  student: Array,
+  temperature,
+  *,
+  valid: Array | None = None,
+  difference: Array | None = None,
+) -> Array:
   """`T² · KL(softmax(t/T) ‖ softmax(s/T))` per row of `[N, K]` logits.
 
   Args:

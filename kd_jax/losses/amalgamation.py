@@ -17,11 +17,11 @@ from kd_jax.losses._common import _as_float, _as_logits, _check_finite_positive,
 Array = jax.Array
 
 __all__ = [
-    "block_alignment_loss",
-    "prediction_entropy",
-    "select_by_entropy",
-    "union_targets",
-    "unit_norm_penalty",
+  "block_alignment_loss",
+  "prediction_entropy",
+  "select_by_entropy",
+  "union_targets",
+  "unit_norm_penalty",
 ]
 
 
@@ -63,8 +63,7 @@ def select_by_entropy(logits_per_teacher: Sequence, *, normalize: bool = False) 
     if normalize:
       if z.shape[1] < 2:
         raise ValueError(
-            f"normalize=True needs >= 2 classes per teacher, logits_per_teacher[{i}] has "
-            f"{z.shape[1]}"
+          f"normalize=True needs >= 2 classes per teacher, logits_per_teacher[{i}] has {z.shape[1]}"
         )
       h = h / jnp.log(z.shape[1])
     entropies.append(h)
@@ -87,13 +86,13 @@ def block_alignment_loss(student_blocks: Sequence, teacher_blocks: Sequence) -> 
   """
   if not student_blocks or not teacher_blocks:
     raise ValueError(
-        "student_blocks and teacher_blocks must be non-empty sequences, got "
-        f"{len(student_blocks)} and {len(teacher_blocks)} blocks"
+      "student_blocks and teacher_blocks must be non-empty sequences, got "
+      f"{len(student_blocks)} and {len(teacher_blocks)} blocks"
     )
   if len(student_blocks) != len(teacher_blocks):
     raise ValueError(
-        f"student_blocks and teacher_blocks must have as many blocks, got "
-        f"{len(student_blocks)} and {len(teacher_blocks)}"
+      f"student_blocks and teacher_blocks must have as many blocks, got "
+      f"{len(student_blocks)} and {len(teacher_blocks)}"
     )
   per_block = []
   for n, (s, t) in enumerate(zip(student_blocks, teacher_blocks)):
@@ -119,15 +118,21 @@ def unit_norm_penalty(kernel) -> Array:
   kernel = jnp.asarray(kernel)
   if kernel.ndim < 2:
     raise ValueError(
-        f"kernel must have rank >= 2 with output filters last, got shape {kernel.shape}"
+      f"kernel must have rank >= 2 with output filters last, got shape {kernel.shape}"
     )
   kernel = _as_float(kernel)
   squared_norms = jnp.sum(jnp.reshape(kernel**2, (-1, kernel.shape[-1])), axis=0)
   return jnp.sum((squared_norms - 1.0) ** 2)
 
 
-def union_targets(teacher_logits: Sequence, weights, class_index: Sequence[Sequence[int]], *,
-                  num_classes: int, temperature: float) -> Array:
+def union_targets(
+  teacher_logits: Sequence,
+  weights,
+  class_index: Sequence[Sequence[int]],
+  *,
+  num_classes: int,
+  temperature: float,
+) -> Array:
   """The union target `p_b = Σ_t w_bt · embed_t(softmax(z_bt / T))`, `[B, C]`, no gradient.
 
   Each teacher's tempered distribution is placed at its classes' positions in the union
@@ -146,8 +151,8 @@ def union_targets(teacher_logits: Sequence, weights, class_index: Sequence[Seque
   _check_finite_positive("temperature", temperature)
   if len(teacher_logits) != len(class_index):
     raise ValueError(
-        f"teacher_logits and class_index must have one entry per teacher, got "
-        f"{len(teacher_logits)} and {len(class_index)}"
+      f"teacher_logits and class_index must have one entry per teacher, got "
+      f"{len(teacher_logits)} and {len(class_index)}"
     )
   targets = 0.0
   for t, (z, index) in enumerate(zip(teacher_logits, class_index)):
@@ -155,5 +160,5 @@ def union_targets(teacher_logits: Sequence, weights, class_index: Sequence[Seque
     probs = jax.nn.softmax(z / temperature, axis=-1)
     embedded = jnp.zeros((z.shape[0], num_classes), jnp.float32)
     embedded = embedded.at[:, jnp.asarray(index)].add(probs)
-    targets = targets + weights[:, t:t + 1] * embedded
+    targets = targets + weights[:, t : t + 1] * embedded
   return jax.lax.stop_gradient(targets)

@@ -8,10 +8,10 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.losses._common import (
-    _as_float,
-    _check_finite_positive,
-    _check_non_negative,
-    _check_unit_interval,
+  _as_float,
+  _check_finite_positive,
+  _check_non_negative,
+  _check_unit_interval,
 )
 
 Array = jax.Array
@@ -48,7 +48,7 @@ def crd_init(key, *, num_samples: int, embedding_dim: int) -> CRDMemory:
   """
   if int(num_samples) < 1 or int(embedding_dim) < 1:
     raise ValueError(
-        f"num_samples and embedding_dim must be >= 1, got {num_samples} and {embedding_dim}"
+      f"num_samples and embedding_dim must be >= 1, got {num_samples} and {embedding_dim}"
     )
   bound = 1.0 / (embedding_dim / 3.0) ** 0.5
   k_s, k_t = jax.random.split(key)
@@ -74,9 +74,19 @@ def _updated_rows(bank: Array, indices: Array, embeddings: Array, momentum) -> A
   return bank.at[indices].set(rows)
 
 
-def crd_loss(student_embeddings, teacher_embeddings, indices, memory: CRDMemory, key=None, *,
-             num_negatives: int = 16384, temperature: float = 0.07, momentum: float = 0.5,
-             eps: float = 1e-7, contrast_indices=None) -> tuple[Array, CRDMemory]:
+def crd_loss(
+  student_embeddings,
+  teacher_embeddings,
+  indices,
+  memory: CRDMemory,
+  key=None,
+  *,
+  num_negatives: int = 16384,
+  temperature: float = 0.07,
+  momentum: float = 0.5,
+  eps: float = 1e-7,
+  contrast_indices=None,
+) -> tuple[Array, CRDMemory]:
   """Contrastive representation distillation (Tian et al., "Contrastive Representation
   Distillation", ICLR 2020): NCE over two momentum memory banks.
 
@@ -123,8 +133,8 @@ def crd_loss(student_embeddings, teacher_embeddings, indices, memory: CRDMemory,
   num_samples, dim = memory.student.shape
   if s.ndim != 2 or s.shape != t.shape or s.shape[1] != dim:
     raise ValueError(
-        f"student_embeddings and teacher_embeddings must both be [batch, {dim}], got "
-        f"{s.shape} and {t.shape}"
+      f"student_embeddings and teacher_embeddings must both be [batch, {dim}], got "
+      f"{s.shape} and {t.shape}"
     )
   indices = jnp.asarray(indices).astype(jnp.int32)
   if indices.shape != s.shape[:1]:
@@ -154,9 +164,9 @@ def crd_loss(student_embeddings, teacher_embeddings, indices, memory: CRDMemory,
   loss = _nce(raw_s - log_z_s, num_samples, eps) + _nce(raw_t - log_z_t, num_samples, eps)
 
   new_memory = CRDMemory(
-      student=_updated_rows(bank_s, indices, jax.lax.stop_gradient(s), momentum),
-      teacher=_updated_rows(bank_t, indices, jax.lax.stop_gradient(t), momentum),
-      student_norm=jnp.exp(log_z_s).astype(jnp.float32),
-      teacher_norm=jnp.exp(log_z_t).astype(jnp.float32),
+    student=_updated_rows(bank_s, indices, jax.lax.stop_gradient(s), momentum),
+    teacher=_updated_rows(bank_t, indices, jax.lax.stop_gradient(t), momentum),
+    student_norm=jnp.exp(log_z_s).astype(jnp.float32),
+    teacher_norm=jnp.exp(log_z_t).astype(jnp.float32),
   )
   return loss, new_memory

@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.losses._common import (
-    _as_float,
-    _check_choice,
-    _check_finite_positive,
-    _check_same_shape,
+  _as_float,
+  _check_choice,
+  _check_finite_positive,
+  _check_same_shape,
 )
 
 Array = jax.Array
@@ -33,16 +33,16 @@ def _pairs(name: str, student, teacher, *, min_rank: int = 2) -> list[tuple[Arra
     student, teacher = [student], [teacher]
   if not student or len(student) != len(teacher):
     raise ValueError(
-        f"student_{name} and teacher_{name} must be non-empty and as long, got "
-        f"{len(student)} and {len(teacher)}"
+      f"student_{name} and teacher_{name} must be non-empty and as long, got "
+      f"{len(student)} and {len(teacher)}"
     )
   pairs = []
   for i, (s, t) in enumerate(zip(student, teacher)):
     s, t = _as_float(s), jax.lax.stop_gradient(_as_float(t))
     if s.ndim < min_rank or t.ndim < min_rank:
       raise ValueError(
-          f"student_{name}[{i}] and teacher_{name}[{i}] need rank >= {min_rank}, got shapes "
-          f"{s.shape} and {t.shape}"
+        f"student_{name}[{i}] and teacher_{name}[{i}] need rank >= {min_rank}, got shapes "
+        f"{s.shape} and {t.shape}"
       )
     pairs.append((s, t))
   return pairs
@@ -80,8 +80,9 @@ def _attention_map(f: Array, p: float, reduce) -> Array:
   return jnp.reshape(reduce(powered, axis=-1), (f.shape[0], -1))
 
 
-def attention_transfer(student_features, teacher_features, *, p: float = 2,
-                       mode: str = "code") -> Array:
+def attention_transfer(
+  student_features, teacher_features, *, p: float = 2, mode: str = "code"
+) -> Array:
   """Attention transfer (Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017).
 
   `a(F) = L2-normalise(flatten(mean_c |F|^p))`, the spatial attention map of an NHWC
@@ -107,8 +108,8 @@ def attention_transfer(student_features, teacher_features, *, p: float = 2,
   for i, (s, t) in enumerate(_pairs("features", student_features, teacher_features)):
     if s.shape[:-1] != t.shape[:-1]:
       raise ValueError(
-          f"student_features[{i}] and teacher_features[{i}] must share batch and spatial "
-          f"shape, got {s.shape} and {t.shape}"
+        f"student_features[{i}] and teacher_features[{i}] must share batch and spatial "
+        f"shape, got {s.shape} and {t.shape}"
       )
     reduce = jnp.mean if mode == "code" else jnp.sum
     a_s = l2_normalize(_attention_map(s, p, reduce))
@@ -143,8 +144,8 @@ def similarity_preserving(student_features, teacher_features) -> Array:
   for i, (s, t) in enumerate(_pairs("features", student_features, teacher_features, min_rank=1)):
     if s.shape[0] != t.shape[0]:
       raise ValueError(
-          f"student_features[{i}] and teacher_features[{i}] must share the batch size, got "
-          f"{s.shape[0]} and {t.shape[0]}"
+        f"student_features[{i}] and teacher_features[{i}] must share the batch size, got "
+        f"{s.shape[0]} and {t.shape[0]}"
       )
     batch = s.shape[0]
     q_s, q_t = jnp.reshape(s, (batch, -1)), jnp.reshape(t, (batch, -1))

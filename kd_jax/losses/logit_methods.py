@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.losses._common import (
-    _as_labels,
-    _as_logits,
-    _check_finite_positive,
-    _check_non_negative,
-    _check_same_shape,
-    _leading_shape,
+  _as_labels,
+  _as_logits,
+  _check_finite_positive,
+  _check_non_negative,
+  _check_same_shape,
+  _leading_shape,
 )
 from kd_jax.losses._tempered import centred_softmax, masked_log_softmax, scaled_kl
 
@@ -37,8 +37,15 @@ def _student_teacher(student_logits, teacher_logits, *, min_classes: int = 1):
   return s.astype(dtype), t.astype(dtype), leading
 
 
-def dkd(student_logits, teacher_logits, labels, *, alpha: float = 1.0, beta: float = 8.0,
-        temperature: float = 4.0) -> Array:
+def dkd(
+  student_logits,
+  teacher_logits,
+  labels,
+  *,
+  alpha: float = 1.0,
+  beta: float = 8.0,
+  temperature: float = 4.0,
+) -> Array:
   """Decoupled Knowledge Distillation (Zhao et al., "Decoupled Knowledge Distillation", CVPR 2022).
 
   `L = α · TCKD + β · NCKD`, each `T²`-scaled and averaged over the batch:
@@ -74,8 +81,9 @@ def dkd(student_logits, teacher_logits, labels, *, alpha: float = 1.0, beta: flo
     """`[z_y, T · lse_{c≠y}(z_c / T)]`: the binary split's logits at temperature `T`."""
     target = jnp.take_along_axis(z, y[:, None], axis=-1)
     rest = jnp.where(other, z / temperature, -jnp.inf)
-    return jnp.concatenate([target, temperature * jax.nn.logsumexp(rest, axis=-1, keepdims=True)],
-                           axis=-1)
+    return jnp.concatenate(
+      [target, temperature * jax.nn.logsumexp(rest, axis=-1, keepdims=True)], axis=-1
+    )
 
   # T · (lse_o(t/T) − lse_o(s/T)) = E_p̂t[t − s] − NCKD / T: without the cancellation of
   # two O(T) log-sum-exps at high temperatures.
@@ -96,8 +104,9 @@ def _standardize(z: Array, eps: float) -> Array:
   return centred / (eps + std)
 
 
-def logit_standardized_kd(student_logits, teacher_logits, *, temperature: float = 2.0,
-                          eps: float = 1e-7) -> Array:
+def logit_standardized_kd(
+  student_logits, teacher_logits, *, temperature: float = 2.0, eps: float = 1e-7
+) -> Array:
   """Logit-standardised KD (Sun et al., "Logit Standardization in Knowledge Distillation",
   CVPR 2024).
 
@@ -135,8 +144,9 @@ def _pearson(a: Array, b: Array, eps: float) -> Array:
   return jnp.sum(a * b, axis=-1) / (clamped_norm(a) * clamped_norm(b))
 
 
-def dist(student_logits, teacher_logits, *, beta: float = 1.0, gamma: float = 1.0,
-         temperature: float = 1.0) -> Array:
+def dist(
+  student_logits, teacher_logits, *, beta: float = 1.0, gamma: float = 1.0, temperature: float = 1.0
+) -> Array:
   """DIST (Huang et al., "Knowledge Distillation from A Stronger Teacher", NeurIPS 2022).
 
   With `Y = softmax(z/T)` row-wise (`[B, C]`) and `ρ` the Pearson correlation,

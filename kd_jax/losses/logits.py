@@ -27,27 +27,27 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.losses._common import (
-    _as_labels,
-    _as_logits,
-    _check_finite_positive,
-    _check_non_negative,
-    _check_same_shape,
-    _check_sample_weights,
-    _check_unit_interval,
-    _leading_shape,
-    _reduce,
+  _as_labels,
+  _as_logits,
+  _check_finite_positive,
+  _check_non_negative,
+  _check_same_shape,
+  _check_sample_weights,
+  _check_unit_interval,
+  _leading_shape,
+  _reduce,
 )
 from kd_jax.losses._tempered import scaled_kl
 
 Array = jax.Array
 
 __all__ = [
-    "cross_entropy",
-    "distillation_kl",
-    "hinton_kd",
-    "logit_regression",
-    "noisy_logits",
-    "tempered_softmax",
+  "cross_entropy",
+  "distillation_kl",
+  "hinton_kd",
+  "logit_regression",
+  "noisy_logits",
+  "tempered_softmax",
 ]
 
 
@@ -92,8 +92,14 @@ def _per_sample_kl(name_s: str, student_logits, name_t: str, teacher_logits, tem
   return scaled_kl(t.astype(dtype), s.astype(dtype), temperature), leading
 
 
-def distillation_kl(student_logits, teacher_logits, *, temperature: float, sample_weights=None,
-                    reduction: str = "mean") -> Array:
+def distillation_kl(
+  student_logits,
+  teacher_logits,
+  *,
+  temperature: float,
+  sample_weights=None,
+  reduction: str = "mean",
+) -> Array:
   """Tempered KL divergence from the teacher to the student, scaled by `T²`.
 
   `ℓ_b = T² · KL(softmax(t_b/T) ‖ softmax(s_b/T))` (Hinton et al. 2015), reduced over the
@@ -114,14 +120,23 @@ def distillation_kl(student_logits, teacher_logits, *, temperature: float, sampl
       `Σ w ℓ / Σ w` (see the module docstring).
     reduction: 'mean' | 'sum' | 'none' | 'sum_over_batch_size'.
   """
-  kl, leading = _per_sample_kl("student_logits", student_logits, "teacher_logits",
-                               teacher_logits, temperature)
+  kl, leading = _per_sample_kl(
+    "student_logits", student_logits, "teacher_logits", teacher_logits, temperature
+  )
   weights = _check_sample_weights(sample_weights, leading)
   return _reduce(kl, weights, reduction, leading)
 
 
-def hinton_kd(student_logits, teacher_logits, labels, *, temperature: float, soft_weight: float,
-              sample_weights=None, reduction: str = "mean") -> Array:
+def hinton_kd(
+  student_logits,
+  teacher_logits,
+  labels,
+  *,
+  temperature: float,
+  soft_weight: float,
+  sample_weights=None,
+  reduction: str = "mean",
+) -> Array:
   """Knowledge distillation loss of Hinton, Vinyals & Dean (2015).
 
   `ℓ_b = α · T² · KL(softmax(t_b/T) ‖ softmax(s_b/T)) + (1 − α) · CE(softmax(s_b), y_b)`,
@@ -139,8 +154,9 @@ def hinton_kd(student_logits, teacher_logits, labels, *, temperature: float, sof
     reduction: 'mean' | 'sum' | 'none' | 'sum_over_batch_size'.
   """
   _check_unit_interval("soft_weight", soft_weight)
-  kl, leading = _per_sample_kl("student_logits", student_logits, "teacher_logits",
-                               teacher_logits, temperature)
+  kl, leading = _per_sample_kl(
+    "student_logits", student_logits, "teacher_logits", teacher_logits, temperature
+  )
   y = _as_labels(labels, leading)
   weights = _check_sample_weights(sample_weights, leading)
   ce = _per_sample_cross_entropy(_as_logits("student_logits", student_logits), y)
@@ -149,8 +165,9 @@ def hinton_kd(student_logits, teacher_logits, labels, *, temperature: float, sof
   return soft_weight * soft + (1.0 - soft_weight) * hard
 
 
-def logit_regression(student_logits, teacher_logits, *, sample_weights=None,
-                     reduction: str = "mean") -> Array:
+def logit_regression(
+  student_logits, teacher_logits, *, sample_weights=None, reduction: str = "mean"
+) -> Array:
   """Logit regression of Ba & Caruana (2014): `ℓ_b = (1/2) ‖s_b − t_b‖²`.
 
   With the default reduction, `L = 1/(2B) Σ_b ‖s_b − t_b‖²`.

@@ -22,8 +22,8 @@ def _embeddings(student, teacher) -> tuple[Array, Array]:
   s, t = _as_float(student), jax.lax.stop_gradient(_as_float(teacher))
   if s.ndim < 1 or t.ndim < 1 or s.shape[0] != t.shape[0]:
     raise ValueError(
-        "student_embeddings and teacher_embeddings need one batch axis of the same size, got "
-        f"shapes {s.shape} and {t.shape}"
+      "student_embeddings and teacher_embeddings need one batch axis of the same size, got "
+      f"shapes {s.shape} and {t.shape}"
     )
   return jnp.reshape(s, (s.shape[0], -1)), jnp.reshape(t, (t.shape[0], -1))
 
@@ -79,8 +79,13 @@ def _angles(e: Array) -> Array:
   return unit @ jnp.swapaxes(unit, 1, 2)
 
 
-def rkd(student_embeddings, teacher_embeddings, *, distance_weight: float = 25.0,
-        angle_weight: float = 50.0) -> Array:
+def rkd(
+  student_embeddings,
+  teacher_embeddings,
+  *,
+  distance_weight: float = 25.0,
+  angle_weight: float = 50.0,
+) -> Array:
   """Relational KD (Park et al., "Relational Knowledge Distillation", CVPR 2019).
 
   `L = λ_D · mean_ij smoothL1(d^s_ij / μ_s, d^t_ij / μ_t)

@@ -37,7 +37,7 @@ def vid(pred_mean, pred_variance, teacher_features) -> Array:
   t = jax.lax.stop_gradient(_as_float(teacher_features))
   if mu.shape != t.shape:
     raise ValueError(
-        f"pred_mean and teacher_features must have the same shape, got {mu.shape} and {t.shape}"
+      f"pred_mean and teacher_features must have the same shape, got {mu.shape} and {t.shape}"
     )
   try:
     full = jnp.broadcast_shapes(var.shape, mu.shape)
@@ -45,6 +45,6 @@ def vid(pred_mean, pred_variance, teacher_features) -> Array:
     full = None
   if full != mu.shape:
     raise ValueError(
-        f"pred_variance must broadcast to pred_mean's shape {mu.shape}, got {var.shape}"
+      f"pred_variance must broadcast to pred_mean's shape {mu.shape}, got {var.shape}"
     )
   return jnp.mean(0.5 * ((mu - t) ** 2 / var + jnp.log(var)))

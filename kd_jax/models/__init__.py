@@ -20,11 +20,22 @@ from kd_jax.models.lenet import LeNet
 from kd_jax.models.nin import NiN
 
 __all__ = [
-    'BlockAlignment', 'ConvNet', 'Dropout', 'FeatureAlignment', 'LeNet', 'MODELS', 'NiN', 'build',
-    'logits_of', 'penultimate', 'returns_features', 'spec_of', 'unit_filter_orthogonal',
+  "BlockAlignment",
+  "ConvNet",
+  "Dropout",
+  "FeatureAlignment",
+  "LeNet",
+  "MODELS",
+  "NiN",
+  "build",
+  "logits_of",
+  "penultimate",
+  "returns_features",
+  "spec_of",
+  "unit_filter_orthogonal",
 ]
 
-MODELS: dict[str, type[nn.Module]] = {'nin': NiN, 'lenet': LeNet, 'convnet': ConvNet}
+MODELS: dict[str, type[nn.Module]] = {"nin": NiN, "lenet": LeNet, "convnet": ConvNet}
 
 
 def _to_python(value: Any, *, as_tuple: bool) -> Any:
@@ -38,9 +49,9 @@ def _to_python(value: Any, *, as_tuple: bool) -> Any:
 def build(spec: Mapping[str, Any]) -> nn.Module:
   """Builds a model from ``{'name': <registry key>, **fields}``; lists become tuples."""
   kwargs = dict(spec)
-  name = kwargs.pop('name', None)
+  name = kwargs.pop("name", None)
   if name not in MODELS:
-    raise ValueError(f'unknown model {name!r}; choose one of {sorted(MODELS)}')
+    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
   kwargs = {k: _to_python(v, as_tuple=True) for k, v in kwargs.items()}
   return MODELS[name](**kwargs)
 
@@ -52,11 +63,12 @@ def spec_of(module: nn.Module) -> dict[str, Any]:
   """
   names = [key for key, cls in MODELS.items() if type(module) is cls]
   if not names:
-    raise ValueError(f'{type(module).__name__} is not a registered model; '
-                     f'registered: {sorted(MODELS)}')
-  spec = {'name': names[0]}
+    raise ValueError(
+      f"{type(module).__name__} is not a registered model; registered: {sorted(MODELS)}"
+    )
+  spec = {"name": names[0]}
   for field in dataclasses.fields(module):
-    if field.init and field.name not in ('parent', 'name'):
+    if field.init and field.name not in ("parent", "name"):
       spec[field.name] = _to_python(getattr(module, field.name), as_tuple=False)
   return spec
 

@@ -14,8 +14,9 @@ import jax.numpy as jnp
 from kd_jax.ops.pointwise import pointwise_conv
 
 
-def unit_filter_orthogonal(key: jax.Array, shape: Sequence[int],
-                           dtype: jnp.dtype = jnp.float32) -> jax.Array:
+def unit_filter_orthogonal(
+  key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32
+) -> jax.Array:
   """Orthogonal init with every output filter rescaled to unit norm.
 
   Why: the teacher-side projection is regularised toward unit-norm filters, so starting there
@@ -37,13 +38,21 @@ class FeatureAlignment(nn.Module):
     width: output channels.
     dtype: the compute dtype; the kernel stays float32.
   """
+
   width: int
-  dtype: str = 'float32'
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    return nn.Conv(self.width, (1, 1), use_bias=False, kernel_init=unit_filter_orthogonal,
-                   dtype=jnp.dtype(self.dtype), conv_general_dilated=pointwise_conv, name='conv')(x)
+    return nn.Conv(
+      self.width,
+      (1, 1),
+      use_bias=False,
+      kernel_init=unit_filter_orthogonal,
+      dtype=jnp.dtype(self.dtype),
+      conv_general_dilated=pointwise_conv,
+      name="conv",
+    )(x)
 
 
 class BlockAlignment(nn.Module):
@@ -53,13 +62,17 @@ class BlockAlignment(nn.Module):
     widths: output width of each block's projection.
     dtype: the compute dtype.
   """
+
   widths: Sequence[int]
-  dtype: str = 'float32'
+  dtype: str = "float32"
 
   @nn.compact
   def __call__(self, features: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
     if len(features) != len(self.widths):
-      raise ValueError(f'BlockAlignment has {len(self.widths)} blocks, got {len(features)} '
-                       'feature maps')
-    return tuple(FeatureAlignment(width, dtype=self.dtype, name=f'block_{i}')(f)
-                 for i, (width, f) in enumerate(zip(self.widths, features)))
+      raise ValueError(
+        f"BlockAlignment has {len(self.widths)} blocks, got {len(features)} feature maps"
+      )
+    return tuple(
+      FeatureAlignment(width, dtype=self.dtype, name=f"block_{i}")(f)
+      for i, (width, f) in enumerate(zip(self.widths, features))
+    )

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.choices import CONVNET_NORMS
-from kd_jax.ops import pooling
 from kd_jax.models.dropout import Dropout
+from kd_jax.ops import pooling
 
 _NORMS = CONVNET_NORMS
 
@@ -42,25 +42,25 @@ class ConvNet(nn.Module):
     dropout_axis_name: the mesh axis the batch is sharded over under ``shard_map`` (see
       ``models.Dropout``).
   """
+
   num_classes: int
   block_widths: Sequence[int] = (32, 64, 128)
   convs_per_block: int = 2
-  norm: str = 'batch'
+  norm: str = "batch"
   bn_axis_name: str | None = None
   dropout_rate: float = 0.0
-  dtype: str = 'float32'
+  dtype: str = "float32"
   dropout_axis_name: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *,
-               train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
     """Maps images [B, H, W, C] to ``(logits [B, num_classes], features)``.
 
     ``features[i]`` is block i's output after pooling, [B, h_i, w_i, block_widths[i]].
     """
     if self.norm not in _NORMS:
-      raise ValueError(f'unknown ConvNet norm {self.norm!r}; choose one of {list(_NORMS)}')
-    batch_norm = self.norm == 'batch'
+      raise ValueError(f"unknown ConvNet norm {self.norm!r}; choose one of {list(_NORMS)}")
+    batch_norm = self.norm == "batch"
     dtype = jnp.dtype(self.dtype)
 
     # Without training, a block's last ReLU follows the pool: they commute exactly, and in
@@ -73,20 +73,31 @@ class ConvNet(nn.Module):
     for i, width in enumerate(self.block_widths):
       for j in range(self.convs_per_block):
         # A bias right before BatchNorm is cancelled by its mean subtraction, so drop it.
-        x = nn.Conv(width, (3, 3), padding='SAME', use_bias=not batch_norm, dtype=dtype,
-                    name=f'block_{i}_conv_{j}')(x)
+        x = nn.Conv(
+          width,
+          (3, 3),
+          padding="SAME",
+          use_bias=not batch_norm,
+          dtype=dtype,
+          name=f"block_{i}_conv_{j}",
+        )(x)
         if batch_norm:
-          x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=dtype,
-                           axis_name=self.bn_axis_name, name=f'block_{i}_bn_{j}')(x)
+          x = nn.BatchNorm(
+            use_running_average=not train,
+            momentum=0.9,
+            dtype=dtype,
+            axis_name=self.bn_axis_name,
+            name=f"block_{i}_bn_{j}",
+          )(x)
         if not (relu_after_pool and j == self.convs_per_block - 1):
           x = nn.relu(x)
       # SAME padding keeps at least one pixel, so even 1×1 inputs survive many blocks.
-      x = pooling.max_pool_2x2(x, padding='SAME')
+      x = pooling.max_pool_2x2(x, padding="SAME")
       if relu_after_pool:
         x = nn.relu(x)
       features.append(x)
 
     x = penultimate(features)
     x = Dropout(self.dropout_rate, deterministic=not train, axis_name=self.dropout_axis_name)(x)
-    logits = nn.Dense(self.num_classes, dtype=dtype, name='head')(x)
+    logits = nn.Dense(self.num_classes, dtype=dtype, name="head")(x)
     return logits, tuple(features)

@@ -35,18 +35,19 @@ class Dropout(nn.Module):
     deterministic: if true, the identity (also settable per call, like `nn.Dropout`).
     axis_name: the mesh axis the batch is sharded over under `shard_map` (None outside).
   """
+
   rate: float
   deterministic: bool | None = None
   axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, deterministic: bool | None = None) -> jax.Array:
-    deterministic = nn.merge_param('deterministic', self.deterministic, deterministic)
+    deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
     if self.rate == 0.0 or deterministic:
       return x
     if self.rate == 1.0:
       return jnp.zeros_like(x)
     keep_prob = 1.0 - self.rate
-    keys = example_keys(self.make_rng('dropout'), x.shape[0], self.axis_name)
+    keys = example_keys(self.make_rng("dropout"), x.shape[0], self.axis_name)
     keep = jax.vmap(lambda k: jax.random.bernoulli(k, keep_prob, x.shape[1:]))(keys)
     return lax.select(keep, x / keep_prob, jnp.zeros_like(x))

@@ -27,11 +27,12 @@ class LeNet(nn.Module):
     dropout_axis_name: the mesh axis the batch is sharded over under ``shard_map``, so that
       each example's dropout mask depends on its global position (``models.Dropout``).
   """
+
   num_classes: int = 10
   width: float = 1.0
   relu_after_conv: bool = True
   dropout_rate: float = 0.0
-  dtype: str = 'float32'
+  dtype: str = "float32"
   dropout_axis_name: str | None = None
 
   @nn.compact
@@ -39,18 +40,19 @@ class LeNet(nn.Module):
     """Maps images [B, H, W, C] (H, W ≥ 28, any C) to logits [B, num_classes]."""
     height, width = x.shape[1], x.shape[2]
     if min(height, width) < MIN_INPUT_SIZE:
-      raise ValueError(f'LeNet needs inputs of at least {MIN_INPUT_SIZE}×{MIN_INPUT_SIZE}, '
-                       f'got {height}×{width}')
+      raise ValueError(
+        f"LeNet needs inputs of at least {MIN_INPUT_SIZE}×{MIN_INPUT_SIZE}, got {height}×{width}"
+      )
     act = nn.relu if self.relu_after_conv else (lambda y: y)
     dtype = jnp.dtype(self.dtype)
 
     # Each conv and the pool after it in one module (same parameters as nn.Conv), which computes
     # thin layers in polyphase form and, on the CPU, trains a wide conv2 in the frequency domain
     # (kd_jax.ops.conv_pool).
-    x = ConvMaxPool(scaled(64, self.width), activation=act, dtype=self.dtype, name='conv1')(x)
-    x = ConvMaxPool(scaled(128, self.width), activation=act, dtype=self.dtype, name='conv2')(x)
+    x = ConvMaxPool(scaled(64, self.width), activation=act, dtype=self.dtype, name="conv1")(x)
+    x = ConvMaxPool(scaled(128, self.width), activation=act, dtype=self.dtype, name="conv2")(x)
 
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(scaled(1024, self.width), dtype=dtype, name='fc1')(x))
+    x = nn.relu(nn.Dense(scaled(1024, self.width), dtype=dtype, name="fc1")(x))
     x = Dropout(self.dropout_rate, deterministic=not train, axis_name=self.dropout_axis_name)(x)
-    return nn.Dense(self.num_classes, dtype=dtype, name='fc2')(x)
+    return nn.Dense(self.num_classes, dtype=dtype, name="fc2")(x)

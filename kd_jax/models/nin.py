@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from kd_jax.choices import NIN_HEADS
-from kd_jax.ops import pooling
 from kd_jax.models.dropout import Dropout
+from kd_jax.ops import pooling
 
 _HEADS = NIN_HEADS
 
@@ -41,49 +41,54 @@ class NiN(nn.Module):
     dropout_axis_name: the mesh axis the batch is sharded over under ``shard_map`` (see
       ``models.Dropout``).
   """
+
   num_classes: int = 10
   width: float = 1.0
-  head: str = 'gap'
+  head: str = "gap"
   fc_width: int = 1024
   dropout_rate: float = 0.5
-  dtype: str = 'float32'
+  dtype: str = "float32"
   dropout_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     """Maps images [B, H, W, C] to logits [B, num_classes]."""
     if self.head not in _HEADS:
-      raise ValueError(f'unknown NiN head {self.head!r}; choose one of {list(_HEADS)}')
+      raise ValueError(f"unknown NiN head {self.head!r}; choose one of {list(_HEADS)}")
 
     dtype = jnp.dtype(self.dtype)
 
     def conv(y: jax.Array, features: int, kernel: int, name: str) -> jax.Array:
-      y = nn.Conv(scaled(features, self.width), (kernel, kernel), padding='SAME', dtype=dtype, name=name)(y)
+      y = nn.Conv(
+        scaled(features, self.width), (kernel, kernel), padding="SAME", dtype=dtype, name=name
+      )(y)
       return nn.relu(y)
 
     def dropout(y: jax.Array) -> jax.Array:
-      return Dropout(self.dropout_rate, deterministic=not train, axis_name=self.dropout_axis_name)(y)
+      return Dropout(self.dropout_rate, deterministic=not train, axis_name=self.dropout_axis_name)(
+        y
+      )
 
-    x = conv(x, 192, 5, 'conv1')
-    x = conv(x, 160, 1, 'cccp1')
-    x = conv(x, 96, 1, 'cccp2')
+    x = conv(x, 192, 5, "conv1")
+    x = conv(x, 160, 1, "cccp1")
+    x = conv(x, 96, 1, "cccp2")
     x = pooling.max_pool_3x3_s2(x)
     x = dropout(x)
 
-    x = conv(x, 192, 5, 'conv2')
-    x = conv(x, 192, 1, 'cccp3')
-    x = conv(x, 192, 1, 'cccp4')
+    x = conv(x, 192, 5, "conv2")
+    x = conv(x, 192, 1, "cccp3")
+    x = conv(x, 192, 1, "cccp4")
     # TensorFlow's SAME average pool (the seed's framework) leaves padding out of the average.
     x = pooling.avg_pool_3x3_s2(x)
     x = dropout(x)
 
-    x = conv(x, 192, 3, 'conv3')
-    x = conv(x, 192, 1, 'cccp5')
+    x = conv(x, 192, 3, "conv3")
+    x = conv(x, 192, 1, "cccp5")
 
-    if self.head == 'gap':
+    if self.head == "gap":
       # Caffe keeps a ReLU on the class maps, so these logits are non-negative.
-      x = nn.relu(nn.Conv(self.num_classes, (1, 1), dtype=dtype, name='cccp6')(x))
+      x = nn.relu(nn.Conv(self.num_classes, (1, 1), dtype=dtype, name="cccp6")(x))
       return jnp.mean(x, axis=(1, 2))
     x = x.reshape((x.shape[0], -1))
-    x = nn.relu(nn.Dense(self.fc_width, dtype=dtype, name='ip1')(x))
-    return nn.Dense(self.num_classes, dtype=dtype, name='ip2')(x)
+    x = nn.relu(nn.Dense(self.fc_width, dtype=dtype, name="ip1")(x))
+    return nn.Dense(self.num_classes, dtype=dtype, name="ip2")(x)

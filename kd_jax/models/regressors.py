@@ -49,27 +49,31 @@ class HintRegressor(nn.Module):
     t_h, t_w = self.target_size
     dtype = jnp.dtype(self.dtype)
     if s_h == 2 * t_h:
-      conv = nn.Conv(self.features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype,
-                     name="conv")
+      conv = nn.Conv(
+        self.features, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=dtype, name="conv"
+      )
     elif 2 * s_h == t_h:
       # torch's padding p is k − 1 − p = 2 on each side of the stride-dilated input.
-      conv = nn.ConvTranspose(self.features, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)),
-                              dtype=dtype, name="conv")
+      conv = nn.ConvTranspose(
+        self.features, (4, 4), strides=(2, 2), padding=((2, 2), (2, 2)), dtype=dtype, name="conv"
+      )
     elif s_h >= t_h and s_w >= t_w:
-      conv = nn.Conv(self.features, (1 + s_h - t_h, 1 + s_w - t_w), padding="VALID", dtype=dtype,
-                     name="conv")
+      conv = nn.Conv(
+        self.features, (1 + s_h - t_h, 1 + s_w - t_w), padding="VALID", dtype=dtype, name="conv"
+      )
     else:
       raise ValueError(
-          f"HintRegressor cannot map a {s_h}x{s_w} student map to the teacher's {t_h}x{t_w}"
+        f"HintRegressor cannot map a {s_h}x{s_w} student map to the teacher's {t_h}x{t_w}"
       )
     y = conv(x)
     if y.shape[1:3] != (t_h, t_w):
       raise ValueError(
-          f"HintRegressor maps {s_h}x{s_w} to {y.shape[1]}x{y.shape[2]}, not the teacher's "
-          f"{t_h}x{t_w} (the widths must follow the heights)"
+        f"HintRegressor maps {s_h}x{s_w} to {y.shape[1]}x{y.shape[2]}, not the teacher's "
+        f"{t_h}x{t_w} (the widths must follow the heights)"
       )
-    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype,
-                     name="bn")(y)
+    y = nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name="bn"
+    )(y)
     return nn.relu(y) if self.use_relu else y
 
 
@@ -113,6 +117,7 @@ class VIDRegressor(nn.Module):
     y = nn.relu(nn.Conv(hidden, (1, 1), use_bias=False, dtype=dtype, name="conv2")(y))
     mean = nn.Conv(self.features, (1, 1), use_bias=False, dtype=dtype, name="conv3")(y)
     init = _inverse_softplus(self.init_variance - self.eps)
-    rho = self.param("variance_param", nn.initializers.constant(init), (self.features,),
-                     jnp.float32)
+    rho = self.param(
+      "variance_param", nn.initializers.constant(init), (self.features,), jnp.float32
+    )
     return mean, jax.nn.softplus(rho) + self.eps

@@ -55,37 +55,46 @@ class ConvMaxPool(nn.Module):
       input channels and maps of at most `SPECTRAL_MAX_PIXELS`; elsewhere the direct gradients
       (a GPU's convolution kernels are another matter: not measured).
   """
+
   features: int
   kernel_size: int = 5
   activation: Callable[[jax.Array], jax.Array] = nn.relu
-  dtype: str = 'float32'
+  dtype: str = "float32"
   polyphase: bool | None = None
   spectral_gradients: bool | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.kernel_size
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features))
-    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    kernel = self.param(
+      "kernel", nn.initializers.lecun_normal(), (k, k, x.shape[-1], self.features)
+    )
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
     dtype = jnp.dtype(self.dtype)
     x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
     cpu = on_cpu()
     spectral_gradients = self.spectral_gradients
     if spectral_gradients is None:
-      spectral_gradients = (cpu and dtype == jnp.float32 and x.shape[-1] >= SPECTRAL_MIN_INPUT_CHANNELS
-                            and x.shape[1] * x.shape[2] <= SPECTRAL_MAX_PIXELS)
+      spectral_gradients = (
+        cpu
+        and dtype == jnp.float32
+        and x.shape[-1] >= SPECTRAL_MIN_INPUT_CHANNELS
+        and x.shape[1] * x.shape[2] <= SPECTRAL_MAX_PIXELS
+      )
     polyphase = self.polyphase
     if polyphase is None:
       limit = POLYPHASE_MAX_CHANNELS if cpu else POLYPHASE_MAX_CHANNELS_ELSEWHERE
       polyphase = self.features <= limit and not spectral_gradients
     if not polyphase:
       y = (spectral.conv_spectral_grad if spectral_gradients else spectral.conv_valid)(x, kernel)
-      return pooling.max_pool_2x2(self.activation(y + bias), padding='VALID')
+      return pooling.max_pool_2x2(self.activation(y + bias), padding="VALID")
     # The pool drops an odd last row/column of the conv output: so does cropping the input to
     # even sizes (conv output = input − k + 1 loses the same row).
     h, w = x.shape[1] - x.shape[1] % 2, x.shape[2] - x.shape[2] % 2
     y = spectral.conv_valid(space_to_depth(x[:, :h, :w]), polyphase_kernel(kernel))
-    y = y.reshape(*y.shape[:3], 4, self.features)  # [B, (h − k + 1) // 2, (w − k + 1) // 2, 4, C_out]
+    y = y.reshape(
+      *y.shape[:3], 4, self.features
+    )  # [B, (h − k + 1) // 2, (w − k + 1) // 2, 4, C_out]
     return self.activation(phase_max(y) + bias)
 
 
@@ -93,7 +102,11 @@ def space_to_depth(x: jax.Array) -> jax.Array:
   """[B, H, W, C] (H, W even) → [B, H/2, W/2, 4·C], channels ordered (row in the 2×2 cell,
   column in it, c)."""
   b, h, w, c = x.shape
-  return x.reshape(b, h // 2, 2, w // 2, 2, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, h // 2, w // 2, 4 * c)
+  return (
+    x.reshape(b, h // 2, 2, w // 2, 2, c)
+    .transpose(0, 1, 3, 2, 4, 5)
+    .reshape(b, h // 2, w // 2, 4 * c)
+  )
 
 
 def polyphase_kernel(kernel: jax.Array) -> jax.Array:
@@ -106,17 +119,21 @@ def polyphase_kernel(kernel: jax.Array) -> jax.Array:
   k = kernel.shape[0]
   m = k // 2 + 1
   # Index into the kernel padded by one zero on each side: offset u → u + 1, outside → 0.
-  u = 2 * np.arange(m)[:, None, None] + np.arange(2)[None, :, None] - np.arange(2)[None, None, :]  # [p, r, a]
+  u = (
+    2 * np.arange(m)[:, None, None] + np.arange(2)[None, :, None] - np.arange(2)[None, None, :]
+  )  # [p, r, a]
   index = np.where((u >= 0) & (u < k), u + 1, 0)
   padded = jnp.pad(kernel, ((1, 1), (1, 1), (0, 0), (0, 0)))
-  taps = padded[index[:, None, :, None, :, None], index[None, :, None, :, None, :]]  # [p, q, r, s, a, b, c, o]
+  taps = padded[
+    index[:, None, :, None, :, None], index[None, :, None, :, None, :]
+  ]  # [p, q, r, s, a, b, c, o]
   c_in, c_out = kernel.shape[2:]
   return taps.transpose(0, 1, 2, 3, 6, 4, 5, 7).reshape(m, m, 4 * c_in, 4 * c_out)
 
 
 def on_cpu() -> bool:
   """Whether JAX computes on the CPU (read at trace time)."""
-  return jax.default_backend() == 'cpu'
+  return jax.default_backend() == "cpu"
 
 
 @jax.custom_jvp

@@ -24,10 +24,10 @@ def max_pool_2x2(x: jax.Array, *, padding: str) -> jax.Array:
   (which never wins) at the end, TensorFlow's rule.
   """
   b, h, w, c = x.shape
-  if padding == 'VALID':
+  if padding == "VALID":
     h, w = h - h % 2, w - w % 2
     x = x[:, :h, :w]
-  elif padding == 'SAME':
+  elif padding == "SAME":
     x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), constant_values=-jnp.inf)
     h, w = h + h % 2, w + w % 2
   else:
@@ -52,10 +52,13 @@ def _window_max_jvp(primals, tangents):
   out = _window_max(windows)
   hit = windows == out[:, :, None, :, None, :]
   h00, h01, h10 = hit[:, :, 0, :, 0], hit[:, :, 0, :, 1], hit[:, :, 1, :, 0]
-  first = jnp.stack([
+  first = jnp.stack(
+    [
       jnp.stack([h00, h01 & ~h00], axis=3),
       jnp.stack([h10 & ~(h00 | h01), ~(h00 | h01 | h10)], axis=3),
-  ], axis=2)
+    ],
+    axis=2,
+  )
   return out, jnp.sum(jnp.where(first, tangent, 0), axis=(2, 4))
 
 
@@ -98,4 +101,4 @@ def _window_counts(n: int) -> np.ndarray:
   lo, hi = _same_pads(n)
   real = np.pad(np.ones(n), (lo, hi))
   out = -(-n // 2)
-  return np.array([real[2 * i:2 * i + 3].sum() for i in range(out)])
+  return np.array([real[2 * i : 2 * i + 3].sum() for i in range(out)])

@@ -33,12 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-_DIMENSIONS = ('NHWC', 'HWIO', 'NHWC')
+_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """The stride-1 VALID cross-correlation of x [B, H, W, C_in] with kernel [k, k, C_in, C_out]."""
-  return lax.conv_general_dilated(x, kernel, (1, 1), 'VALID', dimension_numbers=_DIMENSIONS)
+  return lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_DIMENSIONS)
 
 
 @functools.lru_cache(maxsize=16)
@@ -51,13 +51,14 @@ def dft_matrices(h: int, w: int, kh: int, kw: int) -> tuple[np.ndarray, np.ndarr
   (`np.fft.irfft2`, cropped): frequencies whose mirror image is not stored count twice.
   """
   u, v = np.arange(h), np.arange(w // 2 + 1)
-  theta = 2 * np.pi * (u[:, None, None, None] * u[:, None] / h
-                       + v[:, None, None] * np.arange(w) / w)  # [u, v, p, q]
+  theta = (
+    2 * np.pi * (u[:, None, None, None] * u[:, None] / h + v[:, None, None] * np.arange(w) / w)
+  )  # [u, v, p, q]
   f = h * (w // 2 + 1)
   forward = np.stack([np.cos(theta), -np.sin(theta)]).reshape(2, f, h, w)
   twice = np.where((v == 0) | (2 * v == w), 1.0, 2.0)[None, :, None, None]
   inverse = np.stack([twice * np.cos(theta), -twice * np.sin(theta)]) / (h * w)
-  inverse = inverse[..., :h - kh + 1, :w - kw + 1].reshape(2, f, h - kh + 1, w - kw + 1)
+  inverse = inverse[..., : h - kh + 1, : w - kw + 1].reshape(2, f, h - kh + 1, w - kw + 1)
   return forward, inverse
 
 
@@ -73,7 +74,7 @@ def conv_spectral(x: jax.Array, kernel: jax.Array) -> jax.Array:
   # Pixels first, so that each transform is one matrix product over B·C columns.
   spec_x = (as_matrix(forward) @ x.transpose(1, 2, 0, 3).reshape(h * w, b * c)).reshape(2, f, b, c)
   spec_k = (as_matrix(forward[:, :, :kh, :kw]) @ kernel.reshape(kh * kw, c * o)).reshape(2, f, c, o)
-  per_frequency = lambda a, k: jnp.einsum('fbc,fco->fbo', a, k)
+  per_frequency = lambda a, k: jnp.einsum("fbc,fco->fbo", a, k)
   (xr, xi), (kr, ki) = spec_x, spec_k
   # X · conj(K) = (xr·kr + xi·ki) + i (xi·kr − xr·ki), in three real products (Gauss's trick).
   rr, ii = per_frequency(xr, kr), per_frequency(xi, ki)

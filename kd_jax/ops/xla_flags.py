@@ -18,7 +18,7 @@ import os
 from collections.abc import MutableMapping
 
 CPU_FLAGS = {
-    "--xla_cpu_experimental_ynn_fusion_type": "-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
+  "--xla_cpu_experimental_ynn_fusion_type": "-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION",
 }
 
 
@@ -45,8 +45,11 @@ def configure_cpu(environ: MutableMapping[str, str] | None = None) -> None:
   Call it before JAX starts a backend: XLA reads `XLA_FLAGS` once, then.
   """
   environ = os.environ if environ is None else environ
-  flags = with_cpu_flags(environ.get("XLA_FLAGS", ""), jax_platforms=environ.get("JAX_PLATFORMS", ""),
-                         accelerator_installed=_accelerator_installed())
+  flags = with_cpu_flags(
+    environ.get("XLA_FLAGS", ""),
+    jax_platforms=environ.get("JAX_PLATFORMS", ""),
+    accelerator_installed=_accelerator_installed(),
+  )
   if flags:
     environ["XLA_FLAGS"] = flags
 

@@ -55,13 +55,13 @@ def _train_and_evaluate(config, workdir, finalize):
   steps_per_epoch = loop.steps_per_epoch_of(config, classes, split)
   tx = steps.make_optimizer(config.optim, total_steps=steps_per_epoch * config.num_epochs)
   meta = {
-      "kind": config.experiment,
-      "main": "model",
-      "models": {
-          "model": checkpoint.model_entry(model, num_classes=info.num_classes, classes=classes)
-      },
-      "config": config.to_dict(),
-      "history": [],
+    "kind": config.experiment,
+    "main": "model",
+    "models": {
+      "model": checkpoint.model_entry(model, num_classes=info.num_classes, classes=classes)
+    },
+    "config": config.to_dict(),
+    "history": [],
   }
   if teacher is not None:
     meta["teacher"] = teacher["origin"]
@@ -80,34 +80,34 @@ def _train_and_evaluate(config, workdir, finalize):
     prepare_batch = with_teacher_logits(table)
   in_step_teacher = uses_teacher and prepare_batch is None
   train_step = steps.make_train_step(
-      student=model,
-      tx=tx,
-      objective=steps.make_objective(config.method, distill),
-      teacher=teacher["model"] if in_step_teacher else None,
-      teacher_dropout=bool(distill.get("teacher_dropout", False)),
+    student=model,
+    tx=tx,
+    objective=steps.make_objective(config.method, distill),
+    teacher=teacher["model"] if in_step_teacher else None,
+    teacher_dropout=bool(distill.get("teacher_dropout", False)),
   )
 
   def evaluate(state) -> dict:
     predictors = {"student": evaluation.Predictor(model, state.variables, mesh)}
     labels, logits = evaluation.predict(
-        config.data, "test", predictors, batch_size=config.batch_size, classes=classes
+      config.data, "test", predictors, batch_size=config.batch_size, classes=classes
     )
     return {
-        "test_accuracy": evaluation.accuracy(logits["student"], labels),
-        "test_loss": evaluation.cross_entropy(logits["student"], labels),
+      "test_accuracy": evaluation.accuracy(logits["student"], labels),
+      "test_loss": evaluation.cross_entropy(logits["student"], labels),
     }
 
   task = loop.Task(
-      state=loop.init_state(model, tx, config.seed, info.image_shape),
-      train_step=train_step,
-      evaluate=evaluate,
-      steps_per_epoch=steps_per_epoch,
-      meta=meta,
-      frozen=teacher["variables"] if in_step_teacher else {},
-      finalize=None if finalize is None else lambda state: finalize(model, state),
-      prepare_batch=prepare_batch,
-      split=split,
-      classes=classes,
+    state=loop.init_state(model, tx, config.seed, info.image_shape),
+    train_step=train_step,
+    evaluate=evaluate,
+    steps_per_epoch=steps_per_epoch,
+    meta=meta,
+    frozen=teacher["variables"] if in_step_teacher else {},
+    finalize=None if finalize is None else lambda state: finalize(model, state),
+    prepare_batch=prepare_batch,
+    split=split,
+    classes=classes,
   )
   state, meta = loop.fit(config, workdir, task, mesh=mesh)
   results = final_results(config, model, state, teacher, meta["history"], mesh, classes=classes)
@@ -126,9 +126,9 @@ def caches_teacher_logits(config) -> bool:
   """
   distill = config.get("distill", ml_collections.ConfigDict())
   return (
-      bool(distill.get("cache_teacher_logits", False))
-      and not distill.get("teacher_dropout", False)
-      and not config.data.get("augment", False)
+    bool(distill.get("cache_teacher_logits", False))
+    and not distill.get("teacher_dropout", False)
+    and not config.data.get("augment", False)
   )
 
 
@@ -138,12 +138,12 @@ def teacher_logits_table(config, teacher, mesh, split, classes) -> np.ndarray:
   start = time.time()
   predictor = evaluation.Predictor(teacher["model"], teacher["variables"], mesh)
   _, logits = evaluation.predict(
-      config.data, split, {"teacher": predictor}, batch_size=config.batch_size, classes=classes
+    config.data, split, {"teacher": predictor}, batch_size=config.batch_size, classes=classes
   )
   logging.info(
-      "Cached the teacher's logits of %d training examples in %.1f s.",
-      len(logits["teacher"]),
-      time.time() - start,
+    "Cached the teacher's logits of %d training examples in %.1f s.",
+    len(logits["teacher"]),
+    time.time() - start,
   )
   return logits["teacher"]
 
@@ -165,17 +165,17 @@ def final_results(config, model, state, teacher, history, mesh, *, classes=None)
   if teacher is not None:
     predictors["teacher"] = evaluation.Predictor(teacher["model"], teacher["variables"], mesh)
   labels, logits = evaluation.predict(
-      config.data, "test", predictors, batch_size=config.batch_size, classes=classes
+    config.data, "test", predictors, batch_size=config.batch_size, classes=classes
   )
   results = {
-      "method": config.method,
-      "dataset": config.data.name,
-      "seed": config.seed,
-      "steps": int(state.step),
-      "test_accuracy": evaluation.accuracy(logits["student"], labels),
-      "test_examples": int(len(labels)),
-      "history": history,
-      "config": config.to_dict(),
+    "method": config.method,
+    "dataset": config.data.name,
+    "seed": config.seed,
+    "steps": int(state.step),
+    "test_accuracy": evaluation.accuracy(logits["student"], labels),
+    "test_examples": int(len(labels)),
+    "history": history,
+    "config": config.to_dict(),
   }
   if config.get("on_nonfinite") == "skip":
     results["skipped_steps"] = loop.skipped_steps(history)
@@ -203,16 +203,16 @@ def load_teacher(config, info) -> dict:
   teacher_classes = meta["models"][meta["main"]].get("num_classes")
   if teacher_classes != info.num_classes:
     raise UsageError(
-        f"the teacher in {workdir} has {teacher_classes} classes but {config.data.name} has "
-        f"{info.num_classes}: train a teacher on {config.data.name}"
+      f"the teacher in {workdir} has {teacher_classes} classes but {config.data.name} has "
+      f"{info.num_classes}: train a teacher on {config.data.name}"
     )
   teacher_data = meta.get("config", {}).get("data", {}).get("name")
   if teacher_data and teacher_data != config.data.name:
     raise UsageError(
-        f"the teacher in {workdir} was trained on {teacher_data}, not {config.data.name}"
+      f"the teacher in {workdir} was trained on {teacher_data}, not {config.data.name}"
     )
   workdir_lib.check_finished(
-      workdir, allowed=config.get("allow_unfinished_teacher", False), field="teacher_workdir"
+    workdir, allowed=config.get("allow_unfinished_teacher", False), field="teacher_workdir"
   )
   origin = {"workdir": os.path.abspath(workdir), "fingerprint": checkpoint.fingerprint(variables)}
   return {"model": model, "variables": variables, "origin": origin}

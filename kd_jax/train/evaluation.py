@@ -55,7 +55,9 @@ def _jitted_preprocess():
   return jax.jit(data.preprocess_images)
 
 
-def map_split(fn, data_config, split: str, *, batch_size: int, mesh, classes=None, max_batches=None):
+def map_split(
+  fn, data_config, split: str, *, batch_size: int, mesh, classes=None, max_batches=None
+):
   """Labels `[N]` and `fn(images)` (a pytree of arrays with a leading batch axis) over every
   example of `split` once (or its first `max_batches` global batches), in stored order, on
   every process; `images` is a global batch on `mesh`, preprocessed there.
@@ -63,8 +65,9 @@ def map_split(fn, data_config, split: str, *, batch_size: int, mesh, classes=Non
   Images cross to the device as uint8; the outputs stay on the device until the pass is
   over, so the host queues batch after batch without waiting for any.
   """
-  ds = data.make_dataset(data_config, split, batch_size=batch_size, train=False, seed=0, classes=classes,
-                         raw_images=True)
+  ds = data.make_dataset(
+    data_config, split, batch_size=batch_size, train=False, seed=0, classes=classes, raw_images=True
+  )
   preprocess = data.device_preprocess(data_config)
   labels, masks, outputs = [], [], []
   for i, batch in enumerate(data.as_numpy(ds)):
@@ -77,21 +80,29 @@ def map_split(fn, data_config, split: str, *, batch_size: int, mesh, classes=Non
   # Per batch: a host array's rows are gathered in process order within its global batch.
   whole = mesh_lib.to_host({"label": labels, "mask": masks, "out": outputs})
   keep = np.concatenate(whole["mask"]).astype(bool)
-  return np.concatenate(whole["label"])[keep], jax.tree.map(lambda *z: np.concatenate(z)[keep], *whole["out"])
+  return np.concatenate(whole["label"])[keep], jax.tree.map(
+    lambda *z: np.concatenate(z)[keep], *whole["out"]
+  )
 
 
 def predict(
-    data_config,
-    split: str,
-    predictors: Mapping[str, Predictor],
-    *,
-    batch_size: int,
-    classes=None,
+  data_config,
+  split: str,
+  predictors: Mapping[str, Predictor],
+  *,
+  batch_size: int,
+  classes=None,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
   """Labels `[N]` and each predictor's logits `[N, C]` over every example of `split` once."""
   mesh = next(iter(predictors.values())).mesh
-  return map_split(lambda images: {name: p(images) for name, p in predictors.items()}, data_config, split,
-                   batch_size=batch_size, mesh=mesh, classes=classes)
+  return map_split(
+    lambda images: {name: p(images) for name, p in predictors.items()},
+    data_config,
+    split,
+    batch_size=batch_size,
+    mesh=mesh,
+    classes=classes,
+  )
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray) -> float:

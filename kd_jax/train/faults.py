@@ -52,9 +52,9 @@ class NonfiniteGuard:
     terms = steps.nonfinite_terms(mask)
     if self.mode == "stop":
       raise Diverged(
-          f"non-finite {', '.join(terms)} at step {step}: the run stopped; its checkpoints hold "
-          "only the finite states before it. Lower optim.learning_rate, or set "
-          "--config.on_nonfinite=skip to skip such steps"
+        f"non-finite {', '.join(terms)} at step {step}: the run stopped; its checkpoints hold "
+        "only the finite states before it. Lower optim.learning_rate, or set "
+        "--config.on_nonfinite=skip to skip such steps"
       )
     self.skipped += 1
     logging.warning("Skipped step %d: non-finite %s.", step, ", ".join(terms))
@@ -85,16 +85,16 @@ def graceful_interrupts():
     if flag.signal is not None:
       # On a line of its own: the progress bar may be drawn without a newline.
       print(
-          f"\ninterrupted: second {signal.Signals(signum).name}: aborted at once; the newest "
-          "finished checkpoint is kept: run the same command again to resume",
-          file=sys.stderr,
-          flush=True,
+        f"\ninterrupted: second {signal.Signals(signum).name}: aborted at once; the newest "
+        "finished checkpoint is kept: run the same command again to resume",
+        file=sys.stderr,
+        flush=True,
       )
       os._exit(128 + signum)
     flag.signal = signum
     logging.warning(
-        "%s: finishing the step under way and saving a checkpoint (again to abort at once).",
-        signal.Signals(signum).name,
+      "%s: finishing the step under way and saving a checkpoint (again to abort at once).",
+      signal.Signals(signum).name,
     )
 
   previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -84,7 +84,7 @@ def fit(config, workdir: str, task: Task, *, mesh) -> tuple[TrainState, dict]:
     meta["data"] = resume.data_identity(config.data, task.split, task.classes)
     meta["devices"] = jax.device_count()
     ckpts = checkpoint.Checkpoints(
-        workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
+      workdir, save_every_steps=config.checkpoint_every_steps, keep=config.keep_checkpoints
     )
     epoch_sums = None  # the running sums of a resumed mid-epoch checkpoint
     start = ckpts.latest_step()
@@ -107,15 +107,13 @@ def fit(config, workdir: str, task: Task, *, mesh) -> tuple[TrainState, dict]:
       reporting.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), max_step=step)
     writer = reporting.create_writer(workdir)
     progress = reporting.progress_bar(
-        total=total_steps, initial=step, description=config.get("experiment", "train")
+      total=total_steps, initial=step, description=config.get("experiment", "train")
     )
     first_epoch = step // steps_per_epoch
     if first_epoch < config.num_epochs:
       batches = mesh_lib.prefetch(
-          host_batches(
-              config, task.split, task.classes, steps_per_epoch, step, task.prepare_batch
-          ),
-          mesh,
+        host_batches(config, task.split, task.classes, steps_per_epoch, step, task.prepare_batch),
+        mesh,
       )
     # Checkpoints every `checkpoint_every_steps`, and after the first step of a run that
     # has none yet (Orbax's initial save): decided here, without asking the manager each step.
@@ -188,7 +186,7 @@ def compile_step(train_step, mesh, preprocess):
     if sums is None:  # only traced, by `zero_sums`
       sums = jax.tree.map(jnp.zeros_like, metrics)
     sums = jax.tree.map(
-        lambda total, value: total + jnp.where(nonfinite == 0, value, 0), sums, metrics
+      lambda total, value: total + jnp.where(nonfinite == 0, value, 0), sums, metrics
     )
     return state, metrics, nonfinite, sums
 
@@ -210,21 +208,21 @@ def host_batches(config, split, classes, steps_per_epoch: int, step: int, prepar
   """
   first_epoch = step // steps_per_epoch
   full_epoch = data.num_batches(
-      config.data, split, batch_size=config.batch_size, train=True, classes=classes
+    config.data, split, batch_size=config.batch_size, train=True, classes=classes
   )
   batches = data.as_numpy(
-      data.make_dataset(
-          config.data,
-          split,
-          batch_size=config.batch_size,
-          train=True,
-          seed=config.seed,
-          epoch=first_epoch,
-          num_epochs=config.num_epochs - first_epoch,
-          classes=classes,
-          with_index=prepare_batch is not None,
-          raw_images=True,
-      ).skip(step - first_epoch * steps_per_epoch)
+    data.make_dataset(
+      config.data,
+      split,
+      batch_size=config.batch_size,
+      train=True,
+      seed=config.seed,
+      epoch=first_epoch,
+      num_epochs=config.num_epochs - first_epoch,
+      classes=classes,
+      with_index=prepare_batch is not None,
+      raw_images=True,
+    ).skip(step - first_epoch * steps_per_epoch)
   )
   for epoch in range(first_epoch, config.num_epochs):
     for _ in range(max(step - epoch * steps_per_epoch, 0), steps_per_epoch):
@@ -237,11 +235,11 @@ def host_batches(config, split, classes, steps_per_epoch: int, step: int, prepar
 def steps_per_epoch_of(config, classes=None, split="train") -> int:
   """Full batches per epoch, or `config.steps_per_epoch` if that is set and smaller."""
   full = data.num_batches(
-      config.data, split, batch_size=config.batch_size, train=True, classes=classes
+    config.data, split, batch_size=config.batch_size, train=True, classes=classes
   )
   if full < 1:
     raise UsageError(
-        f"batch_size={config.batch_size} exceeds the training examples of {config.data.name}"
+      f"batch_size={config.batch_size} exceeds the training examples of {config.data.name}"
     )
   return min(full, config.steps_per_epoch) if config.steps_per_epoch else full
 
@@ -284,11 +282,11 @@ def finish(workdir: str, results: dict, history, *, title: str, panels=None) -> 
   if distributed.is_primary():
     reporting.write_json_atomic(os.path.join(workdir, "results.json"), results)
     reporting.plot_curves(
-        os.path.join(workdir, "curves.png"),
-        history,
-        panels=panels
-        or {"loss": ["train_loss", "test_loss"], "accuracy": ["train_accuracy", "test_accuracy"]},
-        title=title,
+      os.path.join(workdir, "curves.png"),
+      history,
+      panels=panels
+      or {"loss": ["train_loss", "test_loss"], "accuracy": ["train_accuracy", "test_accuracy"]},
+      title=title,
     )
   distributed.barrier("results written")
 

@@ -37,7 +37,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, *, name: str = "batch_size") -
   n = mesh.size
   if batch_size % n:
     raise ValueError(
-        f"{name}={batch_size} is not divisible by the {n} devices; choose a multiple of {n}"
+      f"{name}={batch_size} is not divisible by the {n} devices; choose a multiple of {n}"
     )
 
 
@@ -45,7 +45,9 @@ def shard_batch(batch, mesh: Mesh):
   """The global batch of which `batch` (pytree of host arrays, leading batch axis) is this
   process's rows, split across the 'data' axis."""
   sharding = NamedSharding(mesh, P(AXIS))
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+  return jax.tree.map(
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch
+  )
 
 
 def prefetch(batches: Iterable, mesh: Mesh, *, depth: int = 2) -> Iterator:

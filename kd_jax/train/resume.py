@@ -19,40 +19,40 @@ from kd_jax.errors import UsageError
 
 # Config keys that may change when a run is resumed: they do not change its numbers.
 RESUMABLE_CHANGES = (
-    "data.data_dir",
-    "data.manual_dir",
-    "log_every_steps",
-    "checkpoint_every_steps",
-    "keep_checkpoints",
-    "teacher_workdir",
-    "distill.cache_teacher_logits",  # the same teacher logits, computed once or every step
-    "allow_unfinished_teacher",  # the teacher's parameters are checked by their fingerprint
-    "on_nonfinite",  # the same numbers while every step is finite; 'skip' lets a stopped run go on
+  "data.data_dir",
+  "data.manual_dir",
+  "log_every_steps",
+  "checkpoint_every_steps",
+  "keep_checkpoints",
+  "teacher_workdir",
+  "distill.cache_teacher_logits",  # the same teacher logits, computed once or every step
+  "allow_unfinished_teacher",  # the teacher's parameters are checked by their fingerprint
+  "on_nonfinite",  # the same numbers while every step is finite; 'skip' lets a stopped run go on
 )
 # Keys added to the configs after runs were written without them: a saved config that lacks
 # one had the value given here, so its run still resumes.
 ADDED_KEYS = {
-    "train_split": "train",
-    "on_nonfinite": "stop",
-    "allow_unfinished_teacher": False,
-    "component.min_steps": 0,
-    "amalgamation.min_steps": 0,
-    "dual_stage.min_steps": 0,
-    "matmul_precision": "default",
-    "model.dtype": "float32",
-    "distill.teacher_dtype": "float32",
-    **{
-        f"{stage}.{key}": value
-        for stage in ("amalgamation", "dual_stage")
-        for key, value in (
-            ("dtype", "float32"),
-            ("teacher_dtype", "float32"),
-            ("self_training", 0.0),
-            ("self_training_start", 0.3),
-            ("self_training_end", 0.6),
-            ("pool_grid", 1),
-        )
-    },
+  "train_split": "train",
+  "on_nonfinite": "stop",
+  "allow_unfinished_teacher": False,
+  "component.min_steps": 0,
+  "amalgamation.min_steps": 0,
+  "dual_stage.min_steps": 0,
+  "matmul_precision": "default",
+  "model.dtype": "float32",
+  "distill.teacher_dtype": "float32",
+  **{
+    f"{stage}.{key}": value
+    for stage in ("amalgamation", "dual_stage")
+    for key, value in (
+      ("dtype", "float32"),
+      ("teacher_dtype", "float32"),
+      ("self_training", 0.0),
+      ("self_training_start", 0.3),
+      ("self_training_end", 0.6),
+      ("pool_grid", 1),
+    )
+  },
 }
 
 
@@ -68,10 +68,10 @@ def data_identity(data_config, split: str, classes=None) -> dict:
   and a fingerprint of the preprocessing statistics (which depend on every train image).
   `data_dir` and `manual_dir` are not part of it: a moved copy of the same data is the same."""
   builder = data.get_builder(
-      data_config.name,
-      data_dir=data_config.get("data_dir"),
-      manual_dir=data_config.get("manual_dir"),
-      download=bool(data_config.get("download", True)),
+    data_config.name,
+    data_dir=data_config.get("data_dir"),
+    manual_dir=data_config.get("manual_dir"),
+    download=bool(data_config.get("download", True)),
   )
   stats = data.train_stats(builder)
 
@@ -79,13 +79,13 @@ def data_identity(data_config, split: str, classes=None) -> dict:
     return data.num_batches(data_config, split, batch_size=1, train=train, classes=classes)
 
   return {
-      "builder": builder.name,
-      "version": str(builder.version),
-      "train_examples": count(split, True),
-      "test_examples": count("test", False),
-      "train_stats": checkpoint.fingerprint(
-          {k: stats[k] for k in ("mean_image", "channel_mean", "channel_std")}
-      ),
+    "builder": builder.name,
+    "version": str(builder.version),
+    "train_examples": count(split, True),
+    "test_examples": count("test", False),
+    "train_stats": checkpoint.fingerprint(
+      {k: stats[k] for k in ("mean_image", "channel_mean", "channel_std")}
+    ),
   }
 
 
@@ -111,8 +111,8 @@ def check_same_devices(workdir: str, saved: int | None) -> None:
   may change (the data order does not depend on them, `kd_jax.data.make_dataset`)."""
   if saved is not None and saved != jax.device_count():
     raise UsageError(
-        f"workdir {workdir} was trained on {saved} devices, this run has {jax.device_count()}: "
-        f"resume it on {saved} devices (in any number of processes), or use a new --workdir"
+      f"workdir {workdir} was trained on {saved} devices, this run has {jax.device_count()}: "
+      f"resume it on {saved} devices (in any number of processes), or use a new --workdir"
     )
 
 
@@ -122,15 +122,15 @@ def check_same_data(workdir: str, saved: dict | None, current: dict) -> None:
   if not saved:
     return
   differences = [
-      f"{k} {saved.get(k)} → {current.get(k)}"
-      for k in sorted(saved.keys() | current.keys())
-      if saved.get(k) != current.get(k)
+    f"{k} {saved.get(k)} → {current.get(k)}"
+    for k in sorted(saved.keys() | current.keys())
+    if saved.get(k) != current.get(k)
   ]
   if differences:
     raise UsageError(
-        f"workdir {workdir} was trained on other data than data.data_dir/data.manual_dir now "
-        f"hold ({'; '.join(differences)}): point them at the data the run started with, or use "
-        "a new --workdir"
+      f"workdir {workdir} was trained on other data than data.data_dir/data.manual_dir now "
+      f"hold ({'; '.join(differences)}): point them at the data the run started with, or use "
+      "a new --workdir"
     )
 
 
@@ -148,7 +148,7 @@ def check_same_teacher(workdir: str, origin: dict) -> None:
     return  # no finished checkpoint yet: the run starts afresh
   if saved and saved.get("fingerprint") != origin["fingerprint"]:
     raise UsageError(
-        f"workdir {workdir} was distilled from the teacher in {saved.get('workdir')} (fingerprint "
-        f"{saved.get('fingerprint')}), but {origin['workdir']} holds another (fingerprint "
-        f"{origin['fingerprint']}): resume with the same teacher, or use a new --workdir"
+      f"workdir {workdir} was distilled from the teacher in {saved.get('workdir')} (fingerprint "
+      f"{saved.get('fingerprint')}), but {origin['workdir']} holds another (fingerprint "
+      f"{origin['fingerprint']}): resume with the same teacher, or use a new --workdir"
     )

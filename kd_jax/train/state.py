@@ -35,11 +35,11 @@ class TrainState(flax.struct.PyTreeNode):
   def create(cls, *, variables, tx: optax.GradientTransformation, rng) -> "TrainState":
     params = variables["params"]
     return cls(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        rng=jnp.asarray(rng, jnp.uint32),
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      batch_stats=variables.get("batch_stats", {}),
+      opt_state=tx.init(params),
+      rng=jnp.asarray(rng, jnp.uint32),
     )
 
   @property

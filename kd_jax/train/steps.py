@@ -58,10 +58,10 @@ def make_objective(method: str, distill) -> Objective:
     return lambda s, t, y, keys: losses.logit_regression(s, per_example(keys, t))
   if seed:
     return lambda s, t, y, keys: seed_compat.seed_kd_loss(
-        s, t, y, temperature=distill.temperature, hard_weight=1.0 - distill.soft_weight
+      s, t, y, temperature=distill.temperature, hard_weight=1.0 - distill.soft_weight
     )
   return lambda s, t, y, keys: losses.hinton_kd(
-      s, t, y, temperature=distill.temperature, soft_weight=distill.soft_weight
+    s, t, y, temperature=distill.temperature, soft_weight=distill.soft_weight
   )
 
 
@@ -69,7 +69,9 @@ def for_data_parallel(model: nn.Module) -> nn.Module:
   """The same model with BatchNorm statistics averaged over the 'data' axis and dropout
   masks drawn by each example's global position (see the module docstring)."""
   fields = getattr(model, "__dataclass_fields__", {})
-  return model.clone(**{name: AXIS for name in ("bn_axis_name", "dropout_axis_name") if name in fields})
+  return model.clone(
+    **{name: AXIS for name in ("bn_axis_name", "dropout_axis_name") if name in fields}
+  )
 
 
 def apply_model(model: nn.Module, variables, images, *, train: bool, rng=None) -> jax.Array:
@@ -83,12 +85,12 @@ def apply_model(model: nn.Module, variables, images, *, train: bool, rng=None) -
 
 
 def make_train_step(
-    *,
-    student: nn.Module,
-    tx: optax.GradientTransformation,
-    objective: Objective,
-    teacher: nn.Module | None = None,
-    teacher_dropout: bool = False,
+  *,
+  student: nn.Module,
+  tx: optax.GradientTransformation,
+  objective: Objective,
+  teacher: nn.Module | None = None,
+  teacher_dropout: bool = False,
 ) -> Callable:
   """Builds the pure step for one method (see the module docstring)."""
   student = for_data_parallel(student)
@@ -103,7 +105,7 @@ def make_train_step(
     teacher_logits = batch.get("teacher_logits")  # cached by the loop, or computed here
     if teacher_logits is None and teacher is not None:
       teacher_logits = lax.stop_gradient(
-          apply_model(teacher, frozen, images, train=teacher_dropout, rng=teacher_rng)
+        apply_model(teacher, frozen, images, train=teacher_dropout, rng=teacher_rng)
       )
 
     def loss_fn(params):
@@ -111,14 +113,20 @@ def make_train_step(
       if state.batch_stats:
         variables["batch_stats"] = state.batch_stats
       out, updates = student.apply(
-          variables, images, train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"]
+        variables, images, train=True, rngs={"dropout": dropout_rng}, mutable=["batch_stats"]
       )
       logits = models.logits_of(out).astype(jnp.float32)
       return objective(logits, teacher_logits, labels, loss_keys), (logits, updates)
 
-    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(local(state.params))
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      local(state.params)
+    )
     new_state, nonfinite = apply_gradients(
-        state, tx, grads, batch_stats=updates.get("batch_stats", state.batch_stats), terms={"loss": loss}
+      state,
+      tx,
+      grads,
+      batch_stats=updates.get("batch_stats", state.batch_stats),
+      terms={"loss": loss},
     )
     prediction = jnp.argmax(logits, -1)
     metrics = {"loss": loss, "accuracy": jnp.mean(prediction == labels)}
@@ -150,17 +158,19 @@ def apply_gradients(state: TrainState, tx, grads, *, batch_stats, terms: dict):
   grads = lax.pmean(grads, AXIS)
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
   new_state = state.replace(
-      step=state.step + 1,
-      params=optax.apply_updates(state.params, param_updates),
-      batch_stats=batch_stats,
-      opt_state=opt_state,
+    step=state.step + 1,
+    params=optax.apply_updates(state.params, param_updates),
+    batch_stats=batch_stats,
+    opt_state=opt_state,
   )
   return keep_if_finite(state, new_state, {**terms, "gradient": grads})
 
 
 def all_finite(tree) -> jax.Array:
   """Whether every floating-point value in `tree` is finite (a bool scalar)."""
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
@@ -194,9 +204,7 @@ def make_optimizer(optim, *, total_steps: int) -> optax.GradientTransformation:
   The default (1e-3, ×0.1 at 80 %) is the distillation seed's schedule.
   """
   boundary = max(1, int(round(optim.decay_at * total_steps)))
-  schedule = optax.piecewise_constant_schedule(
-      optim.learning_rate, {boundary: optim.decay_factor}
-  )
+  schedule = optax.piecewise_constant_schedule(optim.learning_rate, {boundary: optim.decay_factor})
   if optim.get("weight_decay", 0.0):
     return optax.adamw(schedule, weight_decay=optim.weight_decay)
   return optax.adam(schedule)

@@ -69,10 +69,10 @@ class TeacherCard:
   def to_dict(self) -> dict[str, np.ndarray]:
     """NumPy arrays keyed by field name (for Orbax / JSON / ``np.savez``; 0-d for scalars)."""
     out = {
-        "means": np.asarray(self.means, np.float32),
-        "precision": np.asarray(self.precision, np.float32),
-        "score_mean": np.asarray(self.score_mean, np.float32),
-        "score_std": np.asarray(self.score_std, np.float32),
+      "means": np.asarray(self.means, np.float32),
+      "precision": np.asarray(self.precision, np.float32),
+      "score_mean": np.asarray(self.score_mean, np.float32),
+      "score_std": np.asarray(self.score_std, np.float32),
     }
     if self.counts is not None:
       out["counts"] = np.asarray(self.counts, np.float32)
@@ -93,20 +93,25 @@ class TeacherCard:
     dim = means.shape[1]
     if precision.shape != (dim, dim):
       raise ValueError(
-          f"TeacherCard.from_dict: precision must be [{dim}, {dim}], got {precision.shape}")
+        f"TeacherCard.from_dict: precision must be [{dim}, {dim}], got {precision.shape}"
+      )
     if score_mean.shape != () or score_std.shape != ():
       raise ValueError("TeacherCard.from_dict: score_mean and score_std must be scalars")
     counts = d.get("counts")
     if counts is not None:
       counts = np.asarray(counts, np.float32)
       if counts.shape != means.shape[:1]:
-        raise ValueError(f"TeacherCard.from_dict: counts must be [{means.shape[0]}], got {counts.shape}")
+        raise ValueError(
+          f"TeacherCard.from_dict: counts must be [{means.shape[0]}], got {counts.shape}"
+        )
       counts = jnp.asarray(counts)
-    return cls(means=jnp.asarray(means),
-               precision=jnp.asarray(precision),
-               score_mean=jnp.asarray(score_mean),
-               score_std=jnp.asarray(score_std),
-               counts=counts)
+    return cls(
+      means=jnp.asarray(means),
+      precision=jnp.asarray(precision),
+      score_mean=jnp.asarray(score_mean),
+      score_std=jnp.asarray(score_std),
+      counts=counts,
+    )
 
 
 @flax.struct.dataclass
@@ -131,9 +136,11 @@ def card_stats_init(num_classes: int, dim: int, *, dtype: Any = jnp.float32) -> 
   """Empty statistics for ``num_classes`` classes of ``dim``-wide features."""
   if num_classes < 1 or dim < 1:
     raise ValueError(f"num_classes and dim must be >= 1, got {num_classes}, {dim}")
-  return CardStats(count=jnp.zeros((num_classes,), dtype),
-                   mean=jnp.zeros((num_classes, dim), dtype),
-                   scatter=jnp.zeros((dim, dim), dtype))
+  return CardStats(
+    count=jnp.zeros((num_classes,), dtype),
+    mean=jnp.zeros((num_classes, dim), dtype),
+    scatter=jnp.zeros((dim, dim), dtype),
+  )
 
 
 def card_stats_update(stats: CardStats, features: jax.Array, labels: jax.Array) -> CardStats:
@@ -214,18 +221,22 @@ def card_from_stats(stats: CardStats, *, shrinkage: float = 0.1, eps: float = 1e
   chol = jnp.linalg.cholesky(shrunk)
   precision = jax.scipy.linalg.cho_solve((chol, True), eye)
   precision = 0.5 * (precision + precision.T)
-  return TeacherCard(means=stats.mean.astype(jnp.float32),
-                     precision=precision.astype(jnp.float32),
-                     score_mean=jnp.zeros((), jnp.float32),
-                     score_std=jnp.ones((), jnp.float32),
-                     counts=stats.count.astype(jnp.float32))
+  return TeacherCard(
+    means=stats.mean.astype(jnp.float32),
+    precision=precision.astype(jnp.float32),
+    score_mean=jnp.zeros((), jnp.float32),
+    score_std=jnp.ones((), jnp.float32),
+    counts=stats.count.astype(jnp.float32),
+  )
 
 
-def calibrate_card(card: TeacherCard,
-                   features: jax.Array | None = None,
-                   *,
-                   scores: jax.Array | None = None,
-                   batch_size: int = 4096) -> TeacherCard:
+def calibrate_card(
+  card: TeacherCard,
+  features: jax.Array | None = None,
+  *,
+  scores: jax.Array | None = None,
+  batch_size: int = 4096,
+) -> TeacherCard:
   """Set ``score_mean``/``score_std`` from in-distribution (training) data.
 
   ``score_mean = mean_i M(f_i)``, ``score_std = max(std_i M(f_i), 1e-6)`` (population std), with
@@ -245,7 +256,9 @@ def calibrate_card(card: TeacherCard,
     if features.ndim != 2:
       raise ValueError(f"features must be [N, D], got {features.shape}")
     n = features.shape[0]
-    chunks = [mahalanobis_scores(card, features[i:i + batch_size]) for i in range(0, n, batch_size)]
+    chunks = [
+      mahalanobis_scores(card, features[i : i + batch_size]) for i in range(0, n, batch_size)
+    ]
     scores = jnp.concatenate(chunks) if chunks else jnp.zeros((0,), jnp.float32)
   scores = jnp.asarray(scores, jnp.float32)
   if scores.ndim != 1 or scores.shape[0] == 0:
@@ -253,13 +266,15 @@ def calibrate_card(card: TeacherCard,
   return card.replace(score_mean=scores.mean(), score_std=jnp.maximum(scores.std(), STD_FLOOR))
 
 
-def fit_teacher_card(features: Any,
-                     labels: Any,
-                     *,
-                     num_classes: int,
-                     shrinkage: float = 0.1,
-                     eps: float = 1e-6,
-                     calibrate: bool = True) -> TeacherCard:
+def fit_teacher_card(
+  features: Any,
+  labels: Any,
+  *,
+  num_classes: int,
+  shrinkage: float = 0.1,
+  eps: float = 1e-6,
+  calibrate: bool = True,
+) -> TeacherCard:
   """One-shot card from a teacher's training features (not jittable: validates its inputs).
 
   Equivalent to ``card_from_stats(card_stats_update(card_stats_init(K, D), features, labels))``
@@ -285,12 +300,14 @@ def fit_teacher_card(features: Any,
   if not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
   if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-    raise ValueError(f"labels must be in 0..{num_classes - 1}, "
-                     f"got range {labels.min()}..{labels.max()}")
+    raise ValueError(
+      f"labels must be in 0..{num_classes - 1}, got range {labels.min()}..{labels.max()}"
+    )
   counts = np.bincount(labels, minlength=num_classes)
   if (counts == 0).any():
-    raise ValueError(f"classes {np.flatnonzero(counts == 0).tolist()} have no sample; "
-                     "every class needs one")
+    raise ValueError(
+      f"classes {np.flatnonzero(counts == 0).tolist()} have no sample; every class needs one"
+    )
   dtype = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
   stats = card_stats_init(num_classes, features.shape[1], dtype=dtype)
   stats = card_stats_update(stats, jnp.asarray(features, dtype), jnp.asarray(labels))
@@ -312,8 +329,9 @@ def class_mahalanobis(card: TeacherCard, features: jax.Array) -> jax.Array:
   """
   features = jnp.asarray(features, jnp.float32)
   if features.shape[-1] != card.means.shape[-1]:
-    raise ValueError(f"features have width {features.shape[-1]}, "
-                     f"card expects {card.means.shape[-1]}")
+    raise ValueError(
+      f"features have width {features.shape[-1]}, card expects {card.means.shape[-1]}"
+    )
   diff = features[..., None, :] - card.means  # [..., K, D]
   d = jnp.einsum("...kd,de,...ke->...k", diff, card.precision, diff)
   return jnp.maximum(d, 0.0)
@@ -336,5 +354,6 @@ def teacher_card_scores(features: Sequence[jax.Array], cards: Sequence[TeacherCa
   if len(features) != len(cards):
     raise ValueError(f"got features for {len(features)} teachers but {len(cards)} cards")
   return jnp.stack(
-      [-(mahalanobis_scores(c, f) - c.score_mean) / c.score_std for f, c in zip(features, cards)],
-      axis=-1)
+    [-(mahalanobis_scores(c, f) - c.score_mean) / c.score_std for f, c in zip(features, cards)],
+    axis=-1,
+  )

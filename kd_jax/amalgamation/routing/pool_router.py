@@ -37,23 +37,36 @@ class PoolRouter:
   task: jax.Array
 
 
-def _lda(x: np.ndarray, y: np.ndarray, num_classes: int, shrinkage: float) -> tuple[np.ndarray, np.ndarray]:
+def _lda(
+  x: np.ndarray, y: np.ndarray, num_classes: int, shrinkage: float
+) -> tuple[np.ndarray, np.ndarray]:
   """Linear discriminant (shared, shrunk covariance; class priors from ``y``): ``(W [D, C], b [C])``."""
   counts = np.bincount(y, minlength=num_classes).astype(np.float64)
   present = counts > 0
-  means = np.stack([x[y == c].mean(0) if present[c] else np.zeros(x.shape[1]) for c in range(num_classes)])
+  means = np.stack(
+    [x[y == c].mean(0) if present[c] else np.zeros(x.shape[1]) for c in range(num_classes)]
+  )
   centered = x - means[y]
   cov = centered.T @ centered / len(x)
-  cov = (1.0 - shrinkage) * cov + (shrinkage * np.trace(cov) / cov.shape[0] + 1e-6) * np.eye(cov.shape[0])
+  cov = (1.0 - shrinkage) * cov + (shrinkage * np.trace(cov) / cov.shape[0] + 1e-6) * np.eye(
+    cov.shape[0]
+  )
   weight = np.linalg.solve(cov, means.T)  # [D, C] = Σ⁻¹ μ_c
   bias = -0.5 * np.sum(means.T * weight, axis=0) + np.log(np.maximum(counts, 1.0) / len(x))
   bias[~present] = -np.inf  # a class no pool image was given never wins
   return weight, bias
 
 
-def fit_pool_router(features: Sequence[Any], initial: Any, class_index: Sequence[Sequence[int]], *,
-                    shrinkage: float = 0.1, rounds: int = 0, balance_rounds: int = 0,
-                    class_shares: Any = None) -> PoolRouter:
+def fit_pool_router(
+  features: Sequence[Any],
+  initial: Any,
+  class_index: Sequence[Sequence[int]],
+  *,
+  shrinkage: float = 0.1,
+  rounds: int = 0,
+  balance_rounds: int = 0,
+  class_shares: Any = None,
+) -> PoolRouter:
   """Fits :class:`PoolRouter` on unlabelled pool features (NumPy, float64; not jittable).
 
   Args:
@@ -78,7 +91,10 @@ def fit_pool_router(features: Sequence[Any], initial: Any, class_index: Sequence
   num_classes = sum(len(i) for i in class_index)
   if y.size and (y.min() < 0 or y.max() >= num_classes):
     raise ValueError(f"initial classes must be in 0..{num_classes - 1}")
-  mean, std = x.mean(0), np.maximum(x.std(0), STD_FLOOR)  # standardised: shrinkage treats features alike
+  mean, std = (
+    x.mean(0),
+    np.maximum(x.std(0), STD_FLOOR),
+  )  # standardised: shrinkage treats features alike
   z = (x - mean) / std
   for r in range(rounds + balance_rounds + 1):
     weight, bias = _lda(z, y, num_classes, shrinkage)
@@ -91,11 +107,16 @@ def fit_pool_router(features: Sequence[Any], initial: Any, class_index: Sequence
   task = np.zeros((num_classes, len(class_index)), np.float32)
   for t, index in enumerate(class_index):
     task[list(index), t] = 1.0
-  return PoolRouter(weight=jnp.asarray(weight, jnp.float32), bias=jnp.asarray(bias, jnp.float32),
-                    task=jnp.asarray(task))
+  return PoolRouter(
+    weight=jnp.asarray(weight, jnp.float32),
+    bias=jnp.asarray(bias, jnp.float32),
+    task=jnp.asarray(task),
+  )
 
 
-def class_shares(cards: Sequence[TeacherCard], class_index: Sequence[Sequence[int]]) -> np.ndarray | None:
+def class_shares(
+  cards: Sequence[TeacherCard], class_index: Sequence[Sequence[int]]
+) -> np.ndarray | None:
   """``[C]`` the union's class mix as the teachers saw it (their cards' training counts, in
   union order): what :func:`fit_pool_router`'s balanced refits assume of the pool. None
   (equal shares) when a card predates the counts."""
@@ -126,18 +147,26 @@ def balanced_assignment(scores: Any, *, shares: Any = None, iterations: int = 10
   return q
 
 
-def card_routed_classes(logits: Sequence[Any], features: Sequence[Any], cards: Sequence[TeacherCard],
-                        class_index: Sequence[Sequence[int]]) -> np.ndarray:
+def card_routed_classes(
+  logits: Sequence[Any],
+  features: Sequence[Any],
+  cards: Sequence[TeacherCard],
+  class_index: Sequence[Sequence[int]],
+) -> np.ndarray:
   """Where :func:`fit_pool_router` starts: per sample, the union class that the teacher chosen
   by teacher-card routing predicts (``[N]`` integers; teachers' outputs only, no labels)."""
   routed = np.asarray(teacher_card_scores(features, cards)).argmax(-1)
-  own = np.stack([np.asarray(index)[np.asarray(z).argmax(-1)] for z, index in zip(logits, class_index)], -1)
+  own = np.stack(
+    [np.asarray(index)[np.asarray(z).argmax(-1)] for z, index in zip(logits, class_index)], -1
+  )
   return own[np.arange(len(routed)), routed]
 
 
 def pool_router_scores(features: Sequence[jax.Array], router: PoolRouter) -> jax.Array:
   """``s_t = logsumexp_{c ∈ classes_t} g_c(f)``; per teacher ``[B, D_t]`` → ``[B, T]``."""
-  g = jnp.concatenate([jnp.asarray(f, jnp.float32) for f in check_teachers(features, "features")], axis=-1)
+  g = jnp.concatenate(
+    [jnp.asarray(f, jnp.float32) for f in check_teachers(features, "features")], axis=-1
+  )
   g = g @ router.weight + router.bias  # [B, C]
   masked = jnp.where(router.task.T[None] > 0, g[:, None, :], -jnp.inf)  # [B, T, C]
   return jax.nn.logsumexp(masked, axis=-1)

@@ -58,11 +58,13 @@ def entropy_scores(logits: Sequence[jax.Array]) -> jax.Array:
 
 def max_softmax_scores(logits: Sequence[jax.Array]) -> jax.Array:
   """``s_t = max_c softmax(z_t)_c``; sequence of ``[B, C_t]`` → ``[B, T]``."""
-  return jnp.stack([
+  return jnp.stack(
+    [
       jax.nn.softmax(jnp.asarray(z, jnp.float32), axis=-1).max(axis=-1)
       for z in check_teachers(logits, "logits")
-  ],
-                   axis=-1)
+    ],
+    axis=-1,
+  )
 
 
 def fit_energy_stats(logits: Sequence[jax.Array]) -> jax.Array:
@@ -70,11 +72,13 @@ def fit_energy_stats(logits: Sequence[jax.Array]) -> jax.Array:
 
   Population std, floored at 1e-6. Pass the result as ``energy_stats``.
   """
-  e = jnp.stack([
+  e = jnp.stack(
+    [
       jax.nn.logsumexp(jnp.asarray(z, jnp.float32), axis=-1)
       for z in check_teachers(logits, "logits")
-  ],
-                axis=-1)  # [N, T]
+    ],
+    axis=-1,
+  )  # [N, T]
   return jnp.stack([e.mean(axis=0), jnp.maximum(e.std(axis=0), STD_FLOOR)], axis=-1)
 
 
@@ -92,27 +96,30 @@ def energy_scores(logits: Sequence[jax.Array], *, stats: Any = None) -> jax.Arra
   ``logits``: sequence of ``[B, C_t]`` → ``[B, T]``.
   """
   logits = check_teachers(logits, "logits")
-  e = jnp.stack([jax.nn.logsumexp(jnp.asarray(z, jnp.float32), axis=-1) for z in logits],
-                axis=-1)  # [B, T]
+  e = jnp.stack(
+    [jax.nn.logsumexp(jnp.asarray(z, jnp.float32), axis=-1) for z in logits], axis=-1
+  )  # [B, T]
   if stats is None:
     m, s = e.mean(axis=0), e.std(axis=0)
   else:
     stats = jnp.asarray(stats, jnp.float32)
     if stats.shape != (len(logits), 2):
-      raise ValueError(f"energy stats must be [{len(logits)}, 2] (mean, std per teacher), "
-                       f"got {stats.shape}")
+      raise ValueError(
+        f"energy stats must be [{len(logits)}, 2] (mean, std per teacher), got {stats.shape}"
+      )
     m, s = stats[:, 0], stats[:, 1]
   return (e - m) / jnp.maximum(s, STD_FLOOR)
 
 
-
-def teacher_scores(rule: str,
-                   *,
-                   logits: Sequence[jax.Array] | None = None,
-                   features: Sequence[jax.Array] | None = None,
-                   cards: Sequence[TeacherCard] | None = None,
-                   energy_stats: Any = None,
-                   pool_router: PoolRouter | None = None) -> jax.Array:
+def teacher_scores(
+  rule: str,
+  *,
+  logits: Sequence[jax.Array] | None = None,
+  features: Sequence[jax.Array] | None = None,
+  cards: Sequence[TeacherCard] | None = None,
+  energy_stats: Any = None,
+  pool_router: PoolRouter | None = None,
+) -> jax.Array:
   """Dispatch to the scorer of ``rule`` (one of :data:`RULES`) → ``[B, T]``, higher = better.
 
   ``'entropy'``, ``'max_softmax'``, ``'energy'`` need ``logits`` (sequence of ``[B, C_t]``);
@@ -125,7 +132,9 @@ def teacher_scores(rule: str,
   """
   if rule not in RULES:
     raise ValueError(f"unknown routing rule {rule!r}; choose one of {RULES}")
-  needs = {"teacher_card": ("features", "cards"), "pool_lda": ("features", "pool_router")}.get(rule, ("logits",))
+  needs = {"teacher_card": ("features", "cards"), "pool_lda": ("features", "pool_router")}.get(
+    rule, ("logits",)
+  )
   given = {"logits": logits, "features": features, "cards": cards, "pool_router": pool_router}
   missing = [k for k in needs if given[k] is None]
   if missing:
@@ -170,6 +179,5 @@ def routing_accuracy(weights: jax.Array, true_teacher: jax.Array) -> jax.Array:
   weights = jnp.asarray(weights)
   true_teacher = jnp.asarray(true_teacher)
   if true_teacher.shape != weights.shape[:-1]:
-    raise ValueError(f"true_teacher must have shape {weights.shape[:-1]}, "
-                     f"got {true_teacher.shape}")
+    raise ValueError(f"true_teacher must have shape {weights.shape[:-1]}, got {true_teacher.shape}")
   return jnp.mean((jnp.argmax(weights, axis=-1) == true_teacher).astype(jnp.float32))
