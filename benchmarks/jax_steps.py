@@ -69,7 +69,12 @@ def build(name: str, cfg: dict):
     matmul = jax.jit(lambda a, b: a @ b)
     info.update(batch=None, student_params=None, teacher_params=None)
     return (lambda: jax.block_until_ready(matmul(a, a))), info, lambda: 2.0 * MATMUL_SIZE**3
-  build_step = _distillation if name in DISTILL_STEPS else _amalgamation
+  if name in DISTILL_STEPS:
+    build_step = _distillation
+  elif name.removeprefix("jax_") in suite.ZOO_METHODS:
+    build_step = _zoo
+  else:
+    build_step = _amalgamation
   built = build_step(name, cfg, mesh, rng, info, bf16)
   if isinstance(built, Forward):
     return _forward(built, info)
@@ -167,6 +172,45 @@ def _distillation(name, cfg, mesh, rng, info, bf16):
   if method == "ground_truth":
     info["teacher_params"] = None
   return Step(step_fn, state, teacher_vars if in_step_teacher else {}, batch)
+
+
+def _zoo(name, cfg, mesh, rng, info, bf16):
+  """A zoo method's step (`kd_jax.train.zoo`), the teacher in it, as training builds it; CRD's
+  memory has a row per training example of the recipe's dataset (60,000)."""
+  import jax
+  import ml_collections
+  import numpy as np
+
+  from kd_jax import models
+  from kd_jax.train import steps, zoo
+
+  method = name.removeprefix("jax_")
+  d = cfg["distill"]
+  batch_size, image_shape = d["batch_size"], tuple(d["image_shape"])
+  student = models.build({**d["student"], "num_classes": NUM_CLASSES})
+  teacher = models.build({**d["teacher"], "num_classes": NUM_CLASSES})
+  teacher_vars = teacher.init(jax.random.PRNGKey(1), np.zeros((1, *image_shape)), train=False)
+  config = ml_collections.ConfigDict(
+    dict(method=method, distill={**d["distill"], method: cfg["zoo"][method]})
+  )
+  plan = zoo.make_plan(
+    config, student, teacher, image_shape, num_examples=60_000, steps_per_epoch=100
+  )
+  tx = steps.make_optimizer(ml_collections.ConfigDict(d["optim"]), total_steps=10_000)
+  state = zoo.init_state(plan, tx, 0, image_shape)
+  batch = {
+    "image": rng.standard_normal((batch_size, *image_shape)).astype(np.float32),
+    "label": rng.integers(0, NUM_CLASSES, batch_size).astype(np.int32),
+  }
+  if method == "crd":
+    batch["index"] = rng.choice(60_000, batch_size, replace=False).astype(np.int32)
+  info.update(
+    batch=batch_size,
+    student_params=_n_params(state.params),
+    teacher_params=_n_params(teacher_vars),
+  )
+  step_fn = zoo.make_step(plan, tx=tx, teacher=teacher)
+  return Step(step_fn, state, teacher_vars, batch)
 
 
 def _routing():

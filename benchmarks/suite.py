@@ -64,6 +64,24 @@ BENCHES = {
     f"PyTorch float32 matmul {MATMUL_SIZE}², 2 threads (the peak probe)",
   ),
 }
+# The method zoo (kd_jax.train.zoo): each method's step against a PyTorch port of the same step
+# with torchdistill's loss class (benchmarks/torch_zoo.py), the teacher in both steps.
+ZOO_METHODS = (
+  "dkd",
+  "logit_standardized_kd",
+  "dist",
+  "fitnet",
+  "attention_transfer",
+  "pkt",
+  "similarity_preserving",
+  "rkd",
+  "vid",
+  "crd",
+)
+for _method in ZOO_METHODS:
+  BENCHES[f"jax_{_method}"] = ("jax", 1, f"kd_jax {_method} step (LeNet + frozen NiN)")
+  BENCHES[f"torch_{_method}"] = ("torch", 1, f"PyTorch {_method} step, torchdistill's loss")
+ZOO_BENCHES = tuple(f"{fw}_{m}" for m in ZOO_METHODS for fw in ("jax", "torch"))
 # What --recipe=seed runs by default: the distillation benchmarks and the peak probes.
 DISTILL_BENCHES = (
   "jax_kd",
@@ -136,6 +154,10 @@ RATIOS = (
   ),
   ("PyTorch matmul / JAX matmul", "torch_matmul", "jax_matmul", "> 1: PyTorch's matmul slower"),
 )
+RATIOS += tuple(
+  (f"JAX {m} / PyTorch {m}", f"jax_{m}", f"torch_{m}", "> 1: JAX slower (target ≤ 1/1.5)")
+  for m in ZOO_METHODS
+)
 # Issues 11 and 12's targets: (label, ratio label or benchmark name, invert the ratio, goal). A
 # speed-up is the inverse of a JAX / PyTorch time ratio; "the KD step (teacher in it)" is its
 # fraction of the peak. The loop targets are read by CPU time (see BY_CPU_TIME).
@@ -157,6 +179,10 @@ TARGETS = (
     True,
     0.9,
   ),
+)
+TARGETS += tuple(
+  (f"{m} step: JAX images/s ÷ PyTorch (issue 35)", f"JAX {m} / PyTorch {m}", True, 1.5)
+  for m in ZOO_METHODS
 )
 # Ratios whose target is read by CPU time: a loop iteration does not wait for its own step, a
 # bare step does, and under heavy load the waiting (descheduled) process loses the CPU, so
@@ -227,8 +253,15 @@ def settings(args) -> dict:
   teacher_blocks = [[int(w) for w in g.split("-")] for g in blocks.split("/")]
   if len(teacher_blocks) == 1:
     teacher_blocks *= len(class_sets)
+  zoo = {
+    m: load_config("experiments/lenet_student.py", f"method={m},dataset={recipe['dataset']}")
+    .distill[m]
+    .to_dict()
+    for m in ZOO_METHODS
+  }
   return {
     "recipe": args.recipe,
+    "zoo": zoo,
     "distill": {
       "dataset": recipe["dataset"],
       "image_shape": list(recipe["image_shape"]),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
-from suite import MATMUL_SIZE, NUM_CLASSES
+from suite import MATMUL_SIZE, NUM_CLASSES, ZOO_METHODS
 from torch import nn
 
 
@@ -86,6 +86,10 @@ def _n_params(module: nn.Module) -> int:
 
 def build(name: str, cfg: dict):
   """`(run_one_step, info, count_flops)` of PyTorch benchmark `name` (see `jax_steps.build`)."""
+  if name.removeprefix("torch_") in ZOO_METHODS:
+    import torch_zoo  # pylint: disable=g-import-not-at-top  (imports torchdistill)
+
+    return torch_zoo.build(name, cfg)
   torch.set_num_threads(1 if name.endswith("_1thread") else 2)
   torch.manual_seed(0)
   if name == "torch_matmul":

@@ -138,4 +138,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config[name].epochs = 2
       config[name].min_steps = 0
       config[name].batch_size = 32
+  # Each stage has its own epochs, batch size and optimizer: the shared fields would do
+  # nothing here, so they are left out (setting one is then an error, not silently ignored).
+  for key in ("num_epochs", "batch_size", "optim"):
+    del config[key]
   return config

@@ -5,7 +5,10 @@
       --config.teacher_workdir=runs/teacher --workdir=runs/hinton_kd
 
 Methods: ground_truth (labels only), logit_regression (Ba & Caruana
-2014), noisy_teacher (Sau & Balasubramanian 2016), hinton_kd (Hinton et al. 2015).
+2014), noisy_teacher (Sau & Balasubramanian 2016), hinton_kd (Hinton et al. 2015), and the
+zoo (`kd_jax.train.zoo`): dkd, logit_standardized_kd, dist, fitnet, attention_transfer, pkt,
+similarity_preserving, rkd, vid, crd, each with its fields in `distill.<method>` (loss
+weights, hyper-parameters, feature pairs `'student tap:teacher tap+...'`; docs/training.md).
 `distill.seed_compat=True` switches to the seed's own formulas (`kd_jax.seed_compat`),
 which differ from the papers'.
 
@@ -15,6 +18,7 @@ Arguments: method, dataset, seed, width (LeNet multiplier), epochs, smoke.
 import ml_collections
 
 from kd_jax import configs
+from kd_jax.train import zoo_defaults as zoo
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -50,6 +54,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seed_compat=False,
     )
   )
+  if args["method"] in zoo.DEFAULTS:
+    # Only the chosen method's fields: the configs of the other methods stay as they were.
+    config.distill[args["method"]] = ml_collections.ConfigDict(zoo.DEFAULTS[args["method"]])
+    # The teacher's features are cached beside its logits when they fit this host memory.
+    config.distill.cache_budget_mb = zoo.DEFAULT_CACHE_BUDGET_MB
   config.num_epochs = args["epochs"]
   if args["smoke"]:
     configs.apply_smoke(config)

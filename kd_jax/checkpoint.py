@@ -11,6 +11,8 @@ checkpoint per step with named items:
 
 `load(workdir)` returns `(model, variables)` of the run's main model, ready for
 `model.apply(variables, x, train=False)`; `load(workdir, item='teacher_0')` a teacher.
+`load_for_inference(workdir)` adds `preprocess`, raw uint8 images → the model's input, from
+the preprocessing statistics the run saved in its meta (`meta['preprocess']`).
 
 With several processes, every process takes part in each save and restore (Orbax
 coordinates them; process 0 writes the meta and commits the step). Restores land where
@@ -73,6 +75,17 @@ def model_entry(model, *, item: str = "state", subtree: str | None = None, **ext
   return {"spec": models.spec_of(model), "item": item, "subtree": subtree, **extra}
 
 
+class _ReadOnlyNotice(logging.Filter):
+  """Drops Orbax's warning that a manager opened read-only is read-only: kd_jax opens one so
+  on purpose, to read a run (`load`, `read_meta`), and the warning misleads users."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyNotice())  # Orbax logs through absl's logger
+
+
 class Checkpoints:
   """The run's `ocp.CheckpointManager`: periodic asynchronous saves, the last few kept."""
 
@@ -80,7 +93,8 @@ class Checkpoints:
     self, workdir: str, *, save_every_steps: int = 1, keep: int = 3, read_only: bool = False
   ):
     if read_only:
-      options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+      # save_interval_steps=0: else Orbax warns that it resets its default of 1 for a reader.
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     else:
       options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(1, save_every_steps),
@@ -260,13 +274,73 @@ def read_meta(workdir: str) -> dict:
 def load(workdir: str, item: str | None = None):
   """Returns `(model, variables)` of the latest checkpoint's main model, or of `item`.
 
-  The variables are NumPy arrays on the host.
+  The variables are NumPy arrays on the host. The model expects preprocessed images:
+  `load_for_inference` also returns the preprocessing.
 
   Args:
     workdir: a run's workdir (the directory given to `--workdir`).
     item: a model name from the checkpoint's `meta['models']` (e.g. 'student',
       'teacher_0'); default: the run's main model (`meta['main']`).
   """
+  model, variables, _ = _load(workdir, item)
+  return model, variables
+
+
+def load_for_inference(
+  workdir: str, item: str | None = None, *, data_dir: str | None = None, manual_dir=None
+):
+  """Returns `(model, variables, preprocess)` of the latest checkpoint's main model, or `item`.
+
+  `preprocess` takes raw uint8 images `[N, H, W, C]` (0-255, as stored) and returns what
+  `model.apply(variables, x, train=False)` expects: the run's own preprocessing and training
+  statistics, read from the checkpoint, so no TensorFlow and no data are needed.
+
+    model, variables, preprocess = checkpoint.load_for_inference("runs/teacher")
+    logits = model.apply(variables, preprocess(images_uint8), train=False)
+
+  A checkpoint written before the statistics were saved gets them recomputed from its run's
+  data (TensorFlow then loads): found where its config says, or in `data_dir`/`manual_dir`.
+  """
+  model, variables, meta = _load(workdir, item)
+  saved = meta.get("preprocess")
+  if saved is None:
+    saved = _recomputed_preprocessing(workdir, meta, data_dir=data_dir, manual_dir=manual_dir)
+  from kd_jax.data import portable  # pylint: disable=g-import-not-at-top
+
+  return model, variables, portable.from_record(saved)
+
+
+def _recomputed_preprocessing(workdir: str, meta: dict, *, data_dir, manual_dir) -> dict:
+  """The preprocessing record of a checkpoint that has none, from its run's data config."""
+  from kd_jax.data import defaults  # pylint: disable=g-import-not-at-top
+
+  data_config = dict(meta.get("config", {}).get("data") or {})
+  if not data_config.get("name"):
+    raise CheckpointError(f"{workdir}: its checkpoint records neither its preprocessing nor data")
+  data_config.update(download=False)  # never a download for inference
+  for key, value in (("data_dir", data_dir), ("manual_dir", manual_dir)):
+    if value:
+      data_config[key] = value
+  logging.info(
+    "%s: the checkpoint predates saved preprocessing statistics; recomputing them from its %s data",
+    workdir,
+    data_config["name"],
+  )
+  try:
+    from kd_jax import data  # pylint: disable=g-import-not-at-top
+
+    return data.preprocess_record(defaults.as_data_config(data_config))
+  except Exception as e:  # pylint: disable=broad-except  (any reason the data is not there)
+    where = ", ".join(f"{k}={data_config.get(k)!r}" for k in ("data_dir", "manual_dir"))
+    raise CheckpointError(
+      f"{workdir}: its checkpoint predates saved preprocessing statistics and its "
+      f"{data_config['name']} training data is not available to recompute them ({where}: "
+      f"{_gist(e)}); pass data_dir= or manual_dir= where the data is"
+    ) from None
+
+
+def _load(workdir: str, item: str | None):
+  """`(model, variables, meta)` of `item` (default: the main model) of the latest checkpoint."""
   checkpoints = _open(workdir)
   try:
     meta = checkpoints.restore_meta()
@@ -277,7 +351,7 @@ def load(workdir: str, item: str | None = None):
     stored = checkpoints.restore(None, {entry["item"]: None})[entry["item"]]
   finally:
     checkpoints.close()
-  return models.build(entry["spec"]), variables_of(stored, entry.get("subtree"))
+  return models.build(entry["spec"]), variables_of(stored, entry.get("subtree")), meta
 
 
 def variables_of(stored: Mapping, subtree: str | None = None) -> dict:

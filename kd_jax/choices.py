@@ -7,7 +7,23 @@ module imports nothing, so a config validates without JAX or TensorFlow.
 
 DATASETS = ("cifar10", "mnist", "fashion_mnist")
 # Training methods of the teacher/student trainer (`kd_jax.train.steps.make_objective`).
-METHODS = ("ground_truth", "logit_regression", "noisy_teacher", "hinton_kd")
+# The method zoo (`kd_jax.train.zoo`): one loss each from `kd_jax.losses`, with the feature
+# taps, auxiliary modules and memories the method needs in the train state.
+ZOO_METHODS = (
+  "dkd",
+  "logit_standardized_kd",
+  "dist",
+  "fitnet",
+  "attention_transfer",
+  "pkt",
+  "similarity_preserving",
+  "rkd",
+  "vid",
+  "crd",
+)
+METHODS = ("ground_truth", "logit_regression", "noisy_teacher", "hinton_kd", *ZOO_METHODS)
+# Attention transfer's normalisation: torchdistill's code, or the paper's.
+ATTENTION_MODES = ("code", "paper")
 MODELS = ("nin", "lenet", "convnet")
 # Image preprocessing (`kd_jax.data`): minus the training set's mean image (of [0, 1] or
 # [0, 255] pixels), per-channel standardisation, or none.

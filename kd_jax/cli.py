@@ -7,6 +7,7 @@ fault as one line with its own status (`kd_jax.errors`).
 
 import ast
 import contextlib
+import functools
 import logging
 import os
 import sys
@@ -14,7 +15,7 @@ import sys
 from absl import app, flags
 from absl import logging as absl_logging
 
-from kd_jax import errors
+from kd_jax import catalog, errors
 
 
 @contextlib.contextmanager
@@ -103,7 +104,8 @@ def config_file_problem(path: str) -> str | None:
     return "--config is empty: give an experiment's config file, e.g. --config=experiments/nin_teacher.py"
   shown = f"--config={path}"
   if not os.path.exists(path):
-    return f"{shown}: no such file"
+    known = ", ".join(catalog.names())
+    return f"{shown}: no such file" + (f"; the packaged experiments are {known}" if known else "")
   if os.path.isdir(path):
     return f"{shown} is a directory, not a config file"
   try:
@@ -141,13 +143,54 @@ def loaded_config(config):
   return config
 
 
-def _parse_flags(argv):
-  """absl's flag parsing, each failure reported as one `error: ...` line (exit status 2)."""
+def _with_packaged_config(argv) -> list[str]:
+  """`argv` with `--config=NAME[:ARGS]` naming a packaged experiment's file (`catalog.resolve`)."""
+  argv = list(argv)
+  for i, arg in enumerate(argv[1:], start=1):
+    if arg == "--":
+      break
+    if arg.startswith("--config="):
+      argv[i] = "--config=" + catalog.resolve(arg[len("--config=") :])
+    elif arg == "--config" and i + 1 < len(argv):
+      argv[i + 1] = catalog.resolve(argv[i + 1])
+  return argv
+
+
+_HELP = ("--help", "-h", "--helpshort", "--helpfull", "--helpxml", "-?")
+
+
+def _no_experiment(argv) -> None:
+  """Without `--config`: the experiments, one line on how to choose, exit status 2."""
+  program = os.path.basename(argv[0]) if argv else "kd-jax-train"
+  if program in ("main.py", "__main__.py"):
+    program = "python -m kd_jax.main"
+  print(f"The experiments:\n{catalog.listing()}", file=sys.stderr)
+  print(
+    f"error: no --config: choose an experiment, e.g. {program} "
+    "--config=nin_teacher:dataset=fashion_mnist,smoke --workdir=runs/teacher "
+    "(--config=NAME --describe lists its fields)",
+    file=sys.stderr,
+  )
+  sys.exit(2)
+
+
+def _parse_flags(argv, *, experiment: bool = False):
+  """absl's flag parsing, each failure reported as one `error: ...` line (exit status 2).
+
+  `experiment`: the command trains an experiment (`--config`): without one, list them.
+  """
+  argv = _with_packaged_config(argv)
   config_file = _config_file(argv)
+  if experiment and config_file is None and not any(a.split("=")[0] in _HELP for a in argv[1:]):
+    _no_experiment(argv)
   message = config_file_problem(config_file) if config_file is not None else None
   if message is None:
     try:
       return flags.FLAGS(argv)
+    except SystemExit as e:  # absl exits 1 after printing --help: asked for, it succeeded
+      if e.code == 1 and any(a.split("=")[0] in _HELP for a in argv[1:]):
+        sys.exit(0)
+      raise
     except flags.Error as e:
       message = _one_line(str(e))
       if "--config must have a value other than None" in message:
@@ -198,12 +241,19 @@ def define_process_flags():
   return join
 
 
-def run(main) -> None:
-  """`app.run(main)` with quiet libraries and one-line errors for bad flags and config arguments."""
+def run(main, *, experiment: bool = False) -> None:
+  """`app.run(main)` with quiet libraries and one-line errors for bad flags and config arguments.
+
+  `experiment`: `main` trains the experiment of `--config` (see `_parse_flags`).
+  """
   absl_logging.get_absl_handler().addFilter(_QuietLibraries())
   sys.unraisablehook = _quiet_abandoned_reads
+  if main.__module__ != "__main__":  # a console script: its --help shows __main__'s doc and flags
+    for flag in flags.FLAGS.get_key_flags_for_module(main.__module__):
+      flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    sys.modules["__main__"].__doc__ = sys.modules[main.__module__].__doc__
   try:
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=functools.partial(_parse_flags, experiment=experiment))
   except ValueError as e:  # raised while parsing --config (e.g. a bad config argument)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

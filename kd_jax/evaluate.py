@@ -1,5 +1,6 @@
 """Evaluates a saved teacher, student or amalgamated student on the test split.
 
+  kd-jax-evaluate --workdir=DIR [--item=teacher_0] [--data_dir=... --manual_dir=...]
   python -m kd_jax.evaluate --workdir=DIR [--item=teacher_0] [--data_dir=... --manual_dir=...]
 
 Prints the metrics as JSON. The data comes from the run's own config unless
@@ -17,7 +18,7 @@ configure_cpu()  # CPU-only speed flags, before JAX starts
 
 from absl import app, flags  # noqa: E402
 
-from kd_jax import cli, distributed  # noqa: E402
+from kd_jax import cli, distributed, logs  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A run's workdir.")
 _ITEM = flags.DEFINE_string("item", None, "Model to evaluate (default: the run's main model).")
@@ -77,6 +78,8 @@ def evaluate_workdir(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  # Quiet libraries unless --verbosity (absl's flag: 0 info, 1 debug) is given.
+  logs.configure(flags.FLAGS.verbosity if flags.FLAGS["verbosity"].present else None)
   with cli.one_line_errors():
     _JOIN_PROCESSES()  # before anything starts JAX's backend
     metrics = evaluate_workdir(
@@ -90,5 +93,10 @@ def main(argv):
     print(json.dumps(metrics, indent=2))
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The `kd-jax-evaluate` console script."""
   cli.run(main)
+
+
+if __name__ == "__main__":
+  run()

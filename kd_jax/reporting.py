@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import sys
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -81,8 +83,35 @@ def progress_bar(*, total: int, initial: int, description: str):
   )
 
 
+@contextlib.contextmanager
+def paused(progress, what: str = ""):
+  """A block (an evaluation) run outside `progress`'s step rate: the bar shows `what` while it
+  runs, and afterwards its rate and ETA count training steps only, not the pause."""
+  clock = getattr(progress, "_time", time.time)
+  shown = getattr(progress, "postfix", None)
+  if what and not progress.disable:
+    progress.set_postfix_str(what, refresh=True)
+  start = clock()
+  try:
+    yield
+  finally:
+    if not progress.disable:  # the next rate sample starts where the pause ended
+      progress.last_print_t += clock() - start
+      if what:
+        progress.set_postfix_str(shown or "", refresh=False)
+
+
+def announce(message: str) -> None:
+  """One line on stderr for a phase the user waits on (process 0; kept above a progress bar)."""
+  if jax.process_index() > 0:
+    return
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  tqdm.write(message, file=sys.stderr)
+
+
 def write_json_atomic(path: str, payload) -> None:
-  """Writes JSON through a temporary file and a rename: never a half-written file."""
+  """Writes JSON through a temporary file and a rename: never a half-written file; mode 0644."""
   directory = os.path.dirname(os.path.abspath(path))
   os.makedirs(directory, exist_ok=True)
   with tempfile.NamedTemporaryFile(
@@ -91,6 +120,7 @@ def write_json_atomic(path: str, payload) -> None:
     json.dump(strict_json(payload), f, indent=2, sort_keys=True, allow_nan=False)
     f.write("\n")
     tmp = f.name
+  os.chmod(tmp, 0o644)  # results are for others to read too (a temporary file is 0600)
   os.replace(tmp, path)
 
 
@@ -137,7 +167,96 @@ def truncate_jsonl(path: str, *, max_step: int) -> None:
   ) as f:
     f.writelines(line if line.endswith("\n") else line + "\n" for line in kept)
     tmp = f.name
+  os.chmod(tmp, 0o644)  # as the metrics file it replaces (a temporary file is 0600)
   os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """The rows of a metrics file (none if it is missing; a line cut short by a kill skipped)."""
+  if not os.path.isfile(path):
+    return []
+  rows = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        pass
+  return rows
+
+
+# Per-step points are drawn with markers up to this many; more make a line.
+_MARKED_STEPS = 300
+
+
+def curves_figure(
+  history: Sequence[Mapping[str, float]],
+  *,
+  panels: Mapping[str, Sequence[str]],
+  title: str = "",
+  step_rows: Sequence[Mapping[str, float]] = (),
+  references: Mapping[str, Mapping[str, float]] | None = None,
+):
+  """The figure of `plot_curves`: a panel per entry of `panels` (title → epoch metrics).
+
+  The x axis is in epochs. A metric `train_X` also gets its per-step values `train/X` from
+  `step_rows` (metrics.jsonl), at `step / steps per epoch`, so that a run of a few epochs
+  still shows a curve. `references` (panel title → {label: value}) adds dashed horizontal
+  lines, e.g. the teacher's test accuracy. Legends sit below their panels, off the data.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  references = references or {}
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), squeeze=False)
+  epochs = [h["epoch"] for h in history]
+  per_epoch = next((h["step"] / h["epoch"] for h in history if h.get("epoch")), None)
+  for ax, (panel, names) in zip(axes[0], panels.items()):
+    for name in names:
+      color = None
+      steps_name = "train/" + name.removeprefix("train_") if name.startswith("train_") else None
+      rows = [r for r in step_rows if steps_name and r.get(steps_name) is not None]
+      if rows and per_epoch:
+        (line,) = ax.plot(
+          [r["step"] / per_epoch for r in rows],
+          [r[steps_name] for r in rows],
+          marker="." if len(rows) <= _MARKED_STEPS else None,
+          markersize=3,
+          linewidth=0.8,
+          alpha=0.6,
+          label=f"{name} (per step)",
+        )
+        color = line.get_color()
+      values = np.asarray([h.get(name, np.nan) for h in history], float)
+      if not np.all(np.isnan(values)):
+        kept = ~np.isnan(values)  # epochs without evaluation have no test metrics
+        # An epoch's training mean belongs to its middle; an evaluation to its end.
+        shift = 0.5 if color else 0.0
+        ax.plot(
+          np.asarray(epochs, float)[kept] - shift,
+          values[kept],
+          marker="o",
+          markersize=4,
+          color=color,
+          label=f"{name} (epoch mean)" if color else name,
+        )
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1))]  # several references stay told apart
+    for i, (label, value) in enumerate(references.get(panel, {}).items()):
+      if value is not None:
+        ax.axhline(
+          value, linestyle=styles[i % len(styles)], color="0.3", linewidth=1.2, label=label
+        )
+    ax.set_xlabel("epoch")
+    ax.set_title(panel)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  return fig
 
 
 def plot_curves(
@@ -146,29 +265,17 @@ def plot_curves(
   *,
   panels: Mapping[str, Sequence[str]],
   title: str = "",
+  step_rows: Sequence[Mapping[str, float]] = (),
+  references: Mapping[str, Mapping[str, float]] | None = None,
 ) -> None:
-  """Saves one PNG with a panel per entry of `panels` (title → metric names) over epochs."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-
-  matplotlib.use("Agg")
+  """Saves `curves_figure(...)` as a PNG (atomically)."""
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
-  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
-  epochs = [h["epoch"] for h in history]
-  for ax, (panel, names) in zip(axes[0], panels.items()):
-    for name in names:
-      values = [h.get(name, np.nan) for h in history]
-      if not np.all(np.isnan(np.asarray(values, float))):
-        ax.plot(epochs, values, marker="o", markersize=3, label=name)
-    ax.set_xlabel("epoch")
-    ax.set_title(panel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
+  fig = curves_figure(
+    history, panels=panels, title=title, step_rows=step_rows, references=references
+  )
   tmp = path + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
+  fig.savefig(tmp, dpi=110, bbox_inches="tight")
   plt.close(fig)
   os.replace(tmp, path)
 

@@ -36,3 +36,12 @@ def write_idx_dataset(
     _write_idx(os.path.join(directory, f"{prefix}-images-idx3-ubyte.gz"), images, 2051)
     _write_idx(os.path.join(directory, f"{prefix}-labels-idx1-ubyte.gz"), labels, 2049)
   return directory
+
+
+def read_idx(path: str) -> np.ndarray:
+  """The array of a (gzipped) IDX file, as stored: uint8 images [N, H, W] or labels [N]."""
+  with gzip.open(path, "rb") as f:
+    raw = f.read()
+  ndim = raw[3]
+  shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+  return np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim).reshape(shape)

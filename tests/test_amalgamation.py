@@ -22,7 +22,7 @@ from amalgamation_fixtures import (
 )
 
 from kd_jax import checkpoint, errors, models
-from kd_jax.amalgamation import components, objective, pipeline, routing
+from kd_jax.amalgamation import components, objective, pipeline, routing, trainer
 from kd_jax.amalgamation import step as step_lib
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train import steps
@@ -269,7 +269,7 @@ def random_teacher_variables(seed=0):
 
 
 def make_state(plan, tx, seed=0):
-  """A fresh TrainState, as `pipeline.amalgamate` builds it."""
+  """A fresh TrainState, as `trainer.amalgamate` builds it."""
   rng_init, rng_train = jax.random.split(jax.random.PRNGKey(seed))
   variables = step_lib.init_params(plan, rng_init, IMAGE_SHAPE)
   return TrainState(
@@ -876,11 +876,11 @@ def test_shared_classes_union():
   config = ml_collections.ConfigDict(
     dict(student_blocks="8-16", convs_per_block=1, block_pairs="auto")
   )
-  plan, union = pipeline.build_plan(config, teachers)
+  plan, union = trainer.build_plan(config, teachers)
   assert union == [3, 5]
   assert plan.class_index == ((0, 1), (0, 1))
   assert plan.student.num_classes == 2
   teachers = [{"classes": [3, 5], "model": TEACHERS[0]}, {"classes": [1, 7], "model": TEACHERS[1]}]
-  plan, union = pipeline.build_plan(config, teachers)
+  plan, union = trainer.build_plan(config, teachers)
   assert union == [3, 5, 1, 7]
   assert plan.class_index == ((0, 1), (2, 3))

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 
+import fake_data
 import helpers
 import jax
 import numpy as np
@@ -18,11 +19,15 @@ from amalgamation_fixtures import (
 )
 
 from kd_jax import checkpoint, data, errors, models, reporting
-from kd_jax.amalgamation import components, pipeline, routing
+from kd_jax.amalgamation import components, pipeline, routing, trainer
 from kd_jax.evaluate import evaluate_workdir
 from kd_jax.train import mesh as mesh_lib
 
 UNION = [0, 1, 2, 3]
+
+
+# What the smoke pipeline showed its user: progress-bar names and announced phases, in order.
+SHOWN = []
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +35,16 @@ def smoke(idx_data, tmp_path_factory):
   """The smoke pipeline: two component teachers (0+1, 2+3) → a student over 0..3."""
   workdir = str(tmp_path_factory.mktemp("smoke") / "run")
   config = amalgamate_config(idx_data)
-  results = pipeline.run(config, workdir)
+  progress_bar, announce = reporting.progress_bar, reporting.announce
+
+  def named_bar(**kw):
+    SHOWN.append(("bar", kw["description"]))
+    return progress_bar(**kw)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(reporting, "progress_bar", named_bar)
+    patch.setattr(reporting, "announce", lambda m: SHOWN.append(("line", m)) or announce(m))
+    results = pipeline.run(config, workdir)
   return config, workdir, results
 
 
@@ -53,6 +67,28 @@ def test_smoke_writes_results_and_figures(smoke):
   assert saved["history"][-1]["train_logit_loss"] > 0
   for name in ("block_losses.png", "curves.png"):
     assert os.path.getsize(os.path.join(workdir, name)) > 1000, name
+
+
+def test_smoke_names_each_stage_and_shares_the_results_layout(smoke):
+  config, workdir, results = smoke
+  bars = [name for kind, name in SHOWN if kind == "bar"]
+  assert bars == ["component 1/2 (classes 0+1)", "component 2/2 (classes 2+3)", "amalgamation"]
+  lines = [name for kind, name in SHOWN if kind == "line"]
+  assert "component 1/2 (classes 0+1): teacher card" in lines
+  assert any(m.startswith("amalgamation: fitting the pool router") for m in lines), lines
+  # The core keys of every results.json (tests/test_selection.py: distillation's), then its own.
+  core = {
+    "experiment", "dataset", "seed", "steps", "test_accuracy", "test_examples",
+    "validation_examples", "last_epoch", "best_on_validation", "stopped_early", "history",
+    "config",
+  }  # fmt: skip
+  assert core <= set(results) and "step" not in results and "best_epoch" not in results
+  assert results["last_epoch"]["test_accuracy"] == results["history"][-1]["test_accuracy"]
+  assert results["best_on_validation"] is None  # smoke holds nothing out
+  test_images = data.num_batches(config.data, "test", batch_size=1, train=False, classes=UNION)
+  assert results["test_examples"] == test_images
+  teacher = reporting.load_json(os.path.join(workdir, "teachers", "teacher_0", "results.json"))
+  assert core <= set(teacher)
 
 
 def test_one_composite_checkpoint_holds_everything(smoke):
@@ -89,6 +125,20 @@ def test_student_reproduces_test_accuracy(smoke):
   evaluated = evaluate_workdir(workdir)
   assert evaluated["model"] == "student" and evaluated["classes"] == UNION
   assert evaluated["test_accuracy"] == pytest.approx(results["test_accuracy"], abs=1e-6)
+
+
+def test_load_for_inference_scores_the_student_on_raw_images(smoke, idx_data):
+  """The amalgamated student and a teacher item, restored with the run's preprocessing."""
+  _, workdir, results = smoke
+  images = fake_data.read_idx(os.path.join(idx_data[0], "t10k-images-idx3-ubyte.gz"))[..., None]
+  labels = fake_data.read_idx(os.path.join(idx_data[0], "t10k-labels-idx1-ubyte.gz"))
+  keep = np.isin(labels, UNION)  # the union's classes, whose labels are already 0..3
+  model, variables, preprocess = checkpoint.load_for_inference(workdir)
+  logits = model.apply(variables, preprocess(images[keep]), train=False)[0]
+  accuracy = float(np.mean(np.argmax(logits, -1) == labels[keep]))
+  assert accuracy == pytest.approx(results["test_accuracy"], abs=1e-6)
+  _, _, teacher_preprocess = checkpoint.load_for_inference(workdir, item="teacher_0")
+  np.testing.assert_array_equal(teacher_preprocess(images[:8]), preprocess(images[:8]))
 
 
 @pytest.mark.parametrize("t", [0, 1])
@@ -280,7 +330,7 @@ def test_a_small_pool_trains_every_stage_on_it_for_min_steps(idx_data, tmp_path,
     )
     assert teacher["config"]["train_split"] == split
     assert teacher["steps"] == expected_steps(classes, 5)
-  assert results["step"] == expected_steps(UNION, 7)
+  assert results["steps"] == expected_steps(UNION, 7)
   assert results["config"]["train_split"] == split
 
 
@@ -325,7 +375,7 @@ def test_pool_lda_and_self_training_end_to_end_without_labels(
   assert logged and all(0.0 <= r["train/self_training/overruled"] <= 1.0 for r in logged)
 
   loaded = [components.load_teacher(d, config=config, external=True) for d in teachers.split(":")]
-  plan, union = pipeline.build_plan(config, loaded)
+  plan, union = trainer.build_plan(config, loaded)
   frozen = {"teachers": [t["variables"] for t in loaded], "cards": [t["card"] for t in loaded]}
   run_config = components.net_config(config, "amalgamation", classes=union)
   mesh = mesh_lib.make_mesh()
@@ -333,7 +383,7 @@ def test_pool_lda_and_self_training_end_to_end_without_labels(
   def router():
     return jax.tree.map(
       np.asarray,
-      pipeline.pool_router(
+      trainer.pool_router(
         run_config,
         plan,
         frozen,

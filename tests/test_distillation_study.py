@@ -66,7 +66,7 @@ def write_results(workdir, *, accuracy, best, agreement, seed):
         "test_accuracy": accuracy,
         "teacher_agreement": agreement,
         "last_epoch": {"epoch": 10, "test_accuracy": accuracy},
-        "best_epoch": {"epoch": 7 + seed, "test_accuracy": best},
+        "best_on_validation": {"epoch": 7 + seed, "test_accuracy": best},
         "config": {},
       },
       f,
@@ -89,6 +89,6 @@ def test_aggregate_takes_mean_and_sample_std_over_the_finished_seeds(tmp_path):
   kd = summary["methods"]["hinton_kd"]
   assert kd["last_epoch_accuracy"]["mean"] == pytest.approx(statistics.fmean(last))
   assert kd["last_epoch_accuracy"]["std"] == pytest.approx(statistics.stdev(last))  # n − 1
-  assert kd["best_epoch_accuracy"]["mean"] == pytest.approx(statistics.fmean(best))
+  assert kd["best_on_validation_accuracy"]["mean"] == pytest.approx(statistics.fmean(best))
   assert kd["best_epochs"] == [7, 8, 9]
   assert summary["teacher_test_accuracy"] is None

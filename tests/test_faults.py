@@ -269,7 +269,7 @@ def test_kills_landed_where_intended(scenarios):
   for name in ("kill_mid_epoch", "kill_at_save"):
     steps = [int(n) for n in scenarios[name]["checkpoints_after_first"] if n.isdigit()]
     assert steps and 0 < max(steps) < TOTAL_STEPS, (name, steps)
-    assert "Resumed" in scenarios[name]["final"].stderr
+    assert ": resumed " in scenarios[name]["final"].stderr
 
 
 def test_divergence_stops_the_run_at_that_step(scenarios):

@@ -126,6 +126,7 @@ def main_args(dirs, workdir, experiment, *extra):
     f"--config.data.manual_dir={dirs['manual']}",
     f"--config.data.data_dir={dirs['tfds']}",
     "--config.data.download=False",
+    "--config.steps_per_epoch=12",  # smoke's 60 would make these runs longer, for nothing
     *extra,
   ]
 

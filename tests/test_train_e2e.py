@@ -9,14 +9,17 @@ import glob
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 
 import jax
+import jaxlib
 import ml_collections
 import numpy as np
 import pytest
 
+import kd_jax
 from kd_jax import checkpoint, data, errors
 from kd_jax import workdir as workdir_lib
 from kd_jax.train import distill, resume
@@ -173,6 +176,63 @@ def test_checkpoint_load_reproduces_the_accuracy(student):
   logits = model.apply(variables, images, train=False)
   accuracy = float(np.mean(np.argmax(logits, -1) == labels))
   assert accuracy == pytest.approx(student["results"]["test_accuracy"], abs=1e-9)
+
+
+def test_load_for_inference_scores_results_json_on_raw_images(student, dirs, tmp_path):
+  """The restored model with the preprocessing saved in its checkpoint, on the raw test images."""
+  images = fake_data.read_idx(os.path.join(dirs["manual"], "t10k-images-idx3-ubyte.gz"))[..., None]
+  labels = fake_data.read_idx(os.path.join(dirs["manual"], "t10k-labels-idx1-ubyte.gz"))
+  model, variables, preprocess = checkpoint.load_for_inference(student["workdir"])
+  logits = model.apply(variables, preprocess(images), train=False)
+  accuracy = float(np.mean(np.argmax(logits, -1) == labels))
+  assert accuracy == pytest.approx(student["results"]["test_accuracy"], abs=1e-9)
+  # Exactly the pipeline's input (load_arrays takes results.json's plain dict).
+  pipeline_images, pipeline_labels = data.load_arrays(student["results"]["config"]["data"], "test")
+  np.testing.assert_array_equal(pipeline_labels, labels)
+  np.testing.assert_array_equal(preprocess(images), pipeline_images)
+  with pytest.raises(ValueError, match="raw uint8 images"):
+    preprocess(images / 255.0)  # the mistake it exists to prevent
+
+  # A checkpoint from before the statistics were saved: recomputed from its run's data ...
+  old = str(tmp_path / "old")
+  saved = checkpoint.Checkpoints(student["workdir"], read_only=True)
+  meta, step = saved.restore_meta(), saved.latest_step()
+  stored = saved.restore(step, {"state": None})["state"]
+  saved.close()
+  assert meta.pop("preprocess")["kind"] == "mean_image"
+  writer = checkpoint.Checkpoints(old)
+  writer.save(step, {"state": stored}, meta, force=True)
+  writer.close()
+  _, _, recomputed = checkpoint.load_for_inference(old)
+  np.testing.assert_array_equal(recomputed(images), preprocess(images))
+  # ... and without the data, one line that says so.
+  shutil.rmtree(old)
+  meta["config"]["data"].update(data_dir=str(tmp_path / "gone"), manual_dir=str(tmp_path / "none"))
+  writer = checkpoint.Checkpoints(old)
+  writer.save(step, {"state": stored}, meta, force=True)
+  writer.close()
+  with pytest.raises(checkpoint.CheckpointError) as error:
+    checkpoint.load_for_inference(old)
+  assert "predates saved preprocessing statistics" in str(error.value)
+  assert "not available" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_results_record_their_provenance_and_are_readable_by_others(student):
+  path = os.path.join(student["workdir"], "results.json")
+  assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+  provenance = student["results"]["provenance"]
+  head = subprocess.run(
+    ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+  ).stdout.strip()
+  assert provenance["git"]["commit"] == head and isinstance(provenance["git"]["dirty"], bool)
+  assert provenance["kd_jax_version"] == kd_jax.__version__
+  assert provenance["jax_version"] == jax.__version__
+  assert provenance["jaxlib_version"] == jaxlib.__version__
+  devices = provenance["devices"]
+  assert devices["platform"] == "cpu" and devices["process_count"] == 1 and devices["count"] >= 1
+  assert devices["kind"] == jax.devices()[0].device_kind
+  assert provenance["command"][0].endswith(os.path.join("kd_jax", "main.py"))
+  assert provenance["command"][1:] == student["args"]
 
 
 def test_teacher_is_frozen_and_recorded(student, teacher):

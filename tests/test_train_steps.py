@@ -64,7 +64,8 @@ def _expected(method, seed, s, t, y, rng):
   return losses.hinton_kd(s, t, y, temperature=d.temperature, soft_weight=d.soft_weight)
 
 
-ALL_OBJECTIVES = [(m, False) for m in steps.METHODS] + [
+# The methods with an objective of `make_objective` (the zoo's have their own step: test_train_zoo).
+ALL_OBJECTIVES = [(m, False) for m in steps.METHODS if m not in steps.ZOO_METHODS] + [
   ("noisy_teacher", True),
   ("hinton_kd", True),
 ]
@@ -311,13 +312,52 @@ _DP_SCRIPT = """
       if s1.batch_stats:
         out[key]["batch_stats"] = maxdiff(s4.batch_stats, s1.batch_stats)
         out[key]["stats_moved"] = maxdiff(s1.batch_stats, init["batch_stats"])
+    from kd_jax.train import zoo
+    from kd_jax.train.zoo_defaults import DEFAULTS
+
+    zoo_student = models.LeNet(num_classes=10, width=0.125)
+    zoo_batch = {**batch, "index": np.array([3, 17, 0, 9, 25, 4, 30, 12], np.int32)}
+
+    def run_zoo(method, devices, overrides):
+      mesh = mesh_lib.make_mesh(devices)
+      config = ml_collections.ConfigDict(dict(method=method, distill=dict(
+          temperature=4.0, soft_weight=0.9, **{method: {**DEFAULTS[method], **overrides}})))
+      plan = zoo.make_plan(config, zoo_student, teacher, (28, 28, 1), num_examples=32,
+                           steps_per_epoch=2)
+      tx = optax.sgd(1e-3)
+      state = zoo.init_state(plan, tx, 0, (28, 28, 1))
+      initial = jax.device_get(state)
+      compiled = mesh_lib.data_parallel_step(zoo.make_step(plan, tx=tx, teacher=teacher), mesh)
+      state, frozen = mesh_lib.replicate(state, mesh), mesh_lib.replicate(teacher_vars, mesh)
+      for _ in range(3):
+        state, metrics = compiled(state, mesh_lib.shard_batch(zoo_batch, mesh), frozen)
+      return jax.device_get(state), jax.device_get(metrics), initial
+
+    # 2 devices against 1: CRD's memories (gathered indices and embeddings), FitNets' hint
+    # regressor (BatchNorm over the devices), RKD and DIST (relations over the global batch).
+    for method, overrides in [("crd", {"num_negatives": 64}), ("fitnet", {}), ("rkd", {}),
+                              ("dist", {})]:
+      s2, m2, init = run_zoo(method, jax.devices()[:2], overrides)
+      s1, m1, _ = run_zoo(method, jax.devices()[:1], overrides)
+      out[f"zoo/{method}"] = {
+          "params": maxdiff(s2.params, s1.params), "moved": maxdiff(s1.params, init.params),
+          "loss": abs(float(m2["loss"]) - float(m1["loss"])), "loss_value": float(m1["loss"]),
+          "steps": int(s2.step),
+          "batch_stats": maxdiff(s2.batch_stats, s1.batch_stats) if s1.batch_stats else 0.0,
+          "stats_moved": maxdiff(s1.batch_stats, init.batch_stats) if s1.batch_stats else 1.0}
     print("RESULT " + json.dumps(out))
     """
 
 
-def test_data_parallel_matches_single_device():
+@pytest.fixture(scope="module")
+def data_parallel_results():
+  """One subprocess for every data-parallel case (the JAX start-up is most of its time)."""
+  return helpers.run_on_four_devices(_DP_SCRIPT, noise_std=0.1, teacher_dropout_rate=0.0)
+
+
+def test_data_parallel_matches_single_device(data_parallel_results):
   """The same global batch on 4 forced host devices and on 1 gives the same training."""
-  result = helpers.run_on_four_devices(_DP_SCRIPT, noise_std=0.1, teacher_dropout_rate=0.0)
+  result = {k: r for k, r in data_parallel_results.items() if not k.startswith("zoo/")}
   for key, r in result.items():
     assert r["steps"] == 3, key
     assert r["moved"] > 1e-3, (key, r)  # training did something
@@ -330,6 +370,19 @@ def test_data_parallel_matches_single_device():
     if "batch_stats" in r:
       assert r["stats_moved"] > 1e-3, (key, r)
       assert r["batch_stats"] < 1e-5, (key, r)
+
+
+def test_zoo_data_parallel_matches_single_device(data_parallel_results):
+  """2 devices train the zoo's methods as 1 does: CRD's memories see the whole global batch
+  (gathered indices and embeddings), the hint regressor's BatchNorm averages over devices,
+  RKD's and DIST's relations span the global batch."""
+  zoo_results = {k: r for k, r in data_parallel_results.items() if k.startswith("zoo/")}
+  assert sorted(zoo_results) == ["zoo/crd", "zoo/dist", "zoo/fitnet", "zoo/rkd"]
+  for key, r in zoo_results.items():
+    assert r["steps"] == 3 and r["moved"] > 1e-3, (key, r)
+    assert r["params"] < 1e-5 and r["loss"] < 1e-5 * max(1.0, r["loss_value"]), (key, r)
+    # CRD's memory rows are unit vectors and its normaliser ~1e2: relative to what moved.
+    assert r["batch_stats"] < 1e-5 * max(1.0, r["stats_moved"]), (key, r)
 
 
 @pytest.mark.parametrize(

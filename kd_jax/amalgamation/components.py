@@ -10,12 +10,12 @@ import os
 import jax
 import ml_collections
 
-from kd_jax import checkpoint, config_schema, models
+from kd_jax import checkpoint, config_fields, models, reporting
 from kd_jax import workdir as workdir_lib
 from kd_jax.amalgamation import routing
 from kd_jax.amalgamation import step as step_lib
 from kd_jax.errors import UsageError
-from kd_jax.train import distill, evaluation, loop
+from kd_jax.train import distill, evaluation, loop, selection
 from kd_jax.train import mesh as mesh_lib
 
 CARD = "card"
@@ -26,12 +26,12 @@ CARD = "card"
 
 def parse_classes(text: str) -> list[list[int]]:
   """'0+1/2+3' → [[0, 1], [2, 3]]: one class set per teacher."""
-  return _parsed(config_schema.parse_class_sets, text, name="teacher_classes")
+  return _parsed(config_fields.parse_class_sets, text, name="teacher_classes")
 
 
 def parse_blocks(text: str, count: int, *, name: str) -> list[list[int]]:
   """'32-64-128' (shared) or '32-64/16-32-64' (per net) → block widths per net."""
-  specs = _parsed(config_schema.parse_widths, text, name=name)
+  specs = _parsed(config_fields.parse_widths, text, name=name)
   if len(specs) == 1:
     specs = specs * count
   if len(specs) != count:
@@ -41,7 +41,7 @@ def parse_blocks(text: str, count: int, *, name: str) -> list[list[int]]:
 
 def parse_pairs(text: str, plan_blocks: list[tuple[int, int]]) -> list[tuple[tuple[int, int], ...]]:
   """'auto', or 's:t+s:t' (all teachers) or per teacher separated by '/'."""
-  groups = _parsed(config_schema.parse_block_pairs, text, name="block_pairs")
+  groups = _parsed(config_fields.parse_block_pairs, text, name="block_pairs")
   if groups is None:
     return [step_lib.auto_pairs(s, t) for s, t in plan_blocks]
   if len(groups) == 1:
@@ -81,7 +81,7 @@ def net_config(
   out.steps_per_epoch = config.steps_per_epoch
   out.num_epochs = sub.epochs
   if sub.get("min_steps", 0) > sub.epochs:  # a floor of fewer steps than epochs never binds
-    per_epoch = loop.steps_per_epoch_of(out, classes, out.train_split)
+    per_epoch = loop.steps_per_epoch_of(out, classes, selection.training_split(out))
     out.num_epochs = max(sub.epochs, -(-sub.min_steps // per_epoch))
     if announce and out.num_epochs > sub.epochs:  # the run takes longer than its epochs suggest
       logging.info(
@@ -106,6 +106,7 @@ def net_config(
   )
   for key in ("log_every_steps", "checkpoint_every_steps", "keep_checkpoints", "eval_every_epochs"):
     out[key] = config[key]
+  out.early_stopping_patience = config.get("early_stopping_patience", 0)
   out.card_shrinkage = config.get("card_shrinkage", 0.1)  # for the cards computed from this net
   out.on_nonfinite = config.get("on_nonfinite", "stop")
   out.matmul_precision = config.get("matmul_precision", "default")
@@ -157,16 +158,19 @@ def compute_card(config, model, variables, *, classes, split="train") -> routing
   )
 
 
-def train_component(config, workdir: str) -> dict:
-  """Trains one net with labels on `config.classes`; its final checkpoint holds its card."""
+def train_component(config, workdir: str, *, description: str = "") -> dict:
+  """Trains one net with labels on `config.classes`; its final checkpoint holds its card
+  (fitted on the images it trained on, never the held-out ones). `description` names it in
+  the progress line, e.g. 'component 1/2 (classes 0+1)'."""
 
   def card_item(model, state):
+    reporting.announce(f"{description or config.experiment}: teacher card")
     card = compute_card(
-      config, model, state.variables, classes=config.classes, split=config.train_split
+      config, model, state.variables, classes=config.classes, split=selection.training_split(config)
     )
     return {CARD: card.to_dict()}
 
-  return distill.train_and_evaluate(config, workdir, finalize=card_item)
+  return distill.train_and_evaluate(config, workdir, finalize=card_item, description=description)
 
 
 def load_card(workdir: str) -> routing.TeacherCard | None:
@@ -214,8 +218,14 @@ def load_teacher(workdir: str, *, config, external: bool) -> dict:
     )
   card = load_card(workdir)
   if card is None and config.amalgamation.selection in ("teacher_card", "pool_lda"):
-    logging.info("Teacher %s has no card: computing it from its training data.", workdir)
-    card = compute_card(config_for_data(config), model, variables, classes=classes)
+    reporting.announce(f"teacher cards: {workdir} has none; computing it from its classes' images")
+    card = compute_card(
+      config_for_data(config),
+      model,
+      variables,
+      classes=classes,
+      split=selection.training_split(config, "train"),  # never the held-out images
+    )
   return {
     "model": model,
     "variables": variables,

@@ -17,7 +17,8 @@ with these attributes):
                data).
 
 Modules: `sources` (finding and preparing the data, its facts and counts), `preprocessing`
-(train statistics, host and device preprocessing), `dataset` (the tf.data pipeline),
+(train statistics, host and device preprocessing), `portable` (the preprocessing as a record a
+checkpoint keeps, applied without TensorFlow), `dataset` (the tf.data pipeline),
 `builders` and `formats` (our TFDS builders and the raw file formats they read).
 
 TensorFlow is imported when a pipeline name is first used, not with the package: a config
@@ -38,6 +39,7 @@ _LAZY = {
   "PREPROCESS_CHOICES": "preprocessing",
   "device_preprocess": "preprocessing",
   "preprocess_images": "preprocessing",
+  "preprocess_record": "preprocessing",
   "train_stats": "preprocessing",
   "as_numpy": "dataset",
   "load_arrays": "dataset",

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from kd_jax.data import preprocessing, sources
+from kd_jax.data import defaults, preprocessing, sources
 
 _FULL_SHUFFLE = 100_000  # More than any split here: a uniform permutation.
 _AUG_PAD = 4
@@ -94,6 +94,7 @@ def make_dataset(
   process_count: int | None = None,
   with_index: bool = False,
   raw_images: bool = False,
+  batches_per_epoch: int | None = None,
 ) -> tf.data.Dataset:
   """Returns this process's rows of the global batches of `split`, for `num_epochs` epochs.
 
@@ -127,6 +128,8 @@ def make_dataset(
       keys per-example data such as cached teacher logits.
     raw_images: uint8 images (augmented, not preprocessed), for the device to
       preprocess with `device_preprocess(data_config)`: a quarter of the bytes.
+    batches_per_epoch: only the first this many batches of each epoch (a shortened
+      epoch: its order is the full epoch's, and the rest is never made).
 
   Returns:
     A tf.data.Dataset of {'image': float32 [b, H, W, C] (uint8 with
@@ -196,6 +199,8 @@ def make_dataset(
         ds = ds.concatenate(_padding_batches(ds.element_spec)).take(steps)
     elif steps is not None:
       ds = ds.take(steps)
+    if batches_per_epoch is not None:
+      ds = ds.take(batches_per_epoch)
     return ds
 
   if num_epochs is None:
@@ -257,8 +262,10 @@ def load_arrays(
 
   For small evaluation and statistics jobs. Images are preprocessed per
   data_config (never augmented), float32 [N, H, W, C]; labels int32 [N]
-  (remapped when `classes` is given). Stored order.
+  (remapped when `classes` is given). Stored order. `data_config` may be a plain dict
+  (e.g. a results.json's `config['data']`): missing fields take their defaults.
   """
+  data_config = defaults.as_data_config(data_config)
   builder = sources.builder_of(data_config)
   classes = sources.class_subset(builder, classes)
   preprocess = preprocessing.preprocess_fn(data_config, builder)

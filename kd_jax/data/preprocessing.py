@@ -30,7 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from kd_jax.choices import PREPROCESS
-from kd_jax.data import sources
+from kd_jax.data import portable, sources
 
 PREPROCESS_CHOICES = PREPROCESS  # The code below acts on each of them.
 _STATS_FILE = "kd_jax_train_stats.npz"
@@ -132,16 +132,17 @@ def device_preprocess(data_config):
   kind = _kind(data_config)
   stats = None if kind == "none" else train_stats(sources.builder_of(data_config))
   channels = sources.builder_of(data_config).info.features["image"].shape[-1]
-  values = np.arange(256, dtype=np.float32)[:, None] * np.ones(channels, np.float32)
-  offset = None
-  if kind == "mean_image_255":
-    table, offset = values, np.float32(255.0) * stats["mean_image"]
-  elif kind == "standardize":
-    table = (values / np.float32(255.0) - stats["channel_mean"]) / stats["channel_std"]
-  else:
-    table = values / np.float32(255.0)
-    offset = stats["mean_image"] if kind == "mean_image" else None
+  table, offset = portable.tables(kind, stats, channels)
   return functools.partial(preprocess_images, table=table, offset=offset)
+
+
+def preprocess_record(data_config) -> dict:
+  """The configured preprocessing and the statistics it reads, as JSON for a checkpoint's meta
+  (`kd_jax.data.portable`: a restored model gets its input without TensorFlow or the data)."""
+  kind = _kind(data_config)
+  builder = sources.builder_of(data_config)
+  stats = None if kind == "none" else train_stats(builder)
+  return portable.record(kind, stats, builder.info.features["image"].shape)
 
 
 def preprocess_images(images, *, table, offset=None):

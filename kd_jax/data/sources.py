@@ -18,16 +18,18 @@ match wins:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import logging
+import io
 import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from kd_jax.config_schema import check_classes
+from kd_jax.config_fields import check_classes
 from kd_jax.data import builders, formats
 from kd_jax.errors import UsageError
 
@@ -136,8 +138,10 @@ def get_builder(
 
   # 2. Raw files in manual_dir. Format errors propagate as ValueError.
   if manual_dir and os.path.isdir(manual_dir) and _has_manual_files(source, manual_dir):
-    logging.info("Preparing %s from %s into %s", ours.name, manual_dir, ours.data_dir)
-    ours.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+    # One line for the user who waits (TFDS's own notes, on stdout, are dropped).
+    print(f"data: preparing {ours.name} from {manual_dir} into {ours.data_dir}", file=sys.stderr)
+    with contextlib.redirect_stdout(io.StringIO()):
+      ours.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
     return ours
 
   def not_found(why: str) -> DataNotFoundError:
@@ -198,7 +202,7 @@ def class_subset(
   """Validates a class subset of the builder's dataset; returns it as a tuple (None: all).
 
   Raises:
-    UsageError (a ValueError): see `kd_jax.config_schema.check_classes`.
+    UsageError (a ValueError): see `kd_jax.config_fields.check_classes`.
   """
   if classes is None:
     return None

@@ -5,6 +5,7 @@ Usage::
   model = build({'name': 'convnet', 'num_classes': 4, 'block_widths': [32, 64]})
   spec = spec_of(model)          # {'name': 'convnet', 'num_classes': 4, ...}; build(spec) again
   logits = logits_of(model.apply(variables, x, train=False))   # works for every model
+  out, feats, _ = features(model, variables, x, taps=['stage1', 'embedding'])  # stage features
 """
 
 import dataclasses
@@ -18,20 +19,28 @@ from kd_jax.models.convnet import ConvNet, penultimate
 from kd_jax.models.dropout import Dropout
 from kd_jax.models.lenet import LeNet
 from kd_jax.models.nin import NiN
+from kd_jax.models.regressors import CRDEmbed, HintRegressor, VIDRegressor
+from kd_jax.models.taps import features, stage_names, tap_shapes
 
 __all__ = [
   "BlockAlignment",
+  "CRDEmbed",
   "ConvNet",
   "Dropout",
   "FeatureAlignment",
+  "HintRegressor",
   "LeNet",
   "MODELS",
   "NiN",
+  "VIDRegressor",
   "build",
+  "features",
   "logits_of",
   "penultimate",
   "returns_features",
   "spec_of",
+  "stage_names",
+  "tap_shapes",
   "unit_filter_orthogonal",
 ]
 

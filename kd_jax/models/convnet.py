@@ -57,6 +57,8 @@ class ConvNet(nn.Module):
     """Maps images [B, H, W, C] to ``(logits [B, num_classes], features)``.
 
     ``features[i]`` is block i's output after pooling, [B, h_i, w_i, block_widths[i]].
+    The same maps are sown into the 'intermediates' collection as ``block_<i>`` (post-ReLU),
+    and the pooled vector the head reads as ``embedding`` (``kd_jax.models.features``).
     """
     if self.norm not in _NORMS:
       raise ValueError(f"unknown ConvNet norm {self.norm!r}; choose one of {list(_NORMS)}")
@@ -95,9 +97,11 @@ class ConvNet(nn.Module):
       x = pooling.max_pool_2x2(x, padding="SAME")
       if relu_after_pool:
         x = nn.relu(x)
+      self.sow("intermediates", f"block_{i}", x)
       features.append(x)
 
     x = penultimate(features)
+    self.sow("intermediates", "embedding", x)
     x = Dropout(self.dropout_rate, deterministic=not train, axis_name=self.dropout_axis_name)(x)
     logits = nn.Dense(self.num_classes, dtype=dtype, name="head")(x)
     return logits, tuple(features)

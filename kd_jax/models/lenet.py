@@ -37,7 +37,13 @@ class LeNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """Maps images [B, H, W, C] (H, W ≥ 28, any C) to logits [B, num_classes]."""
+    """Maps images [B, H, W, C] (H, W ≥ 28, any C) to logits [B, num_classes].
+
+    Sows its stage features into the 'intermediates' collection (read them with
+    `kd_jax.models.features`): `block1` and `block2`, each conv block's output after its
+    activation and pool (post-ReLU; no ReLU with `relu_after_conv=False`), and `fc`, fc1's
+    post-ReLU output before dropout, also sown as `embedding` (the vector fc2 reads).
+    """
     height, width = x.shape[1], x.shape[2]
     if min(height, width) < MIN_INPUT_SIZE:
       raise ValueError(
@@ -50,9 +56,13 @@ class LeNet(nn.Module):
     # thin layers in polyphase form and, on the CPU, trains a wide conv2 in the frequency domain
     # (kd_jax.ops.conv_pool).
     x = ConvMaxPool(scaled(64, self.width), activation=act, dtype=self.dtype, name="conv1")(x)
+    self.sow("intermediates", "block1", x)
     x = ConvMaxPool(scaled(128, self.width), activation=act, dtype=self.dtype, name="conv2")(x)
+    self.sow("intermediates", "block2", x)
 
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(scaled(1024, self.width), dtype=dtype, name="fc1")(x))
+    self.sow("intermediates", "fc", x)
+    self.sow("intermediates", "embedding", x)
     x = Dropout(self.dropout_rate, deterministic=not train, axis_name=self.dropout_axis_name)(x)
     return nn.Dense(self.num_classes, dtype=dtype, name="fc2")(x)

@@ -52,7 +52,13 @@ class NiN(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    """Maps images [B, H, W, C] to logits [B, num_classes]."""
+    """Maps images [B, H, W, C] to logits [B, num_classes].
+
+    Sows its stage features into the 'intermediates' collection (read them with
+    `kd_jax.models.features`), all post-ReLU: `stage1` and `stage2` after their pools
+    (before dropout), `stage3` (cccp5's output), and `embedding`, the vector the classifier
+    reads (`fc` head: ip1's output; `gap` head: the global average of `stage3`).
+    """
     if self.head not in _HEADS:
       raise ValueError(f"unknown NiN head {self.head!r}; choose one of {list(_HEADS)}")
 
@@ -73,6 +79,7 @@ class NiN(nn.Module):
     x = conv(x, 160, 1, "cccp1")
     x = conv(x, 96, 1, "cccp2")
     x = pooling.max_pool_3x3_s2(x)
+    self.sow("intermediates", "stage1", x)
     x = dropout(x)
 
     x = conv(x, 192, 5, "conv2")
@@ -80,15 +87,19 @@ class NiN(nn.Module):
     x = conv(x, 192, 1, "cccp4")
     # TensorFlow's SAME average pool (the seed's framework) leaves padding out of the average.
     x = pooling.avg_pool_3x3_s2(x)
+    self.sow("intermediates", "stage2", x)
     x = dropout(x)
 
     x = conv(x, 192, 3, "conv3")
     x = conv(x, 192, 1, "cccp5")
+    self.sow("intermediates", "stage3", x)
 
     if self.head == "gap":
+      self.sow("intermediates", "embedding", jnp.mean(x, axis=(1, 2)))
       # Caffe keeps a ReLU on the class maps, so these logits are non-negative.
       x = nn.relu(nn.Conv(self.num_classes, (1, 1), dtype=dtype, name="cccp6")(x))
       return jnp.mean(x, axis=(1, 2))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(self.fc_width, dtype=dtype, name="ip1")(x))
+    self.sow("intermediates", "embedding", x)
     return nn.Dense(self.num_classes, dtype=dtype, name="ip2")(x)

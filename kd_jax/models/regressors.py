@@ -33,12 +33,15 @@ class HintRegressor(nn.Module):
     target_size: the teacher's `(H_t, W_t)`.
     use_relu: apply the ReLU (mdistiller's default; FitNets' hint layer may be pre-ReLU).
     dtype: the compute dtype; parameters stay float32.
+    bn_axis_name: the mesh axis BatchNorm averages its batch statistics over under
+      `shard_map` (None outside), so that they do not depend on the device count.
   """
 
   features: int
   target_size: tuple[int, int]
   use_relu: bool = True
   dtype: str = "float32"
+  bn_axis_name: str | None = None
 
   @nn.compact
   def __call__(self, x: Array, *, train: bool) -> Array:
@@ -72,7 +75,12 @@ class HintRegressor(nn.Module):
         f"{t_h}x{t_w} (the widths must follow the heights)"
       )
     y = nn.BatchNorm(
-      use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype, name="bn"
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=dtype,
+      axis_name=self.bn_axis_name,
+      name="bn",
     )(y)
     return nn.relu(y) if self.use_relu else y
 
@@ -121,3 +129,26 @@ class VIDRegressor(nn.Module):
       "variance_param", nn.initializers.constant(init), (self.features,), jnp.float32
     )
     return mean, jax.nn.softplus(rho) + self.eps
+
+
+class CRDEmbed(nn.Module):
+  """CRD's embedding head: flatten, a linear map to `features`, L2-normalise each row.
+
+  RepDistiller's and torchdistill's `Embed` (Tian et al., ICLR 2020), one on the student's
+  and one on the teacher's features; both train with the student.
+
+  Attributes:
+    features: the embedding width (the paper's 128).
+    dtype: the compute dtype; parameters and the output stay float32.
+  """
+
+  features: int = 128
+  dtype: str = "float32"
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """`[B, ...]` → `[B, features]`, unit rows."""
+    y = nn.Dense(self.features, dtype=jnp.dtype(self.dtype), name="linear")(
+      x.reshape((x.shape[0], -1))
+    ).astype(jnp.float32)
+    return y / jnp.sqrt(jnp.sum(y * y, axis=-1, keepdims=True))

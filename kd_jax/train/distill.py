@@ -20,29 +20,33 @@ import time
 import ml_collections
 import numpy as np
 
-from kd_jax import checkpoint, config_schema, data, models
+from kd_jax import checkpoint, config_schema, data, models, reporting
 from kd_jax import workdir as workdir_lib
 from kd_jax.errors import UsageError
-from kd_jax.train import evaluation, loop, resume, steps
+from kd_jax.train import evaluation, loop, resume, selection, steps, zoo, zoo_cache
 from kd_jax.train import mesh as mesh_lib
 
 
 @workdir_lib.released_after
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, finalize=None) -> dict:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, finalize=None, description: str = ""
+) -> dict:
   """Trains `config.model` by `config.method` into `workdir`; returns the results dict.
 
   `config.classes` (optional) trains on a class subset, its labels remapped to 0..k-1,
   and `config.train_split` on part of the training split (amalgamation's component and
   source nets). `finalize(model, state) -> {name: pytree}` adds items to the final
-  checkpoint.
+  checkpoint. `description` names the run in its progress line (default: the experiment).
+  With `config.data.validation_split`, the held-out images are never trained on
+  (`kd_jax.train.selection`).
   """
   config_schema.validate(config)
   workdir_lib.check_path(workdir)
   with loop.matmul_precision(config):
-    return _train_and_evaluate(config, workdir, finalize)
+    return _train_and_evaluate(config, workdir, finalize, description)
 
 
-def _train_and_evaluate(config, workdir, finalize):
+def _train_and_evaluate(config, workdir, finalize, description=""):
   mesh = mesh_lib.make_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh, name="batch_size")
   classes = config.get("classes") or None
@@ -51,17 +55,38 @@ def _train_and_evaluate(config, workdir, finalize):
   teacher = load_teacher(config, info) if config.teacher_workdir or uses_teacher else None
 
   model = models.build({**config.model.to_dict(), "num_classes": info.num_classes})
-  split = config.train_split
+  split = selection.training_split(config)  # without the held-out validation images
+  validation = selection.validation_split(config)
   steps_per_epoch = loop.steps_per_epoch_of(config, classes, split)
   tx = steps.make_optimizer(config.optim, total_steps=steps_per_epoch * config.num_epochs)
+  plan = None
+  if zoo.is_zoo(config.method):  # its taps checked against both models before any write
+    examples = data.num_batches(config.data, split, batch_size=1, train=True, classes=classes)
+    plan = zoo.make_plan(
+      config,
+      model,
+      teacher["model"],
+      info.image_shape,
+      num_examples=examples,
+      steps_per_epoch=steps_per_epoch,
+    )
+  # A zoo run's state holds its auxiliary modules beside the student ('student' subtree).
+  student_of = (lambda state: state) if plan is None else zoo.student_state
   meta = {
     "kind": config.experiment,
     "main": "model",
     "models": {
-      "model": checkpoint.model_entry(model, num_classes=info.num_classes, classes=classes)
+      "model": checkpoint.model_entry(
+        model,
+        num_classes=info.num_classes,
+        classes=classes,
+        subtree=None if plan is None else "student",
+      )
     },
     "config": config.to_dict(),
     "history": [],
+    # The preprocessing and its statistics: a restored model's input without the data.
+    "preprocess": data.preprocess_record(config.data),
   }
   if teacher is not None:
     meta["teacher"] = teacher["origin"]
@@ -74,31 +99,49 @@ def _train_and_evaluate(config, workdir, finalize):
   distill = config.get("distill", ml_collections.ConfigDict())
   if teacher is not None and distill.get("teacher_dtype"):
     teacher["model"] = teacher["model"].clone(dtype=distill.teacher_dtype)
-  prepare_batch = None
-  if uses_teacher and caches_teacher_logits(config):
-    table = teacher_logits_table(config, teacher, mesh, split, classes)
-    prepare_batch = with_teacher_logits(table)
-  in_step_teacher = uses_teacher and prepare_batch is None
-  train_step = steps.make_train_step(
-    student=model,
-    tx=tx,
-    objective=steps.make_objective(config.method, distill),
-    teacher=teacher["model"] if in_step_teacher else None,
-    teacher_dropout=bool(distill.get("teacher_dropout", False)),
-  )
+  if plan is not None:
+    initial = zoo.init_state(plan, tx, config.seed, info.image_shape)
+    cached = caches_teacher_logits(config) and zoo_cache.fits_budget(config, plan, info.num_classes)
+    table = zoo_cache.teacher_table(config, teacher, plan, mesh, split, classes) if cached else None
+    prepare_batch = zoo_cache.prepare_batch(plan, table)
+    in_step_teacher = table is None
+    train_step = zoo.make_step(
+      plan,
+      tx=tx,
+      teacher=teacher["model"] if in_step_teacher else None,
+      teacher_dropout=bool(distill.get("teacher_dropout", False)),
+    )
+  else:
+    initial = loop.init_state(model, tx, config.seed, info.image_shape)
+    prepare_batch = None
+    if uses_teacher and caches_teacher_logits(config):
+      table = teacher_logits_table(config, teacher, mesh, split, classes)
+      prepare_batch = with_teacher_logits(table)
+    in_step_teacher = uses_teacher and prepare_batch is None
+    train_step = steps.make_train_step(
+      student=model,
+      tx=tx,
+      objective=steps.make_objective(config.method, distill),
+      teacher=teacher["model"] if in_step_teacher else None,
+      teacher_dropout=bool(distill.get("teacher_dropout", False)),
+    )
 
   def evaluate(state) -> dict:
-    predictors = {"student": evaluation.Predictor(model, state.variables, mesh)}
-    labels, logits = evaluation.predict(
-      config.data, "test", predictors, batch_size=config.batch_size, classes=classes
-    )
-    return {
-      "test_accuracy": evaluation.accuracy(logits["student"], labels),
-      "test_loss": evaluation.cross_entropy(logits["student"], labels),
-    }
+    variables = student_of(state).variables
+    predictors = {"student": evaluation.Predictor(model, variables, mesh)}
+    metrics = {}
+    for name, split_name in (("test", "test"), ("validation", validation)):
+      if split_name is None:
+        continue
+      labels, logits = evaluation.predict(
+        config.data, split_name, predictors, batch_size=config.batch_size, classes=classes
+      )
+      metrics[f"{name}_accuracy"] = evaluation.accuracy(logits["student"], labels)
+      metrics[f"{name}_loss"] = evaluation.cross_entropy(logits["student"], labels)
+    return metrics
 
   task = loop.Task(
-    state=loop.init_state(model, tx, config.seed, info.image_shape),
+    state=initial,
     train_step=train_step,
     evaluate=evaluate,
     steps_per_epoch=steps_per_epoch,
@@ -108,11 +151,15 @@ def _train_and_evaluate(config, workdir, finalize):
     prepare_batch=prepare_batch,
     split=split,
     classes=classes,
+    description=description,
   )
   state, meta = loop.fit(config, workdir, task, mesh=mesh)
-  results = final_results(config, model, state, teacher, meta["history"], mesh, classes=classes)
+  results = final_results(
+    config, model, student_of(state), teacher, meta["history"], mesh, classes=classes
+  )
   title = f"{config.experiment} {config.method} ({config.data.name})"
-  loop.finish(workdir, results, meta["history"], title=title)
+  teacher_line = {"teacher (test)": results.get("teacher_test_accuracy")} if teacher else {}
+  loop.finish(workdir, results, meta["history"], title=title, references={"accuracy": teacher_line})
   return results
 
 
@@ -136,6 +183,7 @@ def teacher_logits_table(config, teacher, mesh, split, classes) -> np.ndarray:
   """The eval-mode teacher's logits `[N, C]` of every training example, in stored order,
   on every process: row i belongs to the example whose 'index' is i."""
   start = time.time()
+  reporting.announce(f"{config.experiment}: the teacher's logits of the training images, once")
   predictor = evaluation.Predictor(teacher["model"], teacher["variables"], mesh)
   _, logits = evaluation.predict(
     config.data, split, {"teacher": predictor}, batch_size=config.batch_size, classes=classes
@@ -160,31 +208,27 @@ def with_teacher_logits(table: np.ndarray):
 
 
 def final_results(config, model, state, teacher, history, mesh, *, classes=None) -> dict:
-  """Test metrics of the final model (and of its teacher, and how often they agree)."""
+  """results.json: the core of every run (`selection.core_results`: the final model's test
+  accuracy, the last and the best-on-validation epoch, the history, the config), the
+  method, and for a distilled student its teacher's test accuracy and their agreement."""
+  reporting.announce(f"{config.experiment}: evaluation of the final model on the test split")
   predictors = {"student": evaluation.Predictor(model, state.variables, mesh)}
   if teacher is not None:
     predictors["teacher"] = evaluation.Predictor(teacher["model"], teacher["variables"], mesh)
   labels, logits = evaluation.predict(
     config.data, "test", predictors, batch_size=config.batch_size, classes=classes
   )
-  results = {
-    "method": config.method,
-    "dataset": config.data.name,
-    "seed": config.seed,
-    "steps": int(state.step),
-    "test_accuracy": evaluation.accuracy(logits["student"], labels),
-    "test_examples": int(len(labels)),
-    "history": history,
-    "config": config.to_dict(),
-  }
+  results = selection.core_results(
+    config,
+    steps=int(state.step),
+    test_accuracy=evaluation.accuracy(logits["student"], labels),
+    test_examples=len(labels),
+    history=history,
+    classes=classes,
+  )
+  results["method"] = config.method
   if config.get("on_nonfinite") == "skip":
     results["skipped_steps"] = loop.skipped_steps(history)
-  evaluated = [h for h in history if "test_accuracy" in h]
-  if evaluated:
-    best = max(evaluated, key=lambda h: h["test_accuracy"])
-    last = evaluated[-1]
-    results["best_epoch"] = {"epoch": best["epoch"], "test_accuracy": best["test_accuracy"]}
-    results["last_epoch"] = {"epoch": last["epoch"], "test_accuracy": last["test_accuracy"]}
   if teacher is not None:
     results["teacher_test_accuracy"] = evaluation.accuracy(logits["teacher"], labels)
     results["teacher_agreement"] = evaluation.agreement(logits["student"], logits["teacher"])

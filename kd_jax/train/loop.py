@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,9 +25,9 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from kd_jax import checkpoint, data, distributed, reporting
+from kd_jax import checkpoint, data, distributed, provenance, reporting
 from kd_jax.errors import Interrupted, UsageError
-from kd_jax.train import faults, resume
+from kd_jax.train import faults, resume, selection
 from kd_jax.train import mesh as mesh_lib
 from kd_jax.train.state import TrainState
 
@@ -50,6 +49,7 @@ class Task:
       (amalgamation: no labels; cached teacher logits looked up by the batch's 'index').
     split: the TFDS training split (e.g. 'train[:50%]').
     classes: the class subset trained on (None: all).
+    description: the progress line's name of this stage (default: the experiment's).
   """
 
   state: TrainState
@@ -63,6 +63,7 @@ class Task:
   prepare_batch: Callable[[dict], dict] | None = None
   split: str = "train"
   classes: Sequence[int] | None = None
+  description: str = ""
 
 
 def fit(config, workdir: str, task: Task, *, mesh) -> tuple[TrainState, dict]:
@@ -76,6 +77,10 @@ def fit(config, workdir: str, task: Task, *, mesh) -> tuple[TrainState, dict]:
   Faults: a non-finite step raises `Diverged` at that step (`config.on_nonfinite='stop'`) or
   is skipped and counted ('skip'); SIGINT or SIGTERM saves the step under way and raises
   `Interrupted` (a second one exits at once).
+
+  Early stopping: after `config.early_stopping_patience` evaluations without a better
+  validation accuracy (`selection.plateaued`) the run ends there, `finalize` included; a
+  re-run of a stopped run trains nothing more.
   """
   # Signals first: from here on, an interrupt saves what there is to save.
   with faults.graceful_interrupts() as interrupt, matmul_precision(config):
@@ -96,10 +101,16 @@ def fit(config, workdir: str, task: Task, *, mesh) -> tuple[TrainState, dict]:
       state = ckpts.restore(start, {"state": state}, sharding=NamedSharding(mesh, P()))["state"]
       meta["history"] = saved.get("history", [])
       epoch_sums = saved.get("epoch_sums")
-      logging.info("Resumed %s from step %d.", workdir, start)
+      reporting.announce(
+        f"{config.get('experiment', 'train')}: resumed {workdir} from step {start}"
+      )
 
     total_steps = steps_per_epoch * config.num_epochs
     step = int(state.step)
+    patience = config.get("early_stopping_patience", 0)
+    # A run that stopped early stays stopped: the decision is a function of its history.
+    stopped = selection.plateaued(meta["history"], patience)
+    end_epoch = step // steps_per_epoch if stopped else config.num_epochs
     compiled = compile_step(task.train_step, mesh, data.device_preprocess(config.data))
     state = mesh_lib.replicate(state, mesh)
     frozen = mesh_lib.replicate(task.frozen, mesh)
@@ -107,10 +118,10 @@ def fit(config, workdir: str, task: Task, *, mesh) -> tuple[TrainState, dict]:
       reporting.truncate_jsonl(os.path.join(workdir, "metrics.jsonl"), max_step=step)
     writer = reporting.create_writer(workdir)
     progress = reporting.progress_bar(
-      total=total_steps, initial=step, description=config.get("experiment", "train")
+      total=total_steps, initial=step, description=task.description or config.get("experiment")
     )
     first_epoch = step // steps_per_epoch
-    if first_epoch < config.num_epochs:
+    if first_epoch < end_epoch:
       batches = mesh_lib.prefetch(
         host_batches(config, task.split, task.classes, steps_per_epoch, step, task.prepare_batch),
         mesh,
@@ -119,8 +130,9 @@ def fit(config, workdir: str, task: Task, *, mesh) -> tuple[TrainState, dict]:
     # has none yet (Orbax's initial save): decided here, without asking the manager each step.
     save_first = start is None
     guard = faults.NonfiniteGuard(on_nonfinite)
+    warm_up = True
     try:
-      for epoch in range(first_epoch, config.num_epochs):
+      for epoch in range(first_epoch, end_epoch):
         guard.start_epoch()
         sums = None  # zeros of the metrics' shapes, made at the first step
         if epoch_sums and epoch_sums.get("step") == step:
@@ -128,10 +140,13 @@ def fit(config, workdir: str, task: Task, *, mesh) -> tuple[TrainState, dict]:
           guard.start_epoch(skipped=epoch_sums.get("skipped", 0))
         epoch_end = (epoch + 1) * steps_per_epoch
         for _ in range(step - epoch * steps_per_epoch, steps_per_epoch):
-          batch = next(batches)
-          if sums is None:
-            sums = mesh_lib.replicate(zero_sums(compiled, state, batch, frozen), mesh)
-          state, metrics, nonfinite, sums = compiled(state, batch, frozen, sums)
+          # The first step compiles and fills the data pipeline: not a step time.
+          with reporting.paused(progress, "compiling") if warm_up else contextlib.nullcontext():
+            batch = next(batches)
+            if sums is None:
+              sums = mesh_lib.replicate(zero_sums(compiled, state, batch, frozen), mesh)
+            state, metrics, nonfinite, sums = compiled(state, batch, frozen, sums)
+          warm_up = False
           step += 1
           guard.record(step, nonfinite)  # checks the previous step: the device keeps busy
           if step % config.log_every_steps == 0:
@@ -153,15 +168,27 @@ def fit(config, workdir: str, task: Task, *, mesh) -> tuple[TrainState, dict]:
         if on_nonfinite == "skip":
           record["skipped_steps"] = guard.skipped
         if (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.num_epochs:
-          record.update(task.evaluate(state))
+          with reporting.paused(progress, "evaluating"):  # not counted in the step rate
+            record.update(task.evaluate(state))
         writer.write_scalars(step, epoch_summary(record))
         meta["history"].append(record)
         meta.pop("epoch_sums", None)
-        progress.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k.startswith("test_")})
-        last = epoch + 1 == config.num_epochs and task.finalize is not None
-        final_items = task.finalize(state) if last else {}
+        shown = {
+          k: f"{record[k]:.3f}" for k in ("test_accuracy", "validation_accuracy") if k in record
+        }
+        if shown:  # an epoch without evaluation keeps the last one's
+          progress.set_postfix(shown)
+        stop = selection.plateaued(meta["history"], patience)
+        last = epoch + 1 == config.num_epochs or stop
+        final_items = task.finalize(state) if last and task.finalize is not None else {}
         ckpts.save(step, {"state": state, **task.items, **final_items}, meta, force=True)
-        if interrupt.signal and epoch + 1 < config.num_epochs:
+        if stop:
+          reporting.announce(
+            f"{task.description or config.get('experiment')}: stopped early at epoch {epoch + 1}: "
+            f"no better validation accuracy in {patience} evaluations"
+          )
+          break
+        if interrupt.signal and not last:
           raise Interrupted(interrupt.signal, step, total_steps)
     finally:
       progress.close()
@@ -203,13 +230,10 @@ def host_batches(config, split, classes, steps_per_epoch: int, step: int, prepar
   """The training batches from `step` on, as the step takes them.
 
   uint8 images (normalised on the device), `prepare_batch` applied, and only the first
-  `steps_per_epoch` batches of each epoch (the rest of a shortened epoch is skipped, so the
-  data order does not depend on `steps_per_epoch`).
+  `steps_per_epoch` batches of each epoch (the rest of a shortened epoch is never made, and
+  the data order does not depend on `steps_per_epoch`).
   """
   first_epoch = step // steps_per_epoch
-  full_epoch = data.num_batches(
-    config.data, split, batch_size=config.batch_size, train=True, classes=classes
-  )
   batches = data.as_numpy(
     data.make_dataset(
       config.data,
@@ -222,14 +246,11 @@ def host_batches(config, split, classes, steps_per_epoch: int, step: int, prepar
       classes=classes,
       with_index=prepare_batch is not None,
       raw_images=True,
+      batches_per_epoch=steps_per_epoch,
     ).skip(step - first_epoch * steps_per_epoch)
   )
-  for epoch in range(first_epoch, config.num_epochs):
-    for _ in range(max(step - epoch * steps_per_epoch, 0), steps_per_epoch):
-      batch = next(batches)
-      yield batch if prepare_batch is None else prepare_batch(batch)
-    for _ in range(steps_per_epoch, full_epoch):  # the rest of a shortened epoch
-      next(batches)
+  for batch in batches:
+    yield batch if prepare_batch is None else prepare_batch(batch)
 
 
 def steps_per_epoch_of(config, classes=None, split="train") -> int:
@@ -276,17 +297,31 @@ def epoch_summary(record: dict) -> dict:
   return summary
 
 
-def finish(workdir: str, results: dict, history, *, title: str, panels=None) -> None:
+# The panels of `curves.png`: the training objective and the test cross-entropy are not on
+# one scale (a distillation objective is no cross-entropy), so each has its own.
+CURVES = {
+  "training objective": ["train_loss"],
+  "test and validation loss (cross-entropy)": ["test_loss", "validation_loss"],
+  "accuracy": ["train_accuracy", "test_accuracy", "validation_accuracy"],
+}
+
+
+def finish(
+  workdir: str, results: dict, history, *, title: str, panels=None, references=None
+) -> None:
   """Writes `results.json` and `curves.png` (process 0; the others wait for them: a finished
-  run is one whose results.json exists)."""
+  run is one whose results.json exists). `panels` and `references` (dashed reference lines
+  per panel, e.g. the teacher's accuracy) as in `reporting.curves_figure`."""
   if distributed.is_primary():
+    results["provenance"] = provenance.collect()  # the code, versions, devices, command line
     reporting.write_json_atomic(os.path.join(workdir, "results.json"), results)
     reporting.plot_curves(
       os.path.join(workdir, "curves.png"),
       history,
-      panels=panels
-      or {"loss": ["train_loss", "test_loss"], "accuracy": ["train_accuracy", "test_accuracy"]},
+      panels=panels or CURVES,
       title=title,
+      step_rows=reporting.read_jsonl(os.path.join(workdir, "metrics.jsonl")),
+      references=references,
     )
   distributed.barrier("results written")
 

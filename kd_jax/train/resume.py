@@ -26,6 +26,7 @@ RESUMABLE_CHANGES = (
   "keep_checkpoints",
   "teacher_workdir",
   "distill.cache_teacher_logits",  # the same teacher logits, computed once or every step
+  "distill.cache_budget_mb",  # the same teacher features, cached or computed every step
   "allow_unfinished_teacher",  # the teacher's parameters are checked by their fingerprint
   "on_nonfinite",  # the same numbers while every step is finite; 'skip' lets a stopped run go on
 )
@@ -41,6 +42,8 @@ ADDED_KEYS = {
   "matmul_precision": "default",
   "model.dtype": "float32",
   "distill.teacher_dtype": "float32",
+  "data.validation_split": 0,  # nothing was held out before the key existed
+  "early_stopping_patience": 0,
   **{
     f"{stage}.{key}": value
     for stage in ("amalgamation", "dual_stage")
@@ -56,10 +59,25 @@ ADDED_KEYS = {
 }
 
 
+# Keys an experiment's configs held once but no longer hold, because they did nothing there:
+# a saved config that has one still resumes.
+REMOVED_KEYS = {
+  "amalgamate": (
+    "num_epochs",
+    "batch_size",
+    "optim.learning_rate",
+    "optim.decay_at",
+    "optim.decay_factor",
+    "optim.weight_decay",
+  ),
+}
+
+
 def claim_workdir(workdir: str, config) -> None:
   """Locks `workdir` and makes it this run's, or checks that it already is (the run then
   resumes); only `RESUMABLE_CHANGES` may differ (see `kd_jax.workdir.claim`)."""
-  workdir_lib.claim(workdir, config, resumable=RESUMABLE_CHANGES, added=ADDED_KEYS)
+  removed = REMOVED_KEYS.get(config.get("experiment", ""), ())
+  workdir_lib.claim(workdir, config, resumable=RESUMABLE_CHANGES + removed, added=ADDED_KEYS)
 
 
 def data_identity(data_config, split: str, classes=None) -> dict:

@@ -27,7 +27,7 @@ import optax
 from jax import lax
 
 from kd_jax import losses, models, seed_compat
-from kd_jax.choices import METHODS
+from kd_jax.choices import METHODS, ZOO_METHODS
 from kd_jax.models.dropout import example_keys
 from kd_jax.train.mesh import AXIS
 from kd_jax.train.state import TrainState
@@ -45,6 +45,8 @@ def make_objective(method: str, distill) -> Objective:
   """The loss of `method`, its hyper-parameters read from the `distill` config."""
   if method not in METHODS:
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+  if method in ZOO_METHODS:
+    raise ValueError(f"{method!r} is a zoo method: its step is kd_jax.train.zoo.make_step")
   seed = bool(distill.get("seed_compat", False))
   if method == "ground_truth":
     return lambda s, t, y, keys: losses.cross_entropy(s, y)
