@@ -11,6 +11,9 @@ import os
 import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from kd_jax.choices import ZOO_METHODS  # noqa: E402  (the methods the zoo rows time)
+
 AMAL_IMAGE_SHAPE = (28, 28, 1)  # the amalgamation benchmarks: Fashion-MNIST in both recipes
 NUM_CLASSES = 10
 MATMUL_SIZE = 2048  # the peak probe: a float32 [n, n] @ [n, n]
@@ -66,18 +69,6 @@ BENCHES = {
 }
 # The method zoo (kd_jax.train.zoo): each method's step against a PyTorch port of the same step
 # with torchdistill's loss class (benchmarks/torch_zoo.py), the teacher in both steps.
-ZOO_METHODS = (
-  "dkd",
-  "logit_standardized_kd",
-  "dist",
-  "fitnet",
-  "attention_transfer",
-  "pkt",
-  "similarity_preserving",
-  "rkd",
-  "vid",
-  "crd",
-)
 for _method in ZOO_METHODS:
   BENCHES[f"jax_{_method}"] = ("jax", 1, f"kd_jax {_method} step (LeNet + frozen NiN)")
   BENCHES[f"torch_{_method}"] = ("torch", 1, f"PyTorch {_method} step, torchdistill's loss")

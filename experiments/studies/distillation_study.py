@@ -37,20 +37,12 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-METHODS = ("ground_truth", "logit_regression", "noisy_teacher", "hinton_kd")
-# The method zoo (experiments/studies/zoo_study.py runs them): accepted by --methods too.
-ZOO_METHODS = (
-  "dkd",
-  "logit_standardized_kd",
-  "dist",
-  "fitnet",
-  "attention_transfer",
-  "pkt",
-  "similarity_preserving",
-  "rkd",
-  "vid",
-  "crd",
-)
+sys.path.insert(0, REPO)
+from kd_jax.choices import METHODS as ALL_METHODS  # noqa: E402
+from kd_jax.choices import ZOO_METHODS  # noqa: E402
+
+METHODS = tuple(m for m in ALL_METHODS if m not in ZOO_METHODS)  # the seed's four
+# The method zoo (experiments/studies/zoo_study.py runs them) is accepted by --methods too.
 
 
 def parse_args(argv=None) -> argparse.Namespace:
